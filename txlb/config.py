@@ -1,0 +1,598 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The config file: TOML in, validated and frozen objects out.
+
+Validation reports every problem at once, one line each, as
+C{FILE:LINE: KEY.PATH: what is wrong}, and never raises anything but
+L{ConfigError}.  Each section is read by a small function over a L{_Table},
+which remembers the keys it was asked for: whatever is left is an unknown
+key (with the closest known one suggested), or a key that a later version
+of txlb supports (L{PLANNED}), which is said plainly rather than ignored.
+A later feature adds its keys by adding C{table.get(...)} lines and fields.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from types import MappingProxyType
+from typing import Any, Callable, Collection, Mapping, Optional, TypeVar
+
+import attrs
+
+from txlb._tomlpos import keyLines, lineOf
+from txlb.endpoints import EndpointError, checkClient, checkServer, serverAddress
+
+T = TypeVar("T")
+
+
+# The objects the rest of txlb reads.
+
+
+@attrs.frozen
+class ServerConfig:
+    name: str
+    address: str
+    weight: int = 1
+
+
+@attrs.frozen
+class PoolConfig:
+    name: str
+    algorithm: str
+    servers: tuple[ServerConfig, ...]
+    connect_timeout: float = 2.0
+    retries: int = 2
+    hash_key: str = "client_ip"
+    options: Mapping[str, Any] = MappingProxyType({})
+
+
+@attrs.frozen
+class Timeouts:
+    client: float = 60.0
+    backend: float = 30.0
+    idle: float = 600.0
+
+
+@attrs.frozen
+class ServiceConfig:
+    name: str
+    protocol: str
+    listen: tuple[str, ...]
+    pool: str
+    timeouts: Timeouts = Timeouts()
+
+
+@attrs.frozen
+class LogConfig:
+    format: str = "json"
+    path: str = "-"
+    access: bool = True
+
+
+@attrs.frozen
+class ProcessConfig:
+    """The C{[txlb]} table."""
+
+    shutdown_timeout: float = 30.0
+    workers: int = 1
+
+
+@attrs.frozen
+class DemoServer:
+    name: str
+    listen: str
+
+
+@attrs.frozen
+class Config:
+    path: str
+    txlb: ProcessConfig = ProcessConfig()
+    log: LogConfig = LogConfig()
+    pools: Mapping[str, PoolConfig] = MappingProxyType({})
+    services: tuple[ServiceConfig, ...] = ()
+    demo: tuple[DemoServer, ...] = ()
+
+
+# Errors.
+
+
+@attrs.frozen
+class Problem:
+    path: str
+    message: str
+    line: Optional[int] = None
+
+    def format(self, source: str) -> str:
+        where = f"{source}:{self.line}" if self.line else source
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """
+    The config does not validate.  C{str()} gives one line per problem.
+    """
+
+    def __init__(self, source: str, problems: Collection[Problem]) -> None:
+        super().__init__(source, tuple(problems))
+        self.source = source
+        self.problems = tuple(problems)
+
+    def lines(self) -> list[str]:
+        return [p.format(self.source) for p in self.problems]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+#: Keys that belong to features of txlb still to come, by table kind.  They
+#: are refused with this explanation rather than as unknown keys.
+PLANNED: Mapping[str, Mapping[str, str]] = {
+    "": {
+        "admin": "the admin API",
+        "sessions": "sticky-session stores",
+        "cluster": "clustering",
+        "dns": "health-aware DNS",
+    },
+    "pool": {
+        "max_connections": "connection limits",
+        "queue_timeout": "connection limits",
+        "slow_start": "slow start",
+        "health": "health checks",
+        "passive": "passive health checks",
+        "tls": "TLS to backends",
+    },
+    "service": {
+        "routes": "HTTP routing",
+        "tls": "TLS offloading",
+        "sticky": "sticky sessions",
+        "cache": "response caching",
+        "limits": "HTTP request limits",
+        "proxy_protocol": "the PROXY protocol",
+        "forwarded": "the Forwarded header",
+    },
+}
+
+
+class _Invalid(Exception):
+    """A converter's complaint about one value."""
+
+
+class _Context:
+    def __init__(self, lines: Mapping[str, int]) -> None:
+        self.lines = lines
+        self.problems: list[Problem] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.problems.append(Problem(path, message, lineOf(dict(self.lines), path)))
+
+
+_REQUIRED: Any = object()
+
+
+class _Table:
+    """
+    One TOML table being read: hands out values by key, converted, and
+    reports problems against the right key path.
+    """
+
+    def __init__(self, ctx: _Context, path: str, data: Mapping[str, Any], kind: str) -> None:
+        self.ctx = ctx
+        self.path = path
+        self.data = data
+        self.kind = kind
+        self.seen: set[str] = set()
+
+    def keyPath(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str) -> None:
+        self.ctx.error(self.keyPath(key), message)
+
+    def get(self, key: str, convert: Callable[[Any], T], default: T = _REQUIRED) -> T:
+        """
+        The converted value of C{key}, or C{default} when it is absent or
+        invalid (the problem is recorded; the result is then never used).
+        """
+        self.seen.add(key)
+        if key not in self.data:
+            if default is _REQUIRED:
+                self.error(key, "is required")
+                return None  # type: ignore[return-value]
+            return default
+        try:
+            return convert(self.data[key])
+        except _Invalid as e:
+            self.error(key, str(e))
+            return default if default is not _REQUIRED else None  # type: ignore[return-value]
+
+    def table(self, key: str, kind: str) -> Optional["_Table"]:
+        self.seen.add(key)
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.error(key, f"must be a table, not {_describe(value)}")
+            return None
+        return _Table(self.ctx, self.keyPath(key), value, kind)
+
+    def tables(self, key: str, kind: str) -> list["_Table"]:
+        """An array of tables (C{[[services]]} or C{servers = [{...}]})."""
+        self.seen.add(key)
+        value = self.data.get(key, [])
+        if not isinstance(value, list):
+            self.error(key, f"must be an array of tables, not {_describe(value)}")
+            return []
+        out = []
+        for i, item in enumerate(value):
+            path = f"{self.keyPath(key)}[{i}]"
+            if isinstance(item, dict):
+                out.append(_Table(self.ctx, path, item, kind))
+            else:
+                self.ctx.error(path, f"must be a table, not {_describe(item)}")
+        return out
+
+    def finish(self) -> None:
+        """Report every key nobody asked for."""
+        planned = PLANNED.get(self.kind, {})
+        known = sorted(self.seen | set(planned))
+        for key in self.data:
+            if key in self.seen:
+                continue
+            if key in planned:
+                self.error(key, f"{planned[key]} is not supported by this version of txlb yet")
+                continue
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            self.error(key, f"unknown key{hint}")
+
+
+def _describe(value: Any) -> str:
+    names = {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
+             list: "an array", dict: "a table"}
+    return names.get(type(value), type(value).__name__)
+
+
+# Converters: a value in, the typed value out, or _Invalid.
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a string, not {_describe(value)}")
+    return value
+
+
+def _name(value: Any) -> str:
+    value = _string(value)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+        raise _Invalid(f"{value!r} is not a valid name (letters, digits, '_', '.', '-')")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be true or false, not {_describe(value)}")
+    return value
+
+
+def _integer(low: int, high: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"must be an integer, not {_describe(value)}")
+        if not low <= value <= high:
+            raise _Invalid(f"must be between {low} and {high}, not {value}")
+        return value
+
+    return convert
+
+
+def _oneOf(*choices: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        value = _string(value)
+        if value not in choices:
+            raise _Invalid(f"must be one of {', '.join(map(repr, choices))}, not {value!r}")
+        return value
+
+    return convert
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parseDuration(value: Any) -> float:
+    """C{"250ms"}, C{"2s"}, C{"5m"}, C{"1h"} or C{"0"}, in seconds."""
+    text = _string(value).strip()
+    if text == "0":
+        return 0.0
+    m = _DURATION.fullmatch(text)
+    if m is None:
+        raise _Invalid(f'{text!r} is not a duration (write it like "250ms", "2s", "5m" or "1h")')
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def _positiveDuration(value: Any) -> float:
+    seconds = parseDuration(value)
+    if seconds <= 0:
+        raise _Invalid("must be longer than 0")
+    return seconds
+
+
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
+               "KB": 1000, "MB": 1000**2, "GB": 1000**3}
+
+
+def parseSize(value: Any) -> int:
+    """C{"64KiB"}, C{"10MiB"}, C{"0"} or a plain number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    text = _string(value).strip()
+    m = _SIZE.fullmatch(text)
+    if m is None:
+        raise _Invalid(f'{text!r} is not a size (write it like "64KiB" or "10MiB")')
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+def _listenEndpoint(value: Any) -> str:
+    text = _string(value)
+    try:
+        checkServer(text)
+    except EndpointError as e:
+        raise _Invalid(str(e))
+    return text
+
+
+def _connectAddress(value: Any) -> str:
+    try:
+        return serverAddress(_string(value))
+    except EndpointError as e:
+        raise _Invalid(str(e))
+
+
+def _connectEndpoint(value: Any) -> str:
+    text = _string(value)
+    try:
+        checkClient(text)
+    except EndpointError as e:
+        raise _Invalid(str(e))
+    return text
+
+
+def _stringList(convert: Callable[[Any], str]) -> Callable[[Any], tuple[str, ...]]:
+    """One string or an array of them; each item checked by C{convert}."""
+
+    def convertAll(value: Any) -> tuple[str, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            raise _Invalid("must be a string or a non-empty array of strings")
+        out, problems = [], []
+        for i, item in enumerate(items):
+            try:
+                out.append(convert(item))
+            except _Invalid as e:
+                problems.append(f"[{i}] {e}" if len(items) > 1 else str(e))
+        if problems:
+            raise _Invalid("; ".join(problems))
+        return tuple(out)
+
+    return convertAll
+
+
+_HASH_KEY = re.compile(r"client_ip|path|(header|cookie|query):[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _hashKey(value: Any) -> str:
+    text = _string(value)
+    if not _HASH_KEY.fullmatch(text):
+        raise _Invalid(
+            f"{text!r} is not a hash key (client_ip, path, header:NAME, cookie:NAME or query:NAME)"
+        )
+    return text
+
+
+def _freeTable(value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise _Invalid(f"must be a table, not {_describe(value)}")
+    return MappingProxyType(dict(value))
+
+
+# The sections.
+
+
+def _readProcess(t: _Table) -> ProcessConfig:
+    workers = t.get("workers", _integer(1, 64), 1)
+    if workers != 1:
+        t.error("workers", "more than one worker process is not supported by this version of txlb yet")
+    return ProcessConfig(
+        shutdown_timeout=t.get("shutdown_timeout", parseDuration, 30.0),
+        workers=workers,
+    )
+
+
+def _readLog(t: _Table) -> LogConfig:
+    return LogConfig(
+        format=t.get("format", _oneOf("json", "text"), "json"),
+        path=t.get("path", _string, "-"),
+        access=t.get("access", _boolean, True),
+    )
+
+
+def _readServers(pool: _Table) -> tuple[ServerConfig, ...]:
+    servers: list[ServerConfig] = []
+    names: set[str] = set()
+    for t in pool.tables("servers", "server"):
+        name = t.get("name", _name)
+        if name in names:
+            t.error("name", f"another server of this pool is already called {name!r}")
+        names.add(name)
+        servers.append(
+            ServerConfig(
+                name=name,
+                address=t.get("address", _connectAddress),
+                weight=t.get("weight", _integer(0, 1000), 1),
+            )
+        )
+        t.finish()
+    return tuple(servers)
+
+
+def _readPool(
+    t: _Table, name: str, algorithms: Optional[Mapping[str, Callable[[Mapping[str, Any]], Any]]]
+) -> PoolConfig:
+    from txlb.schedulers import DEFAULT_ALGORITHM
+
+    algorithm = t.get("algorithm", _string, DEFAULT_ALGORITHM)
+    options = t.get("options", _freeTable, MappingProxyType({}))
+    if algorithms is not None and algorithm is not None:
+        factory = algorithms.get(algorithm)
+        if factory is None:
+            close = difflib.get_close_matches(algorithm, list(algorithms), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            t.error(
+                "algorithm",
+                f"unknown algorithm {algorithm!r}{hint}; installed: {', '.join(sorted(algorithms))}",
+            )
+        else:
+            try:
+                factory(options)
+            except Exception as e:  # a plugin's complaint, whatever its type
+                t.error("options", f"{algorithm}: {e}")
+    pool = PoolConfig(
+        name=name,
+        algorithm=algorithm,
+        servers=_readServers(t),
+        connect_timeout=t.get("connect_timeout", _positiveDuration, 2.0),
+        retries=t.get("retries", _integer(0, 100), 2),
+        hash_key=t.get("hash_key", _hashKey, "client_ip"),
+        options=options,
+    )
+    t.finish()
+    return pool
+
+
+def _readTimeouts(t: Optional[_Table], protocol: str) -> Timeouts:
+    if t is None:
+        return Timeouts(idle=600.0 if protocol == "tcp" else 75.0)
+    if protocol == "tcp":
+        for key in ("client", "backend"):
+            if key in t.data:
+                t.seen.add(key)
+                t.error(key, 'applies to HTTP services; a TCP service has only "idle"')
+        timeouts = Timeouts(idle=t.get("idle", parseDuration, 600.0))
+    else:
+        timeouts = Timeouts(
+            client=t.get("client", parseDuration, 60.0),
+            backend=t.get("backend", parseDuration, 30.0),
+            idle=t.get("idle", parseDuration, 75.0),
+        )
+    t.finish()
+    return timeouts
+
+
+def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
+    protocol = t.get("protocol", _oneOf("tcp", "http"), "tcp")
+    if protocol == "http":
+        t.error("protocol", '"http" services are not supported by this version of txlb yet')
+    pool = t.get("pool", _name)
+    if pool is not None and pool not in pools:
+        close = difflib.get_close_matches(pool, list(pools), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        t.error("pool", f"no pool named {pool!r}{hint}")
+    service = ServiceConfig(
+        name=t.get("name", _name),
+        protocol=protocol,
+        listen=t.get("listen", _stringList(_listenEndpoint)),
+        pool=pool,
+        timeouts=_readTimeouts(t.table("timeouts", "timeouts"), protocol),
+    )
+    t.finish()
+    return service
+
+
+def _readDemo(t: _Table) -> tuple[DemoServer, ...]:
+    servers = []
+    for s in t.tables("servers", "demo_server"):
+        servers.append(DemoServer(name=s.get("name", _name), listen=s.get("listen", _listenEndpoint)))
+        s.finish()
+    t.finish()
+    return tuple(servers)
+
+
+def _readConfig(root: _Table, path: str, algorithms) -> Config:
+    ctx = root.ctx
+    txlbTable = root.table("txlb", "txlb")
+    process = _readProcess(txlbTable) if txlbTable else ProcessConfig()
+    logTable = root.table("log", "log")
+    log = _readLog(logTable) if logTable else LogConfig()
+    pools: dict[str, PoolConfig] = {}
+    poolsTable = root.table("pools", "pools")
+    if poolsTable is not None:
+        for name in poolsTable.data:
+            poolTable = poolsTable.table(name, "pool")
+            if poolTable is None:
+                continue
+            try:
+                _name(name)
+            except _Invalid as e:
+                poolsTable.error(name, str(e))
+            pools[name] = _readPool(poolTable, name, algorithms)
+    services: list[ServiceConfig] = []
+    names: set[str] = set()
+    listens: dict[str, str] = {}
+    for i, t in enumerate(root.tables("services", "service")):
+        service = _readService(t, pools)
+        if service.name in names:
+            t.error("name", f"another service is already called {service.name!r}")
+        names.add(service.name)
+        for j, listen in enumerate(service.listen or ()):
+            where = f"{t.path}.listen[{j}]"
+            if listen in listens:
+                ctx.error(where, f"{listen!r} is already used by {listens[listen]}")
+            listens[listen] = where
+        services.append(service)
+    demoTable = root.table("demo", "demo")
+    demo = _readDemo(demoTable) if demoTable else ()
+    for i, server in enumerate(demo):
+        if server.listen in listens:
+            ctx.error(f"demo.servers[{i}].listen", f"{server.listen!r} is already used by {listens[server.listen]}")
+    root.finish()
+    return Config(path, process, log, MappingProxyType(pools), tuple(services), demo)
+
+
+def parse(
+    text: str,
+    source: str = "<config>",
+    algorithms: Optional[Mapping[str, Callable[[Mapping[str, Any]], Any]]] = None,
+) -> Config:
+    """
+    Validate TOML text.
+
+    @param algorithms: the installed scheduler factories by name; when
+        given, C{algorithm} names and C{options} are checked against them.
+    @raise ConfigError: with every problem found.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, [Problem("", f"not valid TOML: {e}")])
+    ctx = _Context(keyLines(text))
+    config = _readConfig(_Table(ctx, "", data, ""), source, algorithms)
+    if ctx.problems:
+        raise ConfigError(source, ctx.problems)
+    return config
+
+
+def load(path: str, algorithms=None) -> Config:
+    """
+    Read and validate a config file.
+
+    @raise ConfigError: the file cannot be read or does not validate.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(path, [Problem("", f"cannot read the config file: {e}")])
+    return parse(text, path, algorithms)

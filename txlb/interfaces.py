@@ -1,0 +1,115 @@
+# -*- test-case-name: tests.test_interfaces -*-
+"""
+The extension points of txlb.
+
+A third party extends txlb by shipping, in its own distribution's
+C{twisted/plugins/} directory, an object that provides L{twisted.plugin.IPlugin}
+and one of the factory interfaces below.  txlb's own built-ins are registered
+exactly the same way, so a plugin is a first-class citizen.
+
+Schedulers follow the split Envoy and HAProxy make: health, draining and
+weights are decided by the pool, and a scheduler only ever sees the servers
+that are eligible right now.  A scheduler is a small pure object: no I/O, no
+reactor, no clock of its own; it is told when its eligible set changes and
+when a server's load changes, and is asked to pick.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Collection, Mapping, Optional, Sequence
+
+import attrs
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:  # pragma: no cover
+    from txlb.pool import Server
+
+
+class SchedulerOptionsError(ValueError):
+    """
+    Raised by an L{ISchedulerFactory} when the pool's C{options} table does
+    not suit it.  The message is shown to the operator next to the key path
+    C{pools.NAME.options}, so it should name the option and what is wrong.
+    """
+
+
+@attrs.frozen
+class PickContext:
+    """
+    What a scheduler may know about the connection or request it places.
+
+    @ivar client: the client's address as text (C{"127.0.0.1"}), for
+        C{ip_hash} and for C{hash_key = "client_ip"}.
+    @ivar key: the value of the pool's C{hash_key} for this request when it
+        is not the client address (a header, cookie, path or query value),
+        or L{None}.  Hashing schedulers use C{key} when set, else C{client}.
+    """
+
+    client: str = ""
+    key: Optional[str] = None
+
+    @property
+    def hashKey(self) -> str:
+        return self.client if self.key is None else self.key
+
+
+@attrs.frozen
+class Decision:
+    """
+    A scheduler's answer: the server, and a short human reason that proxies
+    put in their events and in C{/api/decisions}.
+    """
+
+    server: "Server"
+    reason: str
+
+
+class IScheduler(Interface):
+    """
+    A load-balancing algorithm for one pool.
+
+    The servers handed to a scheduler provide at least C{name}, C{weight}
+    (the effective weight, slow start included), C{active} (connections or
+    requests in flight), C{responseTime} (moving average, seconds, 0 when
+    unknown) and C{bandwidthAt(now)} (bytes per second, decaying).
+    """
+
+    def setServers(servers: Sequence["Server"]) -> None:
+        """
+        Replace the eligible set.  Called whenever a server joins or leaves
+        rotation or changes weight, so that schedulers can rebuild their
+        structures (ring, rotation table) here rather than on every pick.
+        """
+
+    def loadChanged(server: "Server") -> None:
+        """
+        C{server.active} just changed.  Schedulers that keep an incremental
+        structure over load (least connections) update it here; others do
+        nothing.
+        """
+
+    def pick(
+        context: PickContext, exclude: Collection["Server"]
+    ) -> Optional[Decision]:
+        """
+        Choose one eligible server that is not in C{exclude} (servers that
+        already failed for this connection), or return L{None} when there is
+        none.
+        """
+
+
+class ISchedulerFactory(Interface):
+    """
+    Makes schedulers; the plugin object that C{algorithm = NAME} finds.
+    """
+
+    name = Attribute("The name written in C{algorithm = ...}.")
+    description = Attribute("One line shown by C{--check} and in the docs.")
+
+    def __call__(options: Mapping[str, object]) -> IScheduler:
+        """
+        Make a scheduler for one pool.  C{options} is the pool's C{options}
+        table.  Raise L{SchedulerOptionsError} when it is unusable: the
+        config check calls this once per pool, so bad options are reported
+        before anything starts.
+        """

@@ -1,0 +1,123 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+The service tree built from a config: pools, listeners, demo backends and
+the log observer.
+
+Listening happens in L{TxlbService.privilegedStartService}, before twistd
+drops privileges and before the reactor runs, so that a port that cannot be
+bound stops txlb at once with a one-line error instead of a half-started
+balancer.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+from twisted.python.failure import Failure
+
+from txlb.config import Config, PoolConfig
+from txlb.demo import demoService
+from txlb.endpoints import EndpointCache
+from txlb.interfaces import ISchedulerFactory
+from txlb.logs import makeObserver
+from txlb.pool import Pool, Server
+from txlb.tcp import TCPBalancerFactory
+
+_log = Logger(namespace="txlb")
+
+
+class ListenError(SystemExit):
+    """A listening endpoint could not be opened: txlb does not start."""
+
+
+def buildPool(config: PoolConfig, factories: Mapping[str, ISchedulerFactory], clock) -> Pool:
+    return Pool(
+        config.name,
+        config.algorithm,
+        factories[config.algorithm](config.options),
+        [Server(s.name, s.address, s.weight) for s in config.servers],
+        clock,
+        retries=config.retries,
+        connectTimeout=config.connect_timeout,
+    )
+
+
+class TxlbService(MultiService):
+    """
+    The root of txlb's service tree.
+
+    @ivar pools: the live L{Pool}s by name.
+    @ivar ports: the listening ports, once started.
+    """
+
+    def __init__(self, config: Config, factories: Mapping[str, ISchedulerFactory], reactor) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.logObserver = makeObserver(config.log)
+        self.endpoints = EndpointCache(reactor)
+        self.pools = {name: buildPool(p, factories, reactor) for name, p in config.pools.items()}
+        self.listeners: list[tuple[str, str, object]] = []
+        for service in config.services:
+            factory = TCPBalancerFactory(
+                service.name,
+                self.pools[service.pool],
+                self.endpoints,
+                reactor,
+                idleTimeout=service.timeouts.idle,
+                accessLog=config.log.access,
+            )
+            for listen in service.listen:
+                self.listeners.append((service.name, listen, factory))
+        if config.demo:
+            demoService(reactor, config.demo).setServiceParent(self)
+        self.ports: list = []
+
+    def setServiceParent(self, parent) -> None:
+        """
+        Under twistd, the parent is the application: give it our log
+        observer, which twistd then uses for everything it logs.
+        """
+        if isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
+            parent.setComponent(ILogObserver, self.logObserver)
+        super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        for name, listen, factory in self.listeners:
+            d = serverFromString(self.reactor, listen).listen(factory)
+            failure: list[Failure] = []
+            d.addCallbacks(self.ports.append, failure.append)
+            if failure:
+                self._closePorts()
+                raise ListenError(f"txlb: service {name}: cannot listen on {listen!r}: {failure[0].getErrorMessage()}")
+            if isinstance(d, Deferred) and not d.called:
+                d.addErrback(self._lateListenFailure, name, listen)
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            self._closePorts()
+            raise ListenError(f"txlb: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}")
+
+    def _lateListenFailure(self, failure: Failure, name: str, listen: str) -> None:
+        _log.failure("service {name}: cannot listen on {listen}", failure, name=name, listen=listen, event="listen_failed")
+        self.reactor.stop()
+
+    def startService(self) -> None:
+        super().startService()
+        for name, listen, _ in self.listeners:
+            _log.info("service {service} listening on {listen}", event="listening", service=name, listen=listen)
+
+    def _closePorts(self) -> Deferred:
+        ports, self.ports = self.ports, []
+        return gatherResults([maybeDeferred(p.stopListening) for p in ports])
+
+    def stopService(self):
+        d = self._closePorts()
+        super().stopService()
+        return d

@@ -1,0 +1,98 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{twistd txlb}: command-line options and the service maker.
+
+C{--check} validates the config, prints a short summary and exits 0 or 1,
+like C{haproxy -c} and C{nginx -t}.  A config that does not validate stops
+txlb here, one line per problem and no traceback, before anything listens.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TextIO
+
+from twisted.python import usage
+
+from txlb import __version__
+from txlb.config import Config, ConfigError, load
+
+DEFAULT_PATHS = ("txlb.toml", "/etc/txlb/txlb.toml")
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--check]"
+    longdesc = (
+        "Run the txlb load balancer with the services of one TOML config file. "
+        f"Without --config, {DEFAULT_PATHS[0]} then {DEFAULT_PATHS[1]} is read."
+    )
+    optParameters = [
+        ["config", "c", None, "The TOML config file."],
+    ]
+    optFlags = [
+        ["check", None, "Validate the config, print a summary and exit 0 (valid) or 1."],
+    ]
+
+    def opt_version(self) -> None:
+        """Print txlb's version and exit."""
+        print(f"txlb {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        if self["config"] is None:
+            for path in DEFAULT_PATHS:
+                if os.path.exists(path):
+                    self["config"] = path
+                    break
+            else:
+                raise usage.UsageError(
+                    f"no --config given and neither {' nor '.join(DEFAULT_PATHS)} exists"
+                )
+
+
+def summary(config: Config) -> list[str]:
+    """A few lines saying what the config will run."""
+    lines = []
+    for s in config.services:
+        lines.append(f"service {s.name} ({s.protocol}) on {', '.join(s.listen)} -> pool {s.pool}")
+    for p in config.pools.values():
+        servers = ", ".join(f"{s.name}={s.address}" for s in p.servers) or "no servers"
+        lines.append(f"pool {p.name} ({p.algorithm}): {servers}")
+    if config.demo:
+        lines.append("demo backends: " + ", ".join(f"{d.name} on {d.listen}" for d in config.demo))
+    return lines
+
+
+def readConfig(path: str, factories, err: TextIO) -> Config:
+    """
+    Load and validate, or print the problems and exit 1.
+    """
+    try:
+        return load(path, factories)
+    except ConfigError as e:
+        for line in e.lines():
+            print(line, file=err)
+        n = len(e.problems)
+        print(f"{path}: {n} problem{'s' if n != 1 else ''}; txlb not started", file=err)
+        raise SystemExit(1)
+
+
+def makeService(options: Options, out: TextIO = None, err: TextIO = None):
+    out = out or sys.stdout
+    err = err or sys.stderr
+    from txlb.schedulers import schedulerFactories
+
+    factories = schedulerFactories()
+    config = readConfig(options["config"], factories, err)
+    if options["check"]:
+        print(f"{options['config']}: configuration is valid", file=out)
+        for line in summary(config):
+            print(f"  {line}", file=out)
+        raise SystemExit(0)
+
+    from twisted.internet import reactor
+
+    from txlb.service import TxlbService
+
+    return TxlbService(config, factories, reactor)

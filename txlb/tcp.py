@@ -1,0 +1,286 @@
+# -*- test-case-name: tests.test_tcp -*-
+"""
+The TCP balancer: a client connection spliced to one backend connection.
+
+This is L{twisted.protocols.portforward}'s idea with a scheduler in front:
+each side is a protocol holding its peer, and each transport is registered
+as the producer of the other, so a slow reader pauses the fast writer and
+txlb never buffers more than a transport's buffer per direction.  Added
+here: a pick from the pool per connection, a different server tried when a
+connect fails, half-close passed through both ways, an idle timeout, and
+exact accounting (active connections, bytes, time to first byte).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txlb.endpoints import EndpointCache
+from txlb.interfaces import PickContext
+from txlb.pool import Pool, Server
+
+_log = Logger(namespace="txlb.tcp")
+
+
+class TCPBalancerFactory(Factory):
+    noisy = False
+    """
+    Accepts client connections for one TCP service.
+
+    @param clock: an C{IReactorTime} for timeouts and durations.
+    @param idleTimeout: seconds without a byte either way before both
+        connections are closed; 0 disables it.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        pool: Pool,
+        endpoints: EndpointCache,
+        clock,
+        *,
+        idleTimeout: float = 0.0,
+        accessLog: bool = True,
+    ) -> None:
+        self.service = service
+        self.pool = pool
+        self.endpoints = endpoints
+        self.clock = clock
+        self.idleTimeout = idleTimeout
+        self.accessLog = accessLog
+
+    def buildProtocol(self, addr) -> "Frontend":
+        return Frontend(self, getattr(addr, "host", str(addr)))
+
+
+class _BackendFactory(Factory):
+    noisy = False
+
+    def __init__(self, frontend: "Frontend") -> None:
+        self.frontend = frontend
+
+    def buildProtocol(self, addr) -> "Backend":
+        return Backend(self.frontend)
+
+
+@implementer(IHalfCloseableProtocol)
+class Frontend(Protocol):
+    """
+    The client's side.  Reading is paused until a backend is connected, so
+    nothing is buffered while we connect.
+    """
+
+    backend: Optional["Backend"] = None
+    server: Optional[Server] = None
+
+    def __init__(self, factory: TCPBalancerFactory, client: str) -> None:
+        self.factory = factory
+        self.client = client
+        self.tried: list[Server] = []
+        self.bytesIn = 0
+        self.bytesOut = 0
+        self.error: Optional[str] = None
+        self.reason = ""
+        self.clientEOF = False
+        self.serverEOF = False
+        self.closed = False
+        self._connecting = None
+        self._idleCall = None
+        self._lastActivity = time.monotonic()
+
+    def connectionMade(self) -> None:
+        self.started = self.factory.clock.seconds()
+        self.transport.pauseProducing()
+        self._connect()
+
+    def _connect(self) -> None:
+        pool = self.factory.pool
+        decision = pool.pick(PickContext(self.client), self.tried)
+        if decision is None:
+            self.error = (
+                f"no server of pool {pool.name} available"
+                if not self.tried
+                else f"connect failed to {', '.join(s.name for s in self.tried)}"
+            )
+            self.transport.loseConnection()
+            return
+        self.server = decision.server
+        self.reason = decision.reason
+        self.connectStarted = self.factory.clock.seconds()
+        d = self.factory.endpoints.get(self.server.address).connect(_BackendFactory(self))
+        d.addTimeout(pool.connectTimeout, self.factory.clock)
+        self._connecting = d
+        d.addCallbacks(self._connected, self._connectFailed)
+
+    def _connected(self, backend: "Backend") -> None:
+        self._connecting = None
+
+    def _connectFailed(self, failure: Failure) -> None:
+        self._connecting = None
+        server, self.server = self.server, None
+        pool = self.factory.pool
+        pool.release(server)
+        if self.closed and failure.check(CancelledError):
+            return  # the client left while we were connecting
+        pool.connectFailed(server)
+        self.tried.append(server)
+        _log.info(
+            "connect to {server} failed: {why}",
+            event="connect_failed",
+            service=self.factory.service,
+            pool=pool.name,
+            server=server.name,
+            why=failure.getErrorMessage(),
+        )
+        if self.closed:
+            return
+        if len(self.tried) <= pool.retries:
+            self._connect()
+        else:
+            self.error = f"connect failed to {', '.join(s.name for s in self.tried)}"
+            self.transport.loseConnection()
+
+    def backendConnected(self, backend: "Backend") -> None:
+        """
+        Splice the two transports: each is the other's producer.
+        """
+        self.backend = backend
+        backend.transport.registerProducer(self.transport, True)
+        self.transport.registerProducer(backend.transport, True)
+        self.transport.resumeProducing()
+        if self.factory.idleTimeout:
+            self._idleCall = self.factory.clock.callLater(self.factory.idleTimeout, self._checkIdle)
+
+    def _checkIdle(self) -> None:
+        idle = time.monotonic() - self._lastActivity
+        remaining = self.factory.idleTimeout - idle
+        if remaining > 0:
+            self._idleCall = self.factory.clock.callLater(remaining, self._checkIdle)
+            return
+        self._idleCall = None
+        self.error = "idle timeout"
+        self.transport.abortConnection()
+        if self.backend is not None:
+            self.backend.transport.abortConnection()
+
+    # Bytes from the client.
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytesIn += len(data)
+        self._lastActivity = time.monotonic()
+        self.backend.transport.write(data)
+        self.factory.pool.observeBytes(self.server, len(data), 0)
+
+    def readConnectionLost(self) -> None:
+        """The client sent EOF: pass it on, keep the other direction open."""
+        self.clientEOF = True
+        if self.backend is not None:
+            if self.serverEOF:
+                self.closeBoth()
+            else:
+                self.backend.transport.unregisterProducer()
+                self.backend.transport.loseWriteConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def closeBoth(self) -> None:
+        """Close both connections once what each has buffered is written."""
+        for protocol in (self, self.backend):
+            if protocol is not None and protocol.transport is not None:
+                protocol.transport.unregisterProducer()
+                protocol.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.closed = True
+        if self._idleCall is not None and self._idleCall.active():
+            self._idleCall.cancel()
+            self._idleCall = None
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self.backend is not None and not self.backend.closed:
+            self.backend.transport.unregisterProducer()
+            self.backend.transport.loseConnection()
+        else:
+            self._finished()
+
+    def _finished(self) -> None:
+        """Both sides are closed: the connection event."""
+        if not self.factory.accessLog:
+            return
+        fields = dict(
+            service=self.factory.service,
+            pool=self.factory.pool.name,
+            selectedServer=self.backend.server.name if self.backend else None,
+            client=self.client,
+            bytesIn=self.bytesIn,
+            bytesOut=self.bytesOut,
+            durationMs=round((self.factory.clock.seconds() - self.started) * 1000, 3),
+            retries=len(self.tried),
+        )
+        if self.error:
+            fields["error"] = self.error
+        _log.info("connection", event="connection", **fields)
+
+
+@implementer(IHalfCloseableProtocol)
+class Backend(Protocol):
+    """The server's side of one spliced connection."""
+
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+        self.server = frontend.server
+        self.pool = frontend.factory.pool
+        self.closed = False
+        self.gotFirstByte = False
+
+    def connectionMade(self) -> None:
+        self.frontend.backendConnected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        frontend = self.frontend
+        if not self.gotFirstByte:
+            self.gotFirstByte = True
+            self.pool.observeResponseTime(
+                self.server, frontend.factory.clock.seconds() - frontend.connectStarted
+            )
+        frontend.bytesOut += len(data)
+        frontend._lastActivity = time.monotonic()
+        frontend.transport.write(data)
+        self.pool.observeBytes(self.server, 0, len(data))
+
+    def readConnectionLost(self) -> None:
+        """The server sent EOF: pass it on to the client."""
+        frontend = self.frontend
+        frontend.serverEOF = True
+        if frontend.clientEOF:
+            frontend.closeBoth()
+        else:
+            frontend.transport.unregisterProducer()
+            frontend.transport.loseWriteConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.closed = True
+        frontend = self.frontend
+        if not self.gotFirstByte:
+            # Time to first byte is unknown; the connect time stands in.
+            self.pool.observeResponseTime(
+                self.server, frontend.factory.clock.seconds() - frontend.connectStarted
+            )
+        self.pool.release(self.server)
+        if frontend.closed:
+            frontend._finished()
+        else:
+            frontend.transport.unregisterProducer()
+            frontend.transport.loseConnection()
