@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -31,7 +30,6 @@ _log = Logger(namespace="txlb.tcp")
 
 
 class TCPBalancerFactory(Factory):
-    noisy = False
     """
     Accepts client connections for one TCP service.
 
@@ -57,6 +55,8 @@ class TCPBalancerFactory(Factory):
         self.idleTimeout = idleTimeout
         self.accessLog = accessLog
 
+    noisy = False
+
     def buildProtocol(self, addr) -> "Frontend":
         return Frontend(self, getattr(addr, "host", str(addr)))
 
@@ -71,8 +71,27 @@ class _BackendFactory(Factory):
         return Backend(self.frontend)
 
 
+class _Side(Protocol):
+    """
+    What both sides share: closing our transport's writing half (or all of
+    it) after dropping the peer as its producer, because a transport that
+    still has a paused producer resumes it instead of closing.
+    """
+
+    hasProducer = False
+
+    def closeWriting(self, full: bool) -> None:
+        if self.hasProducer:
+            self.hasProducer = False
+            self.transport.unregisterProducer()
+        if full:
+            self.transport.loseConnection()
+        else:
+            self.transport.loseWriteConnection()
+
+
 @implementer(IHalfCloseableProtocol)
-class Frontend(Protocol):
+class Frontend(_Side):
     """
     The client's side.  Reading is paused until a backend is connected, so
     nothing is buffered while we connect.
@@ -128,8 +147,8 @@ class Frontend(Protocol):
         server, self.server = self.server, None
         pool = self.factory.pool
         pool.release(server)
-        if self.closed and failure.check(CancelledError):
-            return  # the client left while we were connecting
+        if self.closed:
+            return  # the client left while we were connecting: not the server's fault
         pool.connectFailed(server)
         self.tried.append(server)
         _log.info(
@@ -140,8 +159,6 @@ class Frontend(Protocol):
             server=server.name,
             why=failure.getErrorMessage(),
         )
-        if self.closed:
-            return
         if len(self.tried) <= pool.retries:
             self._connect()
         else:
@@ -155,6 +172,7 @@ class Frontend(Protocol):
         self.backend = backend
         backend.transport.registerProducer(self.transport, True)
         self.transport.registerProducer(backend.transport, True)
+        self.hasProducer = backend.hasProducer = True
         self.transport.resumeProducing()
         if self.factory.idleTimeout:
             self._idleCall = self.factory.clock.callLater(self.factory.idleTimeout, self._checkIdle)
@@ -186,18 +204,15 @@ class Frontend(Protocol):
             if self.serverEOF:
                 self.closeBoth()
             else:
-                self.backend.transport.unregisterProducer()
-                self.backend.transport.loseWriteConnection()
+                self.backend.closeWriting(full=False)
 
     def writeConnectionLost(self) -> None:
         pass
 
     def closeBoth(self) -> None:
         """Close both connections once what each has buffered is written."""
-        for protocol in (self, self.backend):
-            if protocol is not None and protocol.transport is not None:
-                protocol.transport.unregisterProducer()
-                protocol.transport.loseConnection()
+        self.closeWriting(full=True)
+        self.backend.closeWriting(full=True)
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.closed = True
@@ -207,8 +222,7 @@ class Frontend(Protocol):
         if self._connecting is not None:
             self._connecting.cancel()
         if self.backend is not None and not self.backend.closed:
-            self.backend.transport.unregisterProducer()
-            self.backend.transport.loseConnection()
+            self.backend.closeWriting(full=True)
         else:
             self._finished()
 
@@ -232,7 +246,7 @@ class Frontend(Protocol):
 
 
 @implementer(IHalfCloseableProtocol)
-class Backend(Protocol):
+class Backend(_Side):
     """The server's side of one spliced connection."""
 
     def __init__(self, frontend: Frontend) -> None:
@@ -264,8 +278,7 @@ class Backend(Protocol):
         if frontend.clientEOF:
             frontend.closeBoth()
         else:
-            frontend.transport.unregisterProducer()
-            frontend.transport.loseWriteConnection()
+            frontend.closeWriting(full=False)
 
     def writeConnectionLost(self) -> None:
         pass
@@ -282,5 +295,4 @@ class Backend(Protocol):
         if frontend.closed:
             frontend._finished()
         else:
-            frontend.transport.unregisterProducer()
-            frontend.transport.loseConnection()
+            frontend.closeWriting(full=True)

@@ -1,0 +1,201 @@
+"""
+Helpers for the integration tests: free loopback ports, real backends in
+threads, and txlb itself started as C{twistd} in a subprocess.
+
+Waiting here is always for a condition (a port accepting, an event in the
+log) with a deadline, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def waitFor(condition: Callable[[], object], timeout: float = 15.0, what: str = "condition"):
+    """Poll C{condition} until it returns something true, or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def twistdCommand(*args: str) -> list[str]:
+    """C{twistd} from this interpreter's environment."""
+    return [sys.executable, "-m", "twisted", *args]
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class Backend:
+    """
+    A real TCP server on 127.0.0.1 run in a thread.
+
+    C{handler(sock, backend)} serves one connection; the default sends the
+    backend's name and a newline, then echoes until EOF.
+    """
+
+    def __init__(self, name: str, handler: Optional[Callable[[socket.socket, "Backend"], None]] = None):
+        self.name = name
+        self.handler = handler or nameThenEcho
+        self.connections = 0
+        self.lock = threading.Lock()
+        backend = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                with backend.lock:
+                    backend.connections += 1
+                try:
+                    backend.handler(self.request, backend)
+                except OSError:
+                    pass
+
+        self.server = _Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def nameThenEcho(sock: socket.socket, backend: Backend) -> None:
+    sock.sendall(backend.name.encode() + b"\n")
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        sock.sendall(data)
+
+
+def recvLine(sock: socket.socket) -> bytes:
+    out = b""
+    while not out.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def recvAll(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+class Txlb:
+    """
+    C{twistd -n txlb --config FILE} in a subprocess, its JSON events
+    collected from stdout.
+    """
+
+    def __init__(self, config: str, directory: Optional[Path] = None):
+        self.dir = Path(directory or tempfile.mkdtemp(prefix="txlb-test-"))
+        self.configPath = self.dir / "txlb.toml"
+        self.configPath.write_text(config)
+        self.logPath = self.dir / "txlb.log"
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self, listening: int = 1) -> "Txlb":
+        """Start and wait until C{listening} services are listening."""
+        self._log = open(self.logPath, "wb")
+        self.process = subprocess.Popen(
+            twistdCommand("-n", "--pidfile=", "txlb", "--config", str(self.configPath)),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.dir,
+        )
+        waitFor(
+            lambda: self.process.poll() is not None
+            or len(self.events("listening")) >= listening,
+            what="txlb to listen",
+        )
+        if self.process.poll() is not None:
+            raise AssertionError(f"txlb exited {self.process.returncode}:\n{self.logPath.read_text()}")
+        return self
+
+    def events(self, kind: Optional[str] = None) -> list[dict]:
+        out = []
+        for line in self.logPath.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if kind is None or event.get("event") == kind:
+                out.append(event)
+        return out
+
+    def rss(self) -> int:
+        """Resident memory of the txlb process, in bytes."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def stop(self) -> int:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+        return self.process.returncode if self.process else 0
+
+    def __enter__(self) -> "Txlb":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def poolToml(name: str, backends: Iterable[Backend], algorithm: str = "round_robin", extra: str = "") -> str:
+    servers = ",\n".join(
+        f'  {{ name = "{b.name}", address = "{b.address}" }}' for b in backends
+    )
+    return f'[pools.{name}]\nalgorithm = "{algorithm}"\nservers = [\n{servers}\n]\n{extra}\n'
+
+
+def tcpServiceToml(name: str, port: int, pool: str, extra: str = "") -> str:
+    return (
+        f'[[services]]\nname = "{name}"\nprotocol = "tcp"\n'
+        f'listen = "tcp:{port}:interface=127.0.0.1"\npool = "{pool}"\n{extra}\n'
+    )
+
+
+def connect(port: int, timeout: float = 10.0) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout)
