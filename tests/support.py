@@ -44,7 +44,18 @@ def waitFor(condition: Callable[[], object], timeout: float = 15.0, what: str = 
 
 def twistdCommand(*args: str) -> list[str]:
     """C{twistd} from this interpreter's environment."""
-    return [sys.executable, "-m", "twisted", *args]
+    script = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+    return [sys.executable, "-c", script, *args]
+
+
+def sourceEnv() -> dict[str, str]:
+    """
+    The environment for a subprocess that must run this source tree's txlb
+    (and find its twisted/plugins) whatever the working directory.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -136,6 +147,7 @@ class Txlb:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=self.dir,
+            env=sourceEnv(),
         )
         waitFor(
             lambda: self.process.poll() is not None
