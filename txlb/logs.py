@@ -58,7 +58,8 @@ def textLine(event: dict[str, Any]) -> str:
     head = f"{fields.pop('time')} {fields.pop('level'):5} {fields.pop('event')}"
     message = fields.pop("message", None)
     fields.pop("system", None)
-    rest = " ".join(f"{k}={v}" for k, v in fields.items())
+    # Twisted's own messages already say everything in their text.
+    rest = "" if message else " ".join(f"{k}={v}" for k, v in fields.items())
     return " ".join(x for x in (head, message, rest) if x) + "\n"
 
 

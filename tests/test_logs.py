@@ -1,0 +1,61 @@
+"""
+The JSON-lines and text observers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+from twisted.logger import Logger, LogPublisher
+
+from txlb.config import LogConfig
+from txlb.logs import makeObserver
+
+
+def emit(config: LogConfig, **kwargs) -> str:
+    out = io.StringIO()
+    publisher = LogPublisher(makeObserver(config, stdout=out))
+    log = Logger(namespace="test", observer=publisher)
+    log.info(kwargs.pop("format", "x"), **kwargs)
+    return out.getvalue()
+
+
+def test_event_is_one_json_object_with_its_fields_only():
+    text = emit(LogConfig(), event="connection", service="web", bytesIn=12)
+    assert text.endswith("\n") and text.count("\n") == 1
+    record = json.loads(text)
+    assert record["event"] == "connection"
+    assert record["service"] == "web" and record["bytesIn"] == 12
+    assert record["level"] == "info" and record["time"].endswith("+00:00")
+    assert not [k for k in record if k.startswith("log_")]
+    assert "message" not in record
+
+
+def test_plain_messages_become_log_events():
+    record = json.loads(emit(LogConfig(), format="hello {who}", who="world"))
+    assert record["event"] == "log"
+    assert record["message"] == "hello world"
+    assert record["system"] == "test"
+
+
+def test_text_format_is_one_readable_line():
+    line = emit(LogConfig(format="text"), event="connection", service="web")
+    assert line.count("\n") == 1
+    assert " info  connection " in line and "service=web" in line
+
+
+def test_debug_events_are_filtered():
+    out = io.StringIO()
+    log = Logger(observer=LogPublisher(makeObserver(LogConfig(), stdout=out)))
+    log.debug("noise", event="noise")
+    assert out.getvalue() == ""
+
+
+def test_file_path_is_appended_to(tmp_path):
+    path = tmp_path / "txlb.log"
+    path.write_text("earlier\n")
+    observer = makeObserver(LogConfig(path=str(path)))
+    Logger(observer=LogPublisher(observer)).info("x", event="one")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "earlier" and json.loads(lines[1])["event"] == "one"
