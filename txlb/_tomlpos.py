@@ -13,6 +13,7 @@ first line of every key path in the same notation the validator uses
 from __future__ import annotations
 
 import re
+import tomllib
 from typing import Iterator
 
 _BARE = re.compile(r"[A-Za-z0-9_-]+")
@@ -22,8 +23,9 @@ _SCALAR = re.compile(r"[^\s,\]\}#]+(?: [0-9:.+\-Z]+)?")
 def _tokens(text: str) -> Iterator[tuple[str, str, int]]:
     """
     Yield C{(kind, value, line)}: kinds are punctuation (C{[ ] { } , = .}),
-    C{nl}, C{str} (a quoted string, unquoted) and C{word} (a bare key or a
-    scalar).
+    C{nl}, C{str} (a quoted string: one-line ones with their quotes, as keys
+    need decoding; multi-line ones are only values) and C{word} (a bare key or
+    a scalar).  A string's line is the line it starts on.
     """
     i, line, n = 0, 1, len(text)
     while i < n:
@@ -51,11 +53,13 @@ def _tokens(text: str) -> Iterator[tuple[str, str, int]]:
                 j += 1
             value = text[i + len(quote) : j]
             line += value.count("\n")
-            i = j + len(quote)
+            end = j + len(quote)
             if triple:
-                while i < n and text[i] == c:  # """a"""" ends on the last quotes
-                    i += 1
-            yield "str", value, start
+                while end < n and text[end] == c:  # """a"""" ends on the last quotes
+                    end += 1
+            # Keys are always one-line strings; keep them quoted, for _unquote.
+            yield "str", value if triple else text[i:end], start
+            i = end
         else:
             m = _BARE.match(text, i) or _SCALAR.match(text, i)
             if m is None:
@@ -65,11 +69,27 @@ def _tokens(text: str) -> Iterator[tuple[str, str, int]]:
             i = m.end()
 
 
+def _unquote(kind: str, text: str) -> str:
+    """
+    A key as L{tomllib} spells it: quoted keys decoded (escapes included) by
+    L{tomllib} itself, so that paths match the parsed document's.
+    """
+    if kind != "str":
+        return text
+    try:
+        return tomllib.loads(f"k = {text}")["k"]
+    except (tomllib.TOMLDecodeError, KeyError):
+        return text.strip("\"'")
+
+
 class _Scanner:
     def __init__(self, text: str) -> None:
         self.toks = list(_tokens(text))
         self.i = 0
         self.lines: dict[str, int] = {}
+        #: How many elements each array of tables has so far, by its full
+        #: path (C{services}, C{services[1].routes}): a nested array restarts
+        #: for each element of its parent because its path differs.
         self.tableCounts: dict[str, int] = {}
 
     def peek(self) -> tuple[str, str, int]:
@@ -88,10 +108,12 @@ class _Scanner:
         self.lines.setdefault(path, line)
 
     def keys(self) -> list[str]:
-        parts = [self.take()[1]]
+        kind, text, _ = self.take()
+        parts = [_unquote(kind, text)]
         while self.peek()[0] == ".":
             self.take()
-            parts.append(self.take()[1])
+            kind, text, _ = self.take()
+            parts.append(_unquote(kind, text))
         return parts
 
     def run(self) -> dict[str, int]:
@@ -108,20 +130,10 @@ class _Scanner:
                 double = self.peek()[0] == "["
                 if double:
                     self.take()
-                path = ".".join(self.keys())
+                path = self.header(self.keys(), double, line)
                 self.take()
                 if double:
                     self.take()
-                    index = self.tableCounts.get(path, 0)
-                    self.tableCounts[path] = index + 1
-                    # Tables nested under an array of tables follow its last element.
-                    for other in list(self.tableCounts):
-                        if other.startswith(path + "[") or other.startswith(path + "."):
-                            if other != path:
-                                del self.tableCounts[other]
-                    path = f"{path}[{index}]"
-                path = self.resolve(path)
-                self.record(path, line)
                 prefix = path + "."
             elif kind in ("word", "str"):
                 self.keyValue(prefix, line)
@@ -130,20 +142,27 @@ class _Scanner:
             atLineStart = False
         return self.lines
 
-    def resolve(self, path: str) -> str:
+    def header(self, keys: list[str], double: bool, line: int) -> str:
         """
-        C{[services.routes]} after C{[[services]]} means the routes of the
-        latest service: insert the current array indices.
+        The full path a C{[table]} or C{[[array]]} header opens, every
+        ancestor recorded (C{[pools.api]} is where C{pools} is first
+        written too).  C{[services.timeouts]} after C{[[services]]} means
+        the latest service's: the current indices are inserted.
         """
-        parts = path.split(".")
-        out: list[str] = []
-        for part in parts:
-            out.append(part)
-            joined = ".".join(out)
-            count = self.tableCounts.get(joined)
-            if count and not part.endswith("]") and joined != path:
-                out[-1] = f"{part}[{count - 1}]"
-        return ".".join(out)
+        path = ""
+        for depth, key in enumerate(keys):
+            path = f"{path}.{key}" if path else key
+            count = self.tableCounts.get(path)
+            last = depth == len(keys) - 1
+            if last and double:
+                self.tableCounts[path] = (count or 0) + 1
+                self.record(path, line)
+                path = f"{path}[{count or 0}]"
+            elif count:
+                self.record(path, line)
+                path = f"{path}[{count - 1}]"
+            self.record(path, line)
+        return path
 
     def keyValue(self, prefix: str, line: int) -> None:
         keys = self.keys()

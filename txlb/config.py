@@ -17,12 +17,13 @@ import difflib
 import re
 import tomllib
 from types import MappingProxyType
-from typing import Any, Callable, Collection, Mapping, Optional, TypeVar
+from typing import Any, Callable, Collection, Mapping, Optional, Sequence, TypeVar
 
 import attrs
 
 from txlb._tomlpos import keyLines, lineOf
-from txlb.endpoints import EndpointError, checkClient, checkServer, serverAddress
+from txlb.endpoints import EndpointError, checkClient, checkServer, sameSocket, serverAddress
+from txlb.interfaces import SchedulerOptionsError
 
 T = TypeVar("T")
 
@@ -155,8 +156,16 @@ PLANNED: Mapping[str, Mapping[str, str]] = {
 }
 
 
-class _Invalid(Exception):
-    """A converter's complaint about one value."""
+class _Invalid(ValueError):
+    """
+    A converter's complaint about one value.  C{items} holds complaints
+    about elements of an array, by index, so that each is reported at its
+    own key path (C{listen[1]}) and line.
+    """
+
+    def __init__(self, message: str = "", items: Sequence[tuple[int, str]] = ()) -> None:
+        super().__init__(message)
+        self.items = tuple(items)
 
 
 class _Context:
@@ -204,7 +213,11 @@ class _Table:
         try:
             return convert(self.data[key])
         except _Invalid as e:
-            self.error(key, str(e))
+            if e.items:
+                for index, message in e.items:
+                    self.error(f"{key}[{index}]", message)
+            else:
+                self.error(key, str(e))
             return default if default is not _REQUIRED else None  # type: ignore[return-value]
 
     def table(self, key: str, kind: str) -> Optional["_Table"]:
@@ -241,7 +254,9 @@ class _Table:
             if key in self.seen:
                 continue
             if key in planned:
-                self.error(key, f"{planned[key]} is not supported by this version of txlb yet")
+                self.error(
+                    key, f"not supported by this version of txlb yet ({planned[key]}); remove it"
+                )
                 continue
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -302,7 +317,15 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parseDuration(value: Any) -> float:
-    """C{"250ms"}, C{"2s"}, C{"5m"}, C{"1h"} or C{"0"}, in seconds."""
+    """
+    C{"250ms"}, C{"2s"}, C{"5m"}, C{"1h"} or C{"0"}, in seconds.  A bare
+    number is refused: C{timeout = 30} could mean seconds or milliseconds,
+    and the operator should say which.
+
+    @raise ValueError: C{value} is not a duration.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise _Invalid(f'needs a unit: write "{value}s" for seconds, "{value}ms" for milliseconds')
     text = _string(value).strip()
     if text == "0":
         return 0.0
@@ -325,8 +348,14 @@ _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
 
 
 def parseSize(value: Any) -> int:
-    """C{"64KiB"}, C{"10MiB"}, C{"0"} or a plain number of bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    """
+    C{"64KiB"}, C{"10MiB"}, C{"0"} or a plain number of bytes.
+
+    @raise ValueError: C{value} is not a size.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise _Invalid(f"must not be negative, not {value}")
         return value
     text = _string(value).strip()
     m = _SIZE.fullmatch(text)
@@ -367,14 +396,17 @@ def _stringList(convert: Callable[[Any], str]) -> Callable[[Any], tuple[str, ...
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not items:
             raise _Invalid("must be a string or a non-empty array of strings")
-        out, problems = [], []
+        out: list[str] = []
+        problems: list[tuple[int, str]] = []
         for i, item in enumerate(items):
             try:
                 out.append(convert(item))
             except _Invalid as e:
-                problems.append(f"[{i}] {e}" if len(items) > 1 else str(e))
+                problems.append((i, str(e)))
         if problems:
-            raise _Invalid("; ".join(problems))
+            if isinstance(value, str):
+                raise _Invalid(problems[0][1])
+            raise _Invalid(items=problems)
         return tuple(out)
 
     return convertAll
@@ -404,19 +436,23 @@ def _freeTable(value: Any) -> Mapping[str, Any]:
 def _readProcess(t: _Table) -> ProcessConfig:
     workers = t.get("workers", _integer(1, 64), 1)
     if workers != 1:
-        t.error("workers", "more than one worker process is not supported by this version of txlb yet")
-    return ProcessConfig(
+        t.error("workers", "more than one worker process is not supported by this version of txlb yet; use 1")
+    process = ProcessConfig(
         shutdown_timeout=t.get("shutdown_timeout", parseDuration, 30.0),
         workers=workers,
     )
+    t.finish()
+    return process
 
 
 def _readLog(t: _Table) -> LogConfig:
-    return LogConfig(
+    log = LogConfig(
         format=t.get("format", _oneOf("json", "text"), "json"),
         path=t.get("path", _string, "-"),
         access=t.get("access", _boolean, True),
     )
+    t.finish()
+    return log
 
 
 def _readServers(pool: _Table) -> tuple[ServerConfig, ...]:
@@ -443,8 +479,12 @@ def _readPool(
 ) -> PoolConfig:
     from txlb.schedulers import DEFAULT_ALGORITHM
 
-    algorithm = t.get("algorithm", _string, DEFAULT_ALGORITHM)
+    algorithm = t.get("algorithm", _string, None)
     options = t.get("options", _freeTable, MappingProxyType({}))
+    # A mistyped algorithm is reported once: its default is not then
+    # checked against options that were meant for something else.
+    if "algorithm" not in t.data:
+        algorithm = DEFAULT_ALGORITHM
     if algorithms is not None and algorithm is not None:
         factory = algorithms.get(algorithm)
         if factory is None:
@@ -457,8 +497,10 @@ def _readPool(
         else:
             try:
                 factory(options)
-            except Exception as e:  # a plugin's complaint, whatever its type
-                t.error("options", f"{algorithm}: {e}")
+            except SchedulerOptionsError as e:
+                t.error("options", str(e))
+            except Exception as e:  # a plugin's bug, but the operator must hear of it
+                t.error("options", f"the {algorithm} scheduler failed on them: {e!r}")
     pool = PoolConfig(
         name=name,
         algorithm=algorithm,
@@ -494,12 +536,18 @@ def _readTimeouts(t: Optional[_Table], protocol: str) -> Timeouts:
 def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
     protocol = t.get("protocol", _oneOf("tcp", "http"), "tcp")
     if protocol == "http":
-        t.error("protocol", '"http" services are not supported by this version of txlb yet')
+        t.error("protocol", '"http" is not supported by this version of txlb yet; use "tcp"')
     pool = t.get("pool", _name)
     if pool is not None and pool not in pools:
         close = difflib.get_close_matches(pool, list(pools), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         t.error("pool", f"no pool named {pool!r}{hint}")
+    elif protocol == "tcp" and pool in pools and pools[pool].hash_key != "client_ip":
+        t.error(
+            "pool",
+            f"pool {pool!r} has hash_key = {pools[pool].hash_key!r}, but a TCP service"
+            ' can only hash on the client address: use hash_key = "client_ip"',
+        )
     service = ServiceConfig(
         name=t.get("name", _name),
         protocol=protocol,
@@ -538,25 +586,32 @@ def _readConfig(root: _Table, path: str, algorithms) -> Config:
             except _Invalid as e:
                 poolsTable.error(name, str(e))
             pools[name] = _readPool(poolTable, name, algorithms)
+        poolsTable.finish()
     services: list[ServiceConfig] = []
     names: set[str] = set()
-    listens: dict[str, str] = {}
-    for i, t in enumerate(root.tables("services", "service")):
+    listens: list[tuple[str, str]] = []  # (endpoint, key path), in file order
+
+    def claim(listen: str, where: str) -> None:
+        for other, otherWhere in listens:
+            if sameSocket(listen, other):
+                also = f" ({other!r})" if other != listen else ""
+                ctx.error(where, f"{listen!r} is already used by {otherWhere}{also}")
+                return
+        listens.append((listen, where))
+
+    for t in root.tables("services", "service"):
         service = _readService(t, pools)
-        if service.name in names:
+        if service.name is not None and service.name in names:
             t.error("name", f"another service is already called {service.name!r}")
         names.add(service.name)
-        for j, listen in enumerate(service.listen or ()):
-            where = f"{t.path}.listen[{j}]"
-            if listen in listens:
-                ctx.error(where, f"{listen!r} is already used by {listens[listen]}")
-            listens[listen] = where
+        listen = service.listen or ()
+        for j, endpoint in enumerate(listen):
+            claim(endpoint, f"{t.path}.listen[{j}]" if isinstance(t.data["listen"], list) else f"{t.path}.listen")
         services.append(service)
     demoTable = root.table("demo", "demo")
     demo = _readDemo(demoTable) if demoTable else ()
     for i, server in enumerate(demo):
-        if server.listen in listens:
-            ctx.error(f"demo.servers[{i}].listen", f"{server.listen!r} is already used by {listens[server.listen]}")
+        claim(server.listen, f"demo.servers[{i}].listen")
     root.finish()
     return Config(path, process, log, MappingProxyType(pools), tuple(services), demo)
 
@@ -576,12 +631,35 @@ def parse(
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(source, [Problem("", f"not valid TOML: {e}")])
+        raise ConfigError(source, [_syntaxProblem(str(e), text)])
     ctx = _Context(keyLines(text))
     config = _readConfig(_Table(ctx, "", data, ""), source, algorithms)
     if ctx.problems:
-        raise ConfigError(source, ctx.problems)
+        # In file order, as an operator reads the file; problems without a
+        # line (none expected) last.  sorted() is stable: one key's
+        # problems keep the order they were found in.
+        raise ConfigError(
+            source, sorted(ctx.problems, key=lambda p: p.line if p.line else len(text) + 1)
+        )
     return config
+
+
+_TOML_WHERE = re.compile(r" \(at line (\d+), column (\d+)\)$| \(at end of document\)$")
+
+
+def _syntaxProblem(message: str, text: str) -> Problem:
+    """
+    tomllib's message ends with C{(at line L, column C)}; the line goes
+    where every other problem has it, the column stays in the message.
+    """
+    m = _TOML_WHERE.search(message)
+    if m is None:
+        return Problem("", f"not valid TOML: {message}")
+    if m.group(1) is None:
+        return Problem("", f"not valid TOML: {message[: m.start()]} (at the end of the file)",
+                       text.count("\n") + (0 if text.endswith("\n") else 1) or 1)
+    return Problem("", f"not valid TOML: {message[: m.start()]} (column {m.group(2)})",
+                   int(m.group(1)))
 
 
 def load(path: str, algorithms=None) -> Config:

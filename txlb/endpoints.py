@@ -29,6 +29,7 @@ class _NoReactor:
 
 
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d+)")
+_BARE_V6 = re.compile(r"[0-9A-Fa-f:.]+")  # an IPv6 address and port, unbracketed
 _ENDPOINT_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9+_-]*:")
 
 
@@ -43,45 +44,134 @@ def serverAddress(text: str) -> str:
 
     @raise EndpointError: neither form parses.
     """
-    m = _HOST_PORT.fullmatch(text.strip())
-    if m is not None and not _isEndpointType(text):
+    stripped = text.strip()
+    m = _HOST_PORT.fullmatch(stripped)
+    if m is not None and not _isEndpointType(stripped):
         port = int(m.group("port"))
         if not 0 < port < 65536:
-            raise EndpointError(f"port {port} is out of range in {text!r}")
+            raise EndpointError(f"port {port} is out of range (1-65535) in {text!r}")
         host = m.group("v6") or m.group("host")
-        text = f"tcp:host={_escape(host)}:port={port}"
-    checkClient(text)
-    return text
+        return f"tcp:host={_escape(host)}:port={port}"
+    if _BARE_V6.fullmatch(stripped) and stripped.count(":") >= 3:
+        raise EndpointError(
+            f"{text!r} is not a valid address; write an IPv6 address in brackets, like [::1]:9001"
+        )
+    checkClient(stripped)
+    return stripped
 
 
 def _isEndpointType(text: str) -> bool:
     m = _ENDPOINT_TYPE.match(text)
-    return m is not None and m.group()[:-1].lower() in {"tcp", "ssl", "unix", "tls", "tcp6"}
+    return m is not None and m.group()[:-1].lower() in _CLIENT_TYPES
+
+
+#: Client endpoint types a C{host:port} address could be confused with: a
+#: C{name:port} whose name is one of these is read as an endpoint string.
+_CLIENT_TYPES = frozenset({"tcp", "ssl", "unix", "tls"})
 
 
 def checkClient(text: str) -> IStreamClientEndpoint:
     """
     @raise EndpointError: C{text} is not a client endpoint string.
     """
+    expected = "host:port or a client endpoint like tcp:host=H:port=P"
     try:
-        return clientFromString(_NoReactor(), text)
+        endpoint = clientFromString(_NoReactor(), text)
     except Exception as e:
-        raise EndpointError(_explain(text, e, "host:port or a client endpoint like tcp:host=H:port=P"))
+        raise EndpointError(_explain(text, e, expected))
+    _checkPort(text, endpoint, 1, expected)
+    return endpoint
 
 
 def checkServer(text: str) -> IStreamServerEndpoint:
     """
     @raise EndpointError: C{text} is not a server (listening) endpoint string.
     """
+    expected = "a listening endpoint like tcp:8080:interface=127.0.0.1"
     try:
-        return serverFromString(_NoReactor(), text)
+        endpoint = serverFromString(_NoReactor(), text)
     except Exception as e:
-        raise EndpointError(_explain(text, e, "a listening endpoint like tcp:8080:interface=127.0.0.1"))
+        raise EndpointError(_explain(text, e, expected))
+    _checkPort(text, endpoint, 0, expected)
+    return endpoint
+
+
+def _checkPort(text: str, endpoint: object, low: int, expected: str) -> None:
+    """
+    Twisted's parsers take any integer as a port; the mistake would only
+    show when txlb listens or connects, long after the config check.
+    """
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not low <= port <= 65535:
+        raise EndpointError(
+            f"{text!r} is not a valid address (port {port} is out of range {low}-65535); "
+            f"expected {expected}"
+        )
+
+
+_TYPE_ERRORS = (
+    (re.compile(r"missing \d+ required positional arguments?: (.*)"), "missing {}"),
+    (re.compile(r"got an unexpected keyword argument (.*)"), "unknown parameter {}"),
+    (re.compile(r"got multiple values for argument (.*)"), "{} given twice"),
+)
 
 
 def _explain(text: str, error: Exception, expected: str) -> str:
+    """
+    Twisted's parsers complain in Python's words (a C{TypeError} from the
+    endpoint's constructor); say it in an operator's.
+    """
     detail = str(error.args[0]) if error.args else type(error).__name__
+    m = re.fullmatch(r"invalid literal for int\(\) with base 10: (.*)", detail)
+    if m is not None:
+        detail = f"{m.group(1)} is not a number"
+    m = re.fullmatch(r"Unknown endpoint type: (.*)", detail)
+    if m is not None:
+        detail = f"unknown endpoint type {m.group(1)}"
+    if isinstance(error, TypeError):
+        for pattern, template in _TYPE_ERRORS:
+            m = pattern.search(detail)
+            if m is not None:
+                detail = template.format(m.group(1).replace(" and ", ", "))
+                break
+        if "::" in text.replace("\\:", ""):
+            detail += r"; write the colons of an IPv6 address as \:, like interface=\:\:1"
     return f"{text!r} is not a valid address ({detail}); expected {expected}"
+
+
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+
+
+def _binding(text: str) -> tuple[str, object, str]:
+    """What a listening endpoint binds: C{(kind, port or path, interface)}."""
+    try:
+        endpoint = serverFromString(_NoReactor(), text)
+    except Exception:
+        return ("?", text, "")
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int):
+        return ("tcp", port, getattr(endpoint, "_interface", ""))
+    address = getattr(endpoint, "_address", None)
+    if isinstance(address, str):
+        return ("unix", address, "")
+    return ("?", text, "")
+
+
+def sameSocket(a: str, b: str) -> bool:
+    """
+    Whether two listening endpoint strings would bind the same socket, so
+    that the second cannot listen: the same port on the same interface, or
+    on any interface when either is the wildcard (C{tcp:8080} and
+    C{tcp:8080:interface=127.0.0.1} collide); the same unix socket path.
+    Port 0 (any free port) never collides.
+    """
+    kindA, whereA, ifaceA = _binding(a)
+    kindB, whereB, ifaceB = _binding(b)
+    if kindA != kindB or whereA != whereB:
+        return False
+    if kindA == "tcp":
+        return whereA != 0 and (ifaceA == ifaceB or ifaceA in _WILDCARDS or ifaceB in _WILDCARDS)
+    return True
 
 
 class EndpointCache:
