@@ -1,12 +1,18 @@
 # -*- test-case-name: tests.test_schedulers -*-
 """
-The registry of scheduling algorithms, by the name C{algorithm =} uses.
+The scheduling algorithms, by the name C{algorithm =} uses, and what a
+plugin author needs to write another.
 
 Algorithms are found with L{twisted.plugin.getPlugins} against
 L{ISchedulerFactory}: txlb's built-ins are declared in
 C{twisted/plugins/txlb_schedulers.py} like any third party's.  The built-ins
 are also listed here so that txlb works from a source tree whose plugin
 directory is not on C{sys.path}.
+
+One module per family, as HAProxy has one file per family:
+L{rotation <txlb.schedulers.rotation>}, L{least <txlb.schedulers.least>},
+L{hashing <txlb.schedulers.hashing>} and
+L{randomized <txlb.schedulers.randomized>}.
 """
 
 from __future__ import annotations
@@ -17,14 +23,38 @@ from twisted.logger import Logger
 from twisted.plugin import getPlugins
 
 from txlb.interfaces import ISchedulerFactory
-from txlb.schedulers.rotation import roundRobin
+from txlb.schedulers._base import SchedulerBase, SchedulerFactory, noOptions
+from txlb.schedulers.hashing import consistentHash, ipHash
+from txlb.schedulers.least import leastBandwidth, leastConnections, leastResponseTime
+from txlb.schedulers.randomized import powerOfTwo, randomPick
+from txlb.schedulers.rotation import roundRobin, weightedRoundRobin
+
+__all__ = [
+    "BUILTINS",
+    "DEFAULT_ALGORITHM",
+    "SchedulerBase",
+    "SchedulerFactory",
+    "noOptions",
+    "schedulerFactories",
+]
 
 _log = Logger()
 
-#: The default when a pool does not name an algorithm.
-DEFAULT_ALGORITHM = "round_robin"
+#: The default when a pool does not name an algorithm, as in HAProxy and
+#: Envoy: close to least connections, with no shared state to contend on.
+DEFAULT_ALGORITHM = "power_of_two"
 
-BUILTINS: tuple[ISchedulerFactory, ...] = (roundRobin,)
+BUILTINS: tuple[ISchedulerFactory, ...] = (
+    roundRobin,
+    weightedRoundRobin,
+    leastConnections,
+    leastResponseTime,
+    leastBandwidth,
+    ipHash,
+    consistentHash,
+    randomPick,
+    powerOfTwo,
+)
 
 
 def schedulerFactories() -> Mapping[str, ISchedulerFactory]:

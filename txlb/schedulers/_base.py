@@ -1,5 +1,8 @@
 """
 Helpers shared by the built-in schedulers, and usable by plugins.
+
+The public names are re-exported from L{txlb.schedulers}; import them from
+there.
 """
 
 from __future__ import annotations
@@ -45,10 +48,38 @@ def noOptions(name: str, options: Mapping[str, object]) -> None:
         )
 
 
+def intOption(
+    name: str,
+    options: Mapping[str, object],
+    key: str,
+    default: int,
+    low: int,
+    high: int,
+) -> int:
+    """
+    Read one integer option, refusing any other option name, so that a typo
+    in the config is reported instead of silently ignored.
+    """
+    unknown = set(options) - {key}
+    if unknown:
+        raise SchedulerOptionsError(
+            f"{name} takes only the option {key!r} (got {', '.join(sorted(unknown))})"
+        )
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SchedulerOptionsError(
+            f"{name}: {key} must be an integer from {low} to {high} (got {value!r})"
+        )
+    return value
+
+
 @implementer(IScheduler)
 class SchedulerBase:
     """
     Keeps the eligible list; subclasses implement L{pick}.
+
+    A server whose weight is 0 takes no new traffic, as in HAProxy, so it is
+    left out here for every algorithm, weighted or not.
     """
 
     servers: Sequence
@@ -57,7 +88,7 @@ class SchedulerBase:
         self.servers = ()
 
     def setServers(self, servers: Sequence) -> None:
-        self.servers = tuple(servers)
+        self.servers = tuple(s for s in servers if s.weight > 0)
 
     def loadChanged(self, server) -> None:
         pass
