@@ -83,9 +83,11 @@ class IScheduler(Interface):
 
     def loadChanged(server: "Server") -> None:
         """
-        C{server.active} just changed.  Schedulers that keep an incremental
-        structure over load (least connections) update it here; others do
-        nothing.
+        C{server.active} or C{server.responseTime} just changed.
+        Schedulers that keep an incremental structure over load (least
+        connections, least response time) update it here; others do
+        nothing.  Bandwidth changes are not announced (they come with every
+        chunk of data); see C{Server.bandwidthRank} for how to rank by it.
         """
 
     def pick(

@@ -71,6 +71,18 @@ class Server:
             return 0.0
         return self._rate * math.exp((self._rateStamp - now) / BANDWIDTH_TAU)
 
+    def bandwidthRank(self) -> float:
+        """
+        A number that orders servers as L{bandwidthAt} does at any one
+        moment, whatever the moment: C{log(rate) + stamp / tau}, or minus
+        infinity before the first byte.  It never decreases, so schedulers
+        can rank servers by bandwidth without a clock and without being told
+        about every byte.
+        """
+        if self._rate == 0.0:
+            return -math.inf
+        return math.log(self._rate) + self._rateStamp / BANDWIDTH_TAU
+
     def _observeBytes(self, count: int, now: float) -> None:
         self._rate = self.bandwidthAt(now) + count / BANDWIDTH_TAU
         self._rateStamp = now
@@ -159,6 +171,7 @@ class Pool:
 
     def observeResponseTime(self, server: Server, seconds: float) -> None:
         server._observeResponseTime(seconds)
+        self.scheduler.loadChanged(server)
 
     def observeBytes(self, server: Server, received: int, sent: int) -> None:
         server.bytesIn += received
