@@ -56,6 +56,8 @@ def serverAddress(text: str) -> str:
         raise EndpointError(
             f"{text!r} is not a valid address; write an IPv6 address in brackets, like [::1]:9001"
         )
+    if ":" not in stripped:
+        raise EndpointError(f"{text!r} is not a valid address (no port); expected {_CLIENT_EXPECTED}")
     checkClient(stripped)
     return stripped
 
@@ -67,6 +69,8 @@ def _isEndpointType(text: str) -> bool:
 
 #: Client endpoint types a C{host:port} address could be confused with: a
 #: C{name:port} whose name is one of these is read as an endpoint string.
+_CLIENT_EXPECTED = "host:port or a client endpoint like tcp:host=H:port=P"
+
 _CLIENT_TYPES = frozenset({"tcp", "ssl", "unix", "tls"})
 
 
@@ -74,7 +78,7 @@ def checkClient(text: str) -> IStreamClientEndpoint:
     """
     @raise EndpointError: C{text} is not a client endpoint string.
     """
-    expected = "host:port or a client endpoint like tcp:host=H:port=P"
+    expected = _CLIENT_EXPECTED
     try:
         endpoint = clientFromString(_NoReactor(), text)
     except Exception as e:
@@ -88,6 +92,8 @@ def checkServer(text: str) -> IStreamServerEndpoint:
     @raise EndpointError: C{text} is not a server (listening) endpoint string.
     """
     expected = "a listening endpoint like tcp:8080:interface=127.0.0.1"
+    if text.strip().isdigit():
+        raise EndpointError(f"{text!r} is not a valid address; write tcp:{text.strip()} for TCP port {text.strip()}")
     try:
         endpoint = serverFromString(_NoReactor(), text)
     except Exception as e:
