@@ -214,3 +214,41 @@ def test_slow_reader_does_not_grow_memory():
             assert peak - baseline < 64 * MiB
     finally:
         backend.stop()
+
+
+def test_sigterm_lets_open_connections_finish(backends):
+    port = freePort()
+    lb = balancer(backends, port).start()
+    try:
+        with connect(port) as s:
+            assert recvLine(s).startswith(b"server-")
+            lb.process.terminate()
+            waitFor(lambda: lb.events("shutdown"), what="the shutdown event")
+            assert lb.events("shutdown")[0]["inFlight"] == 1
+            with pytest.raises(ConnectionRefusedError):
+                connect(port).close()
+            s.sendall(b"still here\n")
+            assert recvLine(s) == b"still here\n"
+            assert lb.process.poll() is None
+        assert lb.process.wait(30) in (0, -15)  # twistd re-raises SIGTERM at exit
+    finally:
+        lb.stop()
+
+
+def test_shutdown_timeout_closes_what_is_left(backends):
+    port = freePort()
+    config = "[txlb]\nshutdown_timeout = \"500ms\"\n" + poolToml("p", backends) + tcpServiceToml("svc", port, "p")
+    lb = Txlb(config).start()
+    try:
+        with connect(port) as s:
+            assert recvLine(s).startswith(b"server-")
+            lb.process.terminate()
+            assert lb.process.wait(30) in (0, -15)  # twistd re-raises SIGTERM at exit
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:
+                pass  # aborted: closed all the same
+        [event] = [e for e in lb.events("connection") if e.get("error")]
+        assert event["error"] == "shutdown timeout"
+    finally:
+        lb.stop()

@@ -271,3 +271,31 @@ def test_activity_postpones_the_idle_timeout():
     h.reactor.advance(60)  # bytes flowed just now: the check re-arms
     assert not client.disconnected
     assert h.reactor.getDelayedCalls()
+
+
+def test_drain_waits_for_open_connections_then_aborts_the_rest():
+    h = Harness()
+    first, firstClient = h.accept()
+    firstBackend, _ = h.answer()
+    second, secondClient = h.accept()
+    backend, server = h.answer()
+    done = []
+    h.factory.drain(30.0).addCallback(done.append)
+    first.connectionLost(Failure(ConnectionDone()))
+    firstBackend.connectionLost(Failure(ConnectionDone()))
+    assert h.factory.open == {second}
+    h.reactor.advance(10)
+    assert done == [] and not secondClient.disconnected
+    h.reactor.advance(20)
+    assert secondClient.disconnected and server.disconnected
+    assert second.error == "shutdown timeout"
+    backend.connectionLost(Failure(ConnectionDone()))
+    second.connectionLost(Failure(ConnectionDone()))
+    assert done == [None]
+
+
+def test_drain_with_nothing_open_is_immediate():
+    h = Harness()
+    done = []
+    h.factory.drain(30.0).addCallback(done.append)
+    assert done == [None]

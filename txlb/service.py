@@ -63,7 +63,7 @@ class TxlbService(MultiService):
         self.logObserver = makeObserver(config.log)
         self.endpoints = EndpointCache(reactor)
         self.pools = {name: buildPool(p, factories, reactor) for name, p in config.pools.items()}
-        self.listeners: list[tuple[str, str, object]] = []
+        self.listeners: list[tuple[str, str, TCPBalancerFactory]] = []
         for service in config.services:
             factory = TCPBalancerFactory(
                 service.name,
@@ -117,7 +117,22 @@ class TxlbService(MultiService):
         ports, self.ports = self.ports, []
         return gatherResults([maybeDeferred(p.stopListening) for p in ports])
 
-    def stopService(self):
+    def stopService(self) -> Deferred:
+        """
+        Stop accepting, then let open connections finish for up to
+        C{txlb.shutdown_timeout} before closing the rest.
+        """
+        factories = {id(f): f for _, _, f in self.listeners}.values()
+        inFlight = sum(len(f.open) for f in factories)
+        _log.info(
+            "stopping: {inFlight} connections may finish within {timeout}s",
+            event="shutdown",
+            inFlight=inFlight,
+            timeout=self.config.txlb.shutdown_timeout,
+        )
         d = self._closePorts()
-        super().stopService()
+        d.addCallback(
+            lambda _: gatherResults([f.drain(self.config.txlb.shutdown_timeout) for f in factories])
+        )
+        d.addCallback(lambda _: super(TxlbService, self).stopService())
         return d

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -54,6 +55,35 @@ class TCPBalancerFactory(Factory):
         self.clock = clock
         self.idleTimeout = idleTimeout
         self.accessLog = accessLog
+        self.open: set[Frontend] = set()
+        self._drained: list[Deferred] = []
+
+    def drain(self, timeout: float) -> Deferred:
+        """
+        Fire once every open connection has ended, aborting those still
+        open after C{timeout} seconds.  The caller has stopped listening.
+        """
+        if not self.open:
+            return succeed(None)
+        d = Deferred()
+        self._drained.append(d)
+        call = self.clock.callLater(timeout, self._abortAll)
+        d.addBoth(lambda result: call.cancel() if call.active() else None)
+        return d
+
+    def _abortAll(self) -> None:
+        for frontend in list(self.open):
+            frontend.error = "shutdown timeout"
+            frontend.transport.abortConnection()
+            if frontend.backend is not None and not frontend.backend.closed:
+                frontend.backend.transport.abortConnection()
+
+    def _closed(self, frontend: "Frontend") -> None:
+        self.open.discard(frontend)
+        if not self.open:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
 
     noisy = False
 
@@ -117,6 +147,7 @@ class Frontend(_Side):
 
     def connectionMade(self) -> None:
         self.started = self.factory.clock.seconds()
+        self.factory.open.add(self)
         self.transport.pauseProducing()
         self._connect()
 
@@ -228,6 +259,7 @@ class Frontend(_Side):
 
     def _finished(self) -> None:
         """Both sides are closed: the connection event."""
+        self.factory._closed(self)
         if not self.factory.accessLog:
             return
         fields = dict(
