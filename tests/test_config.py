@@ -903,3 +903,33 @@ def test_load_of_a_file_that_is_not_utf8(tmp_path):
     with pytest.raises(ConfigError) as info:
         load(str(path))
     assert info.value.lines()[0].startswith(f"{path}: cannot read the config file: ")
+
+
+def test_demo_servers():
+    text = """
+    [demo]
+    servers = [
+      { name = "server-1", listen = "tcp:9001:interface=127.0.0.1" },
+      { name = "server-1", listen = "tcp:9002:interface=127.0.0.1" },
+      { name = "server-3" },
+      { name = "server-4" },
+    ]
+    """
+    assert problems(text) == [
+        (4, "demo.servers[1].name", "another demo server is already called 'server-1'"),
+        (5, "demo.servers[2].listen", "is required"),
+        (6, "demo.servers[3].listen", "is required"),
+    ]
+
+
+def test_servers_without_names_are_not_duplicates():
+    text = '[pools.api]\nservers = [\n  { address = "h:1" },\n  { address = "h:2" },\n]\n'
+    assert problems(text) == [
+        (3, "pools.api.servers[0].name", "is required"),
+        (4, "pools.api.servers[1].name", "is required"),
+    ]
+
+
+def test_services_without_names_are_not_duplicates():
+    text = POOL + '[[services]]\nlisten = "tcp:1"\npool = "api"\n[[services]]\nlisten = "tcp:2"\npool = "api"\n'
+    assert problems(text) == [(3, "services[0].name", "is required"), (6, "services[1].name", "is required")]

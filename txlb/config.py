@@ -27,6 +27,11 @@ from txlb.interfaces import SchedulerOptionsError
 
 T = TypeVar("T")
 
+#: Scheduler factories by the name C{algorithm =} uses, as
+#: L{txlb.schedulers.schedulerFactories} gives them: called with a pool's
+#: C{options}, they raise L{SchedulerOptionsError} when those do not suit.
+Algorithms = Mapping[str, Callable[[Mapping[str, Any]], Any]]
+
 
 # The objects the rest of txlb reads.
 
@@ -460,7 +465,7 @@ def _readServers(pool: _Table) -> tuple[ServerConfig, ...]:
     names: set[str] = set()
     for t in pool.tables("servers", "server"):
         name = t.get("name", _name)
-        if name in names:
+        if name is not None and name in names:
             t.error("name", f"another server of this pool is already called {name!r}")
         names.add(name)
         servers.append(
@@ -474,9 +479,7 @@ def _readServers(pool: _Table) -> tuple[ServerConfig, ...]:
     return tuple(servers)
 
 
-def _readPool(
-    t: _Table, name: str, algorithms: Optional[Mapping[str, Callable[[Mapping[str, Any]], Any]]]
-) -> PoolConfig:
+def _readPool(t: _Table, name: str, algorithms: Optional[Algorithms]) -> PoolConfig:
     from txlb.schedulers import DEFAULT_ALGORITHM
 
     algorithm = t.get("algorithm", _string, None)
@@ -560,15 +563,20 @@ def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
 
 
 def _readDemo(t: _Table) -> tuple[DemoServer, ...]:
-    servers = []
+    servers: list[DemoServer] = []
+    names: set[str] = set()
     for s in t.tables("servers", "demo_server"):
-        servers.append(DemoServer(name=s.get("name", _name), listen=s.get("listen", _listenEndpoint)))
+        name = s.get("name", _name)
+        if name is not None and name in names:
+            s.error("name", f"another demo server is already called {name!r}")
+        names.add(name)
+        servers.append(DemoServer(name=name, listen=s.get("listen", _listenEndpoint)))
         s.finish()
     t.finish()
     return tuple(servers)
 
 
-def _readConfig(root: _Table, path: str, algorithms) -> Config:
+def _readConfig(root: _Table, path: str, algorithms: Optional[Algorithms]) -> Config:
     ctx = root.ctx
     txlbTable = root.table("txlb", "txlb")
     process = _readProcess(txlbTable) if txlbTable else ProcessConfig()
@@ -611,7 +619,8 @@ def _readConfig(root: _Table, path: str, algorithms) -> Config:
     demoTable = root.table("demo", "demo")
     demo = _readDemo(demoTable) if demoTable else ()
     for i, server in enumerate(demo):
-        claim(server.listen, f"demo.servers[{i}].listen")
+        if server.listen is not None:
+            claim(server.listen, f"demo.servers[{i}].listen")
     root.finish()
     return Config(path, process, log, MappingProxyType(pools), tuple(services), demo)
 
@@ -619,7 +628,7 @@ def _readConfig(root: _Table, path: str, algorithms) -> Config:
 def parse(
     text: str,
     source: str = "<config>",
-    algorithms: Optional[Mapping[str, Callable[[Mapping[str, Any]], Any]]] = None,
+    algorithms: Optional[Algorithms] = None,
 ) -> Config:
     """
     Validate TOML text.
@@ -662,7 +671,7 @@ def _syntaxProblem(message: str, text: str) -> Problem:
                    int(m.group(1)))
 
 
-def load(path: str, algorithms=None) -> Config:
+def load(path: str, algorithms: Optional[Algorithms] = None) -> Config:
     """
     Read and validate a config file.
 
