@@ -1,7 +1,25 @@
 """
-txlb's built-in scheduling algorithms, registered as plugins like any other.
+txlb's built-in scheduling algorithms, registered as plugins like any
+other.
+
+Each is named here rather than generated from C{txlb.schedulers.BUILTINS}:
+twisted.plugin caches what this file declares and refreshes the cache only
+when this file changes, so a new algorithm must change this file.
 """
 
-from txlb.schedulers import BUILTINS
+from txlb.schedulers.hashing import consistentHash, ipHash
+from txlb.schedulers.least import leastBandwidth, leastConnections, leastResponseTime
+from txlb.schedulers.randomized import powerOfTwo, randomPick
+from txlb.schedulers.rotation import roundRobin, weightedRoundRobin
 
-globals().update({f"scheduler_{f.name}": f for f in BUILTINS})
+__all__ = [
+    "roundRobin",
+    "weightedRoundRobin",
+    "leastConnections",
+    "leastResponseTime",
+    "leastBandwidth",
+    "ipHash",
+    "consistentHash",
+    "randomPick",
+    "powerOfTwo",
+]

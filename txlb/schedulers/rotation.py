@@ -43,16 +43,20 @@ class WeightedRoundRobin(SchedulerBase):
     each server exactly its weight, spread through the cycle rather than in
     bursts.
 
-    Server M{i} of weight M{w} is due at the times M{(2k - 1) / 2w} for
-    M{k = 1..w} of each cycle -- the middles of M{w} equal slices of the
-    cycle -- and the servers are taken in order of due time.  A cycle thus
-    holds exactly M{w} turns of each server, interleaved (weights 5, 1, 1
-    give A A A B C A A ... never five As in a row), and a heap of the next
-    due turn of each server makes a pick M{O(log n)} with no table of
+    Server M{i} of M{n}, of weight M{w}, is due at the times
+    M{(k - 1 + φ) / w} for M{k = 1..w} of each cycle: M{w} evenly spaced
+    turns, shifted by a phase M{φ = (i + ½) / n} in M{[0, 1)} so that
+    servers of equal spacing do not all fall due together.  The servers are
+    taken in order of due time.  As every turn falls inside its cycle, a
+    cycle holds exactly M{w} turns of each server, and any window of
+    M{sum(weights)} consecutive picks does too; the phases keep runs short
+    (weights 5, 1, 1 give a a a b a a c, never five a's in a row, which
+    equal phases would give across the end of a cycle).  A heap of each
+    server's next turn makes a pick M{O(log n)}, with no table of
     M{sum(weights)} entries.
 
     Heap entries are C{(cycle, due, index, k, server)}: the cycle is an
-    integer so that cycle boundaries are exact, the index breaks ties in
+    integer so that cycle boundaries are exact; the index breaks ties in
     configuration order and is unique, so servers are never compared.
     """
 
@@ -60,25 +64,27 @@ class WeightedRoundRobin(SchedulerBase):
         noOptions("weighted_round_robin", options)
         super().__init__(options)
         self._heap: list = []
+        self._phase: list[float] = []
 
     def setServers(self, servers: Sequence) -> None:
         """
         A new eligible set (or new weights) starts a new cycle.
         """
         super().setServers(servers)
+        count = len(self.servers)
+        self._phase = [(index + 0.5) / count for index in range(count)]
         self._heap = [
-            (0, 0.5 / server.weight, index, 1, server)
+            (0, self._phase[index] / server.weight, index, 1, server)
             for index, server in enumerate(self.servers)
         ]
         heapify(self._heap)
 
-    @staticmethod
-    def _after(entry: tuple) -> tuple:
+    def _after(self, entry: tuple) -> tuple:
         cycle, due, index, k, server = entry
         weight = server.weight
         if k < weight:
-            return (cycle, (2 * k + 1) / (2 * weight), index, k + 1, server)
-        return (cycle + 1, 0.5 / weight, index, 1, server)
+            return (cycle, (k + self._phase[index]) / weight, index, k + 1, server)
+        return (cycle + 1, self._phase[index] / weight, index, 1, server)
 
     def pick(self, context: PickContext, exclude: Collection) -> Optional[Decision]:
         heap = self._heap
