@@ -933,3 +933,37 @@ def test_servers_without_names_are_not_duplicates():
 def test_services_without_names_are_not_duplicates():
     text = POOL + '[[services]]\nlisten = "tcp:1"\npool = "api"\n[[services]]\nlisten = "tcp:2"\npool = "api"\n'
     assert problems(text) == [(3, "services[0].name", "is required"), (6, "services[1].name", "is required")]
+
+
+def test_servers_as_an_array_of_tables():
+    text = """
+    [pools.api]
+    algorithm = "round_robin"
+
+    [[pools.api.servers]]
+    name = "api-1"
+    address = "10.0.0.5:9001"
+
+    [[pools.api.servers]]
+    name = "api-2"
+    adress = "10.0.0.6:9001"
+    """
+    assert problems(text) == [
+        (8, "pools.api.servers[1].address", "is required"),
+        (10, "pools.api.servers[1].adress", "unknown key (did you mean 'address'?)"),
+    ]
+    config = parse(toml(text.replace("adress", "address")))
+    assert [s.name for s in config.pools["api"].servers] == ["api-1", "api-2"]
+
+
+def test_syntax_error_in_a_table_header():
+    with pytest.raises(ConfigError) as info:
+        parse('[log]\nformat = "json"\n\n[pools.api\n', "txlb.toml")
+    assert info.value.lines() == [
+        "txlb.toml:4: not valid TOML: Expected ']' at the end of a table declaration (column 11)"
+    ]
+
+
+def test_ipv6_listen_in_a_literal_string():
+    config = parse(toml(POOL + service(listen="'tcp:8080:interface=\\:\\:1'")))
+    assert config.services[0].listen == (r"tcp:8080:interface=\:\:1",)
