@@ -2,9 +2,10 @@
 """
 The config file: TOML in, validated and frozen objects out.
 
-Validation reports every problem at once, one line each, as
+Validation reports every problem at once, in file order, one line each, as
 C{FILE:LINE: KEY.PATH: what is wrong}, and never raises anything but
-L{ConfigError}.  Each section is read by a small function over a L{_Table},
+L{ConfigError}: an operator fixes the whole file in one pass, and no
+traceback ever stands in for a message.  Each section is read by a small function over a L{_Table},
 which remembers the keys it was asked for: whatever is left is an unknown
 key (with the closest known one suggested), or a key that a later version
 of txlb supports (L{PLANNED}), which is said plainly rather than ignored.
@@ -33,11 +34,15 @@ T = TypeVar("T")
 Algorithms = Mapping[str, Callable[[Mapping[str, Any]], Any]]
 
 
-# The objects the rest of txlb reads.
+# The objects the rest of txlb reads.  Durations are in seconds, as floats;
+# addresses are endpoint strings (a server's host:port already turned into
+# one), so that nothing downstream parses config text again.
 
 
 @attrs.frozen
 class ServerConfig:
+    """One entry of a pool's C{servers}."""
+
     name: str
     address: str
     weight: int = 1
@@ -45,6 +50,11 @@ class ServerConfig:
 
 @attrs.frozen
 class PoolConfig:
+    """
+    A C{[pools.NAME]} table.  C{options} is read-only: the same mapping is
+    handed to the scheduler on every reload.
+    """
+
     name: str
     algorithm: str
     servers: tuple[ServerConfig, ...]
@@ -56,6 +66,8 @@ class PoolConfig:
 
 @attrs.frozen
 class Timeouts:
+    """A service's C{timeouts}; C{0} means none.  TCP services use C{idle} only."""
+
     client: float = 60.0
     backend: float = 30.0
     idle: float = 600.0
@@ -63,6 +75,8 @@ class Timeouts:
 
 @attrs.frozen
 class ServiceConfig:
+    """One C{[[services]]} table."""
+
     name: str
     protocol: str
     listen: tuple[str, ...]
@@ -72,6 +86,8 @@ class ServiceConfig:
 
 @attrs.frozen
 class LogConfig:
+    """The C{[log]} table."""
+
     format: str = "json"
     path: str = "-"
     access: bool = True
@@ -87,12 +103,19 @@ class ProcessConfig:
 
 @attrs.frozen
 class DemoServer:
+    """One of C{[demo] servers}: a backend txlb runs itself, for trying it out."""
+
     name: str
     listen: str
 
 
 @attrs.frozen
 class Config:
+    """
+    A whole validated config file.  C{pools} keeps the file's order, so
+    summaries and the admin API list pools as the operator wrote them.
+    """
+
     path: str
     txlb: ProcessConfig = ProcessConfig()
     log: LogConfig = LogConfig()
@@ -106,6 +129,12 @@ class Config:
 
 @attrs.frozen
 class Problem:
+    """
+    One thing wrong with the file: the key path as the validator names it
+    (C{pools.api.servers[1].address}; empty for the file as a whole), what
+    is wrong, and the line it is written on when that is known.
+    """
+
     path: str
     message: str
     line: Optional[int] = None
