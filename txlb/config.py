@@ -51,8 +51,8 @@ class ServerConfig:
 @attrs.frozen
 class PoolConfig:
     """
-    A C{[pools.NAME]} table.  C{options} is read-only: the same mapping is
-    handed to the scheduler on every reload.
+    A C{[pools.NAME]} table.  C{options} is read-only, so that a scheduler
+    cannot change the config it was built from.
     """
 
     name: str
