@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Mapping, Optional
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from txlb.config import (
@@ -967,3 +967,69 @@ def test_syntax_error_in_a_table_header():
 def test_ipv6_listen_in_a_literal_string():
     config = parse(toml(POOL + service(listen="'tcp:8080:interface=\\:\\:1'")))
     assert config.services[0].listen == (r"tcp:8080:interface=\:\:1",)
+
+
+@st.composite
+def _configWithOneUnknownKey(draw) -> tuple[str, str, int]:
+    """
+    A valid config written in varied styles with C{bogus = 1} added to one
+    table; the text, the key path and the line where it went.
+    """
+    lines: list[str] = []
+    targets: list[tuple[str, int]] = []  # (table path, index in lines to insert after)
+
+    def table(path: str) -> None:
+        targets.append((path, len(lines)))
+
+    lines.append("[txlb]")
+    lines.append('shutdown_timeout = "5s"')
+    table("txlb")
+    lines.append("[log]")
+    table("log")
+    poolNames = draw(st.lists(st.sampled_from(["api", "db", "web-1", "x.y"]), min_size=1, max_size=3, unique=True))
+    for name in poolNames:
+        lines.append(f'[pools."{name}"]' if "." in name else f"[pools.{name}]")
+        lines.append('connect_timeout = "1s"')
+        table(f"pools.{name}")
+        count = draw(st.integers(0, 3))
+        if draw(st.booleans()):
+            lines.append("servers = [")
+            for i in range(count):
+                lines.append(f'  {{ name = "s{i}", address = "10.0.0.{i + 1}:80", weight = 1 }},')
+                # Goes into the inline table itself, before its "}".
+                targets.append((f"pools.{name}.servers[{i}]", -len(lines)))
+            lines.append("]")
+        else:
+            for i in range(count):
+                lines.append(f"[[pools.{name}.servers]]" if "." not in name else f'[[pools."{name}".servers]]')
+                lines.append(f'name = "s{i}"')
+                lines.append(f'address = "[::1]:{9000 + i}"')
+                table(f"pools.{name}.servers[{i}]")
+    for k in range(draw(st.integers(0, 3))):
+        lines.append("[[services]]")
+        lines.append(f'name = "svc{k}"')
+        lines.append(f'listen = ["tcp:{8000 + k}"]')
+        lines.append(f'pool = "{draw(st.sampled_from(poolNames))}"')
+        table(f"services[{k}]")
+        if draw(st.booleans()):
+            lines.append("[services.timeouts]")
+            lines.append('idle = "1m"')
+            table(f"services[{k}].timeouts")
+    path, where = draw(st.sampled_from(targets))
+    if where < 0:  # inside an inline server table
+        index = -where - 1
+        lines[index] = lines[index].replace("weight = 1 },", "weight = 1, bogus = 1 },")
+        line = index + 1
+    else:
+        lines.insert(where, "bogus = 1")
+        line = where + 1
+    return "\n".join(lines) + "\n", f"{path}.bogus", line
+
+
+@settings(max_examples=200, deadline=None)
+@given(_configWithOneUnknownKey())
+def test_an_unknown_key_anywhere_is_found_at_its_path_and_line(case):
+    text, path, line = case
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    assert [(p.line, p.path) for p in info.value.problems] == [(line, path)], text
