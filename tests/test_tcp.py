@@ -283,7 +283,7 @@ def test_drain_waits_for_open_connections_then_aborts_the_rest():
     h.factory.drain(30.0).addCallback(done.append)
     first.connectionLost(Failure(ConnectionDone()))
     firstBackend.connectionLost(Failure(ConnectionDone()))
-    assert h.factory.open == {second}
+    assert h.factory.open.open == {second}
     h.reactor.advance(10)
     assert done == [] and not secondClient.disconnected
     h.reactor.advance(20)

@@ -16,13 +16,14 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txlb.drain import OpenConnections
 from txlb.endpoints import EndpointCache
 from txlb.interfaces import PickContext
 from txlb.pool import Pool, Server
@@ -55,35 +56,13 @@ class TCPBalancerFactory(Factory):
         self.clock = clock
         self.idleTimeout = idleTimeout
         self.accessLog = accessLog
-        self.open: set[Frontend] = set()
-        self._drained: list[Deferred] = []
+        self.open: OpenConnections[Frontend] = OpenConnections(
+            clock, lambda frontend: frontend.abort("shutdown timeout")
+        )
 
     def drain(self, timeout: float) -> Deferred:
-        """
-        Fire once every open connection has ended, aborting those still
-        open after C{timeout} seconds.  The caller has stopped listening.
-        """
-        if not self.open:
-            return succeed(None)
-        d = Deferred()
-        self._drained.append(d)
-        call = self.clock.callLater(timeout, self._abortAll)
-        d.addBoth(lambda result: call.cancel() if call.active() else None)
-        return d
-
-    def _abortAll(self) -> None:
-        for frontend in list(self.open):
-            frontend.error = "shutdown timeout"
-            frontend.transport.abortConnection()
-            if frontend.backend is not None and not frontend.backend.closed:
-                frontend.backend.transport.abortConnection()
-
-    def _closed(self, frontend: "Frontend") -> None:
-        self.open.discard(frontend)
-        if not self.open:
-            waiting, self._drained = self._drained, []
-            for d in waiting:
-                d.callback(None)
+        """See L{OpenConnections.drain}; the caller has stopped listening."""
+        return self.open.drain(timeout)
 
     noisy = False
 
@@ -208,6 +187,13 @@ class Frontend(_Side):
         if self.factory.idleTimeout:
             self._idleCall = self.factory.clock.callLater(self.factory.idleTimeout, self._checkIdle)
 
+    def abort(self, why: str) -> None:
+        """Close both connections now, losing what is buffered."""
+        self.error = why
+        self.transport.abortConnection()
+        if self.backend is not None and not self.backend.closed:
+            self.backend.transport.abortConnection()
+
     def _checkIdle(self) -> None:
         idle = time.monotonic() - self._lastActivity
         remaining = self.factory.idleTimeout - idle
@@ -215,10 +201,7 @@ class Frontend(_Side):
             self._idleCall = self.factory.clock.callLater(remaining, self._checkIdle)
             return
         self._idleCall = None
-        self.error = "idle timeout"
-        self.transport.abortConnection()
-        if self.backend is not None:
-            self.backend.transport.abortConnection()
+        self.abort("idle timeout")
 
     # Bytes from the client.
 
@@ -259,7 +242,7 @@ class Frontend(_Side):
 
     def _finished(self) -> None:
         """Both sides are closed: the connection event."""
-        self.factory._closed(self)
+        self.factory.open.remove(self)
         if not self.factory.accessLog:
             return
         fields = dict(
