@@ -13,7 +13,7 @@ heap with lazy deletion for the others.
 from __future__ import annotations
 
 from collections import OrderedDict
-from heapq import heapify, heappop, heappush
+from heapq import heapify, heappop, heappush, heapreplace
 from itertools import count
 from typing import Callable, Collection, Hashable, Mapping, Optional, Sequence
 
@@ -92,8 +92,8 @@ class _KeyedHeap:
     A min-heap of servers ordered by C{keyOf(server)}, a key that changes
     over time.
 
-    L{update} pushes a fresh entry and leaves the old one in place, marked
-    stale by its sequence number; stale entries are dropped when they reach
+    L{update} pushes a fresh entry (unless the key is unchanged) and leaves
+    the old one in place, marked stale by its sequence number; stale entries are dropped when they reach
     the top, and the heap is compacted when they outnumber the live ones.
     Before a server is returned its key is computed again: a key that grew
     without an L{update} (bandwidth does, see L{LeastBandwidth}) is pushed
@@ -105,23 +105,32 @@ class _KeyedHeap:
         self._keyOf = keyOf
         self._heap: list = []
         self._live: dict = {}
+        self._keys: dict = {}
         self._seq = count()
 
     def reset(self, servers: Sequence) -> None:
         self._live = {}
+        self._keys = {}
         self._heap = []
         for server in servers:
             seq = next(self._seq)
+            key = self._keyOf(server)
             self._live[server] = seq
-            self._heap.append((self._keyOf(server), seq, server))
+            self._keys[server] = key
+            self._heap.append((key, seq, server))
         heapify(self._heap)
 
     def update(self, server) -> None:
-        if server not in self._live:
+        live = self._keys.get(server)
+        if live is None:
             return
+        key = self._keyOf(server)
+        if key == live:
+            return  # a change this order does not depend on
         seq = next(self._seq)
         self._live[server] = seq
-        heappush(self._heap, (self._keyOf(server), seq, server))
+        self._keys[server] = key
+        heappush(self._heap, (key, seq, server))
         if len(self._heap) > 2 * len(self._live) + 32:
             live = self._live
             self._heap = [e for e in self._heap if live[e[2]] == e[1]]
@@ -143,10 +152,10 @@ class _KeyedHeap:
                 continue
             current = self._keyOf(server)
             if current != key:
-                heappop(heap)
                 seq = next(self._seq)
                 live[server] = seq
-                heappush(heap, (current, seq, server))
+                self._keys[server] = current
+                heapreplace(heap, (current, seq, server))
                 continue
             if exclude and server in exclude:
                 skipped.append(heappop(heap))
