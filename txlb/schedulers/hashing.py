@@ -39,35 +39,51 @@ def stableHash(text: str) -> int:
 
 class HashRing:
     """
-    The ring itself, rebuilt when the eligible set changes.  A server's
-    points are remembered by name, so a rebuild only hashes servers that are
-    new or whose weight grew, and a server whose weight grows keeps its old
-    points (only keys to it move).
+    The ring itself, rebuilt when the eligible set changes.
+
+    Every point of every server seen recently is kept, sorted, in a master
+    ring of C{(point, name, vnode)}; a rebuild keeps the points of the
+    eligible servers (the first C{replicas × weight} of each) in one pass,
+    without hashing or sorting, which matters when a server of a large pool
+    goes down and up.  Only a new name or a higher weight adds points and
+    sorts the master again.  A server whose weight grows keeps its old
+    points, so only keys to it move.
     """
 
     def __init__(self, replicas: int = DEFAULT_REPLICAS) -> None:
         self.replicas = replicas
-        self._pointsByName: dict[str, list[int]] = {}
+        self._master: list[tuple[int, str, int]] = []
+        self._known: dict[str, int] = {}
         self._points: list[int] = []
         self._owners: list = []
         self._servers: frozenset = frozenset()
 
-    def _pointsOf(self, name: str, count: int) -> list[int]:
-        points = self._pointsByName.get(name)
-        if points is None:
-            points = self._pointsByName[name] = []
-        for index in range(len(points), count):
-            points.append(stableHash(f"{name}#{index}"))
-        return points[:count]
-
     def rebuild(self, servers: Sequence) -> None:
-        ring = []
-        for server in servers:
-            for point in self._pointsOf(server.name, self.replicas * server.weight):
-                ring.append((point, server.name, server))
-        ring.sort(key=lambda entry: entry[:2])
-        self._points = [entry[0] for entry in ring]
-        self._owners = [entry[2] for entry in ring]
+        wanted = {server.name: self.replicas * server.weight for server in servers}
+        if len(self._master) > 4 * sum(wanted.values()) + 10_000:
+            # Mostly servers long gone: start again from the current ones.
+            self._master = []
+            self._known = {}
+        added = []
+        for name, count in wanted.items():
+            known = self._known.get(name, 0)
+            if count > known:
+                added.extend(
+                    (stableHash(f"{name}#{vnode}"), name, vnode) for vnode in range(known, count)
+                )
+                self._known[name] = count
+        if added:
+            self._master.extend(added)
+            self._master.sort()
+        byName = {server.name: server for server in servers}
+        points = []
+        owners = []
+        for point, name, vnode in self._master:
+            if vnode < wanted.get(name, 0):
+                points.append(point)
+                owners.append(byName[name])
+        self._points = points
+        self._owners = owners
         self._servers = frozenset(servers)
 
     def __len__(self) -> int:
