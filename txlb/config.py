@@ -74,6 +74,25 @@ class Timeouts:
 
 
 @attrs.frozen
+class RouteConfig:
+    """One C{[[services.routes]]} table: every condition given must hold."""
+
+    pool: str
+    host: Optional[str] = None
+    path_prefix: Optional[str] = None
+    methods: tuple[str, ...] = ()
+    headers: Mapping[str, str] = MappingProxyType({})
+
+
+@attrs.frozen
+class Limits:
+    """An HTTP service's C{limits}; C{max_body = 0} means unlimited."""
+
+    max_header_bytes: int = 32 * 1024
+    max_body: int = 0
+
+
+@attrs.frozen
 class ServiceConfig:
     """One C{[[services]]} table."""
 
@@ -82,6 +101,9 @@ class ServiceConfig:
     listen: tuple[str, ...]
     pool: str
     timeouts: Timeouts = Timeouts()
+    routes: tuple[RouteConfig, ...] = ()
+    limits: Limits = Limits()
+    forwarded: bool = False
 
 
 @attrs.frozen
@@ -174,18 +196,18 @@ PLANNED: Mapping[str, Mapping[str, str]] = {
         "max_connections": "connection limits",
         "queue_timeout": "connection limits",
         "slow_start": "slow start",
-        "health": "health checks",
         "passive": "passive health checks",
         "tls": "TLS to backends",
     },
+    "health": {
+        key: "health checks"
+        for key in ("path", "interval", "timeout", "rise", "fall", "expect_status", "expect_json", "method")
+    },
     "service": {
-        "routes": "HTTP routing",
         "tls": "TLS offloading",
         "sticky": "sticky sessions",
         "cache": "response caching",
-        "limits": "HTTP request limits",
         "proxy_protocol": "the PROXY protocol",
-        "forwarded": "the Forwarded header",
     },
 }
 
@@ -533,6 +555,13 @@ def _readPool(t: _Table, name: str, algorithms: Optional[Algorithms]) -> PoolCon
                 t.error("options", str(e))
             except Exception as e:  # a plugin's bug, but the operator must hear of it
                 t.error("options", f"the {algorithm} scheduler failed on them: {e!r}")
+    health = t.table("health", "health")
+    if health is not None:
+        kind = health.get("kind", _string, "none")
+        if kind != "none":
+            health.error("kind", f'health checks ({kind!r}) are not supported by this version of txlb yet; '
+                         'only kind = "none"')
+        health.finish()
     pool = PoolConfig(
         name=name,
         algorithm=algorithm,
@@ -565,16 +594,90 @@ def _readTimeouts(t: Optional[_Table], protocol: str) -> Timeouts:
     return timeouts
 
 
-def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
-    protocol = t.get("protocol", _oneOf("tcp", "http"), "tcp")
-    if protocol == "http":
-        t.error("protocol", '"http" is not supported by this version of txlb yet; use "tcp"')
+def _poolName(t: _Table, pools: Mapping[str, Any]) -> Optional[str]:
+    """The C{pool} of a service or route, which must exist."""
     pool = t.get("pool", _name)
     if pool is not None and pool not in pools:
         close = difflib.get_close_matches(pool, list(pools), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         t.error("pool", f"no pool named {pool!r}{hint}")
-    elif protocol == "tcp" and pool in pools and pools[pool].hash_key != "client_ip":
+        return None
+    return pool
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _methods(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(m, str) for m in items):
+        raise _Invalid('must be an array of method names, like ["GET", "POST"]')
+    for m in items:
+        if not _TOKEN.fullmatch(m):
+            raise _Invalid(f"{m!r} is not a method name")
+    return tuple(m.upper() for m in items)
+
+
+def _pathPrefix(value: Any) -> str:
+    text = _string(value)
+    if not text.startswith("/"):
+        raise _Invalid(f"{text!r} must start with '/'")
+    return text
+
+
+def _headerMatches(value: Any) -> Mapping[str, str]:
+    if not isinstance(value, dict):
+        raise _Invalid(f'must be a table of header name to value, like {{ "X-Tenant" = "blue" }}')
+    for name, v in value.items():
+        if not _TOKEN.fullmatch(name):
+            raise _Invalid(f"{name!r} is not a header name")
+        if not isinstance(v, str):
+            raise _Invalid(f"the value for {name!r} must be a string")
+    return MappingProxyType(dict(value))
+
+
+def _readRoutes(t: _Table, pools: Mapping[str, Any]) -> tuple[RouteConfig, ...]:
+    routes = []
+    for r in t.tables("routes", "route"):
+        routes.append(
+            RouteConfig(
+                pool=_poolName(r, pools),
+                host=r.get("host", _string, None),
+                path_prefix=r.get("path_prefix", _pathPrefix, None),
+                methods=r.get("methods", _methods, ()),
+                headers=r.get("headers", _headerMatches, MappingProxyType({})),
+            )
+        )
+        r.finish()
+    return tuple(routes)
+
+
+def _readLimits(t: Optional[_Table]) -> Limits:
+    if t is None:
+        return Limits()
+    limits = Limits(
+        max_header_bytes=t.get("max_header_bytes", parseSize, 32 * 1024),
+        max_body=t.get("max_body", parseSize, 0),
+    )
+    if limits.max_header_bytes < 1024:
+        t.error("max_header_bytes", "must be at least 1KiB")
+    t.finish()
+    return limits
+
+
+#: Keys of a service that only mean something for HTTP.
+_HTTP_ONLY = ("routes", "limits", "forwarded")
+
+
+def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
+    protocol = t.get("protocol", _oneOf("tcp", "http"), "tcp")
+    pool = _poolName(t, pools)
+    if protocol == "tcp":
+        for key in _HTTP_ONLY:
+            if key in t.data:
+                t.seen.add(key)
+                t.error(key, 'applies to HTTP services only (protocol = "http")')
+    if protocol == "tcp" and pool in pools and pools[pool].hash_key != "client_ip":
         t.error(
             "pool",
             f"pool {pool!r} has hash_key = {pools[pool].hash_key!r}, but a TCP service"
@@ -587,6 +690,13 @@ def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
         pool=pool,
         timeouts=_readTimeouts(t.table("timeouts", "timeouts"), protocol),
     )
+    if protocol == "http":
+        service = attrs.evolve(
+            service,
+            routes=_readRoutes(t, pools),
+            limits=_readLimits(t.table("limits", "limits")),
+            forwarded=t.get("forwarded", _boolean, False),
+        )
     t.finish()
     return service
 

@@ -21,9 +21,12 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
-from txlb.config import Config, PoolConfig
+from txlb.config import Config, PoolConfig, ServiceConfig
 from txlb.demo import demoService
 from txlb.endpoints import EndpointCache
+from txlb.http.backend import BackendConnections
+from txlb.http.frontend import HTTPProxyFactory, HTTPService
+from txlb.http.routing import Route, Router
 from txlb.interfaces import ISchedulerFactory
 from txlb.logs import makeObserver
 from txlb.pool import Pool, Server
@@ -63,21 +66,52 @@ class TxlbService(MultiService):
         self.logObserver = makeObserver(config.log)
         self.endpoints = EndpointCache(reactor)
         self.pools = {name: buildPool(p, factories, reactor) for name, p in config.pools.items()}
-        self.listeners: list[tuple[str, str, TCPBalancerFactory]] = []
+        self.connections = BackendConnections(self.endpoints, reactor)
+        self.listeners: list[tuple[str, str, TCPBalancerFactory | HTTPProxyFactory]] = []
         for service in config.services:
-            factory = TCPBalancerFactory(
-                service.name,
-                self.pools[service.pool],
-                self.endpoints,
-                reactor,
-                idleTimeout=service.timeouts.idle,
-                accessLog=config.log.access,
-            )
+            factory = self._factory(service)
             for listen in service.listen:
                 self.listeners.append((service.name, listen, factory))
         if config.demo:
             demoService(reactor, config.demo).setServiceParent(self)
         self.ports: list = []
+
+    def _factory(self, service: ServiceConfig) -> TCPBalancerFactory | HTTPProxyFactory:
+        if service.protocol == "tcp":
+            return TCPBalancerFactory(
+                service.name,
+                self.pools[service.pool],
+                self.endpoints,
+                self.reactor,
+                idleTimeout=service.timeouts.idle,
+                accessLog=self.config.log.access,
+            )
+        routes = [
+            Route(
+                r.pool,
+                host=r.host,
+                path_prefix=r.path_prefix,
+                methods=frozenset(m.encode("ascii") for m in r.methods),
+                headers={k.lower().encode("latin-1"): v.encode("latin-1") for k, v in r.headers.items()},
+            )
+            for r in service.routes
+        ]
+        return HTTPProxyFactory(
+            HTTPService(
+                service.name,
+                self.pools,
+                Router(service.pool, routes),
+                self.connections,
+                self.reactor,
+                clientTimeout=service.timeouts.client,
+                backendTimeout=service.timeouts.backend,
+                idleTimeout=service.timeouts.idle,
+                maxHeaderBytes=service.limits.max_header_bytes,
+                maxBody=service.limits.max_body,
+                forwarded=service.forwarded,
+                accessLog=self.config.log.access,
+            )
+        )
 
     def setServiceParent(self, parent) -> None:
         """
@@ -134,5 +168,6 @@ class TxlbService(MultiService):
         d.addCallback(
             lambda _: gatherResults([f.drain(self.config.txlb.shutdown_timeout) for f in factories])
         )
+        d.addCallback(lambda _: self.connections.closeIdle())
         d.addCallback(lambda _: super(TxlbService, self).stopService())
         return d

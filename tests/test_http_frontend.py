@@ -1,0 +1,451 @@
+"""
+Protocol tests for the HTTP proxy on a memory reactor: requests are written
+into the client transport by hand, backend connects are answered by hand,
+and time is a Clock.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+
+from txlb.endpoints import EndpointCache
+from txlb.http.backend import BackendConnections
+from txlb.http.frontend import HTTPProxyFactory, HTTPService
+from txlb.http.routing import Route, Router
+from txlb.pool import Pool, Server
+from txlb.schedulers.rotation import RoundRobin
+
+
+class Transport(StringTransport):
+    def loseWriteConnection(self) -> None:
+        self.writeClosed = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+
+@pytest.fixture
+def events():
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)
+
+
+class Harness:
+    def __init__(self, servers: int = 3, retries: int = 2, routes=(), **settings) -> None:
+        self.reactor = MemoryReactorClock()
+        self.servers = [Server(f"s{i}", f"tcp:host=127.0.0.{i + 1}:port=900{i}") for i in range(servers)]
+        self.pool = Pool("p", "round_robin", RoundRobin(), self.servers, self.reactor,
+                         retries=retries, connectTimeout=2.0)
+        self.other = Pool("q", "round_robin", RoundRobin(), [Server("q0", "tcp:host=127.0.1.1:port=1")],
+                          self.reactor)
+        self.connections = BackendConnections(EndpointCache(self.reactor), self.reactor)
+        self.service = HTTPService("web", {"p": self.pool, "q": self.other}, Router("p", routes),
+                                   self.connections, self.reactor, **settings)
+        self.factory = HTTPProxyFactory(self.service)
+        self.backends: list = []
+
+    def accept(self, client: str = "10.1.2.3"):
+        frontend = self.factory.buildProtocol(IPv4Address("TCP", client, 5555))
+        transport = Transport(peerAddress=IPv4Address("TCP", client, 5555))
+        frontend.makeConnection(transport)
+        return frontend, transport
+
+    def connects(self) -> int:
+        return len(self.reactor.tcpClients)
+
+    def answer(self, index: int = -1):
+        host, port, factory, timeout, bind = self.reactor.tcpClients[index]
+        backend = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = Transport()
+        backend.makeConnection(transport)
+        self.backends.append((backend, transport))
+        return backend, transport
+
+    def refuse(self, index: int = -1):
+        _, _, factory, _, _ = self.reactor.tcpClients[index]
+        factory.clientConnectionFailed(self.reactor.connectors[index], Failure(ConnectionRefusedError()))
+
+
+def head(data: bytes) -> tuple[bytes, dict]:
+    text, _, _ = data.partition(b"\r\n\r\n")
+    lines = text.split(b"\r\n")
+    fields: dict = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b": ")
+        fields.setdefault(name.lower(), []).append(value)
+    return lines[0], fields
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+
+def test_get_is_rewritten_forwarded_and_answered(events):
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(
+        b"GET /a?b=1 HTTP/1.1\r\nHost: shop.example\r\nConnection: keep-alive, X-Secret\r\n"
+        b"X-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Forwarded-For: 1.1.1.1\r\nAccept: */*\r\n\r\n"
+    )
+    backend, server = h.answer()
+    line, fields = head(server.value())
+    assert line == b"GET /a?b=1 HTTP/1.1"
+    assert fields[b"host"] == [b"shop.example"]
+    assert fields[b"x-forwarded-for"] == [b"1.1.1.1, 10.1.2.3"]
+    assert fields[b"x-forwarded-proto"] == [b"http"]
+    assert fields[b"x-forwarded-host"] == [b"shop.example"]
+    assert b"x-secret" not in fields and b"keep-alive" not in fields and b"connection" not in fields
+    [rid] = fields[b"x-request-id"]
+    backend.dataReceived(OK)
+    status, answer = head(client.value())
+    assert status == b"HTTP/1.1 200 OK"
+    assert answer[b"x-request-id"] == [rid]
+    assert client.value().endswith(b"\r\n\r\nhello")
+    [event] = [e for e in events if e.get("event") == "request"]
+    assert event["requestId"] == rid.decode()
+    assert (event["status"], event["selectedServer"], event["path"], event["method"]) == (200, "s0", "/a", "GET")
+    assert event["reason"] == "round robin"
+    assert h.servers[0].active == 0
+
+
+def test_keep_alive_reuses_the_backend_connection_and_schedules_per_request():
+    h = Harness(servers=1)
+    frontend, client = h.accept()
+    for i in range(3):
+        frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        if i == 0:
+            backend, server = h.answer()
+        backend.dataReceived(OK)
+    assert h.connects() == 1
+    assert client.value().count(b"HTTP/1.1 200 OK") == 3
+    assert h.servers[0].total == 3 and h.servers[0].active == 0
+
+
+def test_each_request_is_scheduled_on_its_own():
+    h = Harness()
+    frontend, client = h.accept()
+    hosts = []
+    for _ in range(3):
+        frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        hosts.append(h.reactor.tcpClients[-1][0])
+        backend, _ = h.answer()
+        backend.dataReceived(OK)
+    assert hosts == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+
+
+def test_pipelined_requests_are_answered_in_order():
+    h = Harness(servers=1)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert h.connects() == 1
+    assert client.producerState == "paused"  # the second waits: read no more
+    backend, server = h.answer()
+    assert server.value().count(b"GET") == 1
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+    assert server.value().count(b"GET /2") == 1  # the same connection, reused
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2")
+    body = client.value()
+    assert body.index(b"\r\n\r\n1") < body.index(b"\r\n\r\n2")
+    assert client.producerState == "producing"
+
+
+def test_request_bodies_are_reframed():
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n")
+    backend, server = h.answer()
+    frontend.dataReceived(b"2\r\nde\r\n0\r\nTrailer-Field: x\r\n\r\n")
+    sent = server.value()
+    line, fields = head(sent)
+    assert fields[b"transfer-encoding"] == [b"chunked"]
+    assert sent.endswith(b"\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    assert b"Trailer-Field" not in sent and b"ext=1" not in sent
+
+
+def test_content_length_body_streams_with_backpressure():
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(b"PUT /u HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n0123")
+    assert client.producerState == "paused"  # connecting: leave the rest in the kernel
+    backend, server = h.answer()
+    assert client.producerState == "producing"
+    assert server.producer is not None
+    server.producer.pauseProducing()  # the backend's buffer is full
+    assert client.producerState == "paused"
+    server.producer.resumeProducing()
+    frontend.dataReceived(b"456789")
+    assert server.value().endswith(b"Content-Length: 10\r\n\r\n0123456789")
+    assert server.producer is None
+
+
+def test_response_streams_with_backpressure_and_chunked_is_kept():
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    assert client.producer is server
+    client.producer.pauseProducing()
+    assert server.producerState == "paused"
+    client.producer.resumeProducing()
+    backend.dataReceived(b"0\r\n\r\n")
+    assert client.value().endswith(b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert client.producer is None
+
+
+def test_http10_client_gets_a_close_delimited_body():
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
+    backend, server = h.answer()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    status, fields = head(client.value())
+    assert fields[b"connection"] == [b"close"]
+    assert client.value().endswith(b"\r\n\r\nhello")
+    assert client.disconnecting
+
+
+def test_head_and_304_have_no_body():
+    h = Harness(servers=1)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+    assert client.value().endswith(b"Content-Length: 1000\r\n\r\n")
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend.dataReceived(b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n")
+    assert client.value().count(b"HTTP/1.1") == 2
+    assert h.connects() == 1
+
+
+def test_close_delimited_response_is_chunked_to_an_http11_client():
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    backend.dataReceived(b"HTTP/1.0 200 OK\r\n\r\nabc")
+    backend.connectionLost(Failure(ConnectionDone()))
+    assert client.value().endswith(b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    assert not client.disconnecting
+
+
+def test_expect_100_continue_is_relayed():
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+    backend, server = h.answer()
+    assert b"Expect: 100-continue" in server.value()
+    backend.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert client.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    frontend.dataReceived(b"hi")
+    backend.dataReceived(OK)
+    assert client.value().endswith(b"hello")
+
+
+@pytest.mark.parametrize(
+    "request_, status",
+    [
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r\n c\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\x01b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"x" * 40000 + b"\r\n\r\n", 431),
+    ],
+)
+def test_bad_requests_are_refused_and_nothing_is_forwarded(request_, status, events):
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(request_)
+    assert h.connects() == 0
+    line, fields = head(client.value())
+    assert line.startswith(b"HTTP/1.1 %d " % status)
+    assert fields[b"connection"] == [b"close"]
+    body = json.loads(client.value().partition(b"\r\n\r\n")[2])
+    assert body["requestId"] == fields[b"x-request-id"][0].decode()
+    assert client.disconnecting
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert h.connects() == 0  # nothing more is read from that client
+
+
+def test_body_over_the_limit_is_413():
+    h = Harness(maxBody=10)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\n")
+    assert head(client.value())[0].startswith(b"HTTP/1.1 413")
+    assert h.connects() == 0
+
+
+def test_chunked_body_over_the_limit_is_413():
+    h = Harness(maxBody=10)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    backend, server = h.answer()
+    frontend.dataReceived(b"b\r\n0123456789a\r\n")
+    assert head(client.value())[0].startswith(b"HTTP/1.1 413")
+    assert server.aborted
+    assert h.servers[0].active == 0
+
+
+def test_no_server_is_503():
+    h = Harness(servers=0)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert head(client.value())[0] == b"HTTP/1.1 503 Service Unavailable"
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert client.value().count(b"503") == 2  # keep-alive survives an error
+
+
+def test_connect_failures_retry_other_servers_then_502(events):
+    h = Harness(retries=2)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.refuse()
+    h.refuse()
+    assert [c[0] for c in h.reactor.tcpClients] == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    h.refuse()
+    assert head(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+    assert [s.active for s in h.servers] == [0, 0, 0]
+
+
+def test_one_dead_server_costs_no_error():
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.refuse()
+    backend, server = h.answer()
+    backend.dataReceived(OK)
+    assert head(client.value())[0] == b"HTTP/1.1 200 OK"
+
+
+def test_backend_timeout_is_504():
+    h = Harness(backendTimeout=5.0)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    h.reactor.advance(5)
+    assert head(client.value())[0] == b"HTTP/1.1 504 Gateway Timeout"
+    assert server.aborted
+    assert h.servers[0].active == 0
+
+
+def test_idempotent_request_is_replayed_when_the_backend_closes_without_answering():
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    backend.connectionLost(Failure(ConnectionDone()))
+    assert h.connects() == 2 and h.reactor.tcpClients[-1][0] == "127.0.0.2"
+    backend, server = h.answer()
+    backend.dataReceived(OK)
+    assert head(client.value())[0] == b"HTTP/1.1 200 OK"
+
+
+def test_post_is_not_replayed():
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+    backend, server = h.answer()
+    backend.connectionLost(Failure(ConnectionDone()))
+    assert h.connects() == 1
+    assert head(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+
+
+def test_stale_idle_connection_is_replaced_transparently():
+    h = Harness(servers=1)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    backend.dataReceived(OK)
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend.connectionLost(Failure(ConnectionDone()))  # the server had timed it out
+    backend2, _ = h.answer()
+    backend2.dataReceived(OK)
+    assert client.value().count(b"200 OK") == 2
+    assert h.servers[0].failures == 0
+
+
+def test_broken_response_is_502_and_mid_body_failure_cuts_the_client():
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+    backend, server = h.answer()
+    backend.dataReceived(b"HTTP/1.1 2xx Broken\r\n\r\n")
+    assert head(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+    h2 = Harness()
+    frontend, client = h2.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h2.answer()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    backend.connectionLost(Failure(ConnectionDone()))
+    assert client.aborted
+
+
+def test_routes_choose_the_pool():
+    h = Harness(routes=[Route("q", path_prefix="/api/")])
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert h.reactor.tcpClients[-1][0] == "127.0.1.1"
+
+
+def test_header_timeout_is_408_and_idle_timeout_closes():
+    h = Harness(clientTimeout=10.0, idleTimeout=75.0)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n")
+    h.reactor.advance(10)
+    assert head(client.value())[0].startswith(b"HTTP/1.1 408")
+    assert client.disconnecting
+    frontend, client = h.accept()
+    h.reactor.advance(74)
+    assert not client.disconnecting
+    h.reactor.advance(1)
+    assert client.disconnecting and client.value() == b""
+
+
+def test_client_leaving_releases_everything(events):
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    frontend.connectionLost(Failure(ConnectionDone()))
+    assert server.aborted
+    assert h.servers[0].active == 0
+    [event] = [e for e in events if e.get("event") == "request"]
+    assert event["status"] == 499
+
+
+def test_websocket_upgrade_becomes_a_pipe():
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: x\r\nSec-WebSocket-Version: 13\r\n\r\nearly"
+    )
+    backend, server = h.answer()
+    line, fields = head(server.value())
+    assert fields[b"upgrade"] == [b"websocket"] and fields[b"connection"] == [b"upgrade"]
+    backend.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: y\r\n\r\nfrom-server")
+    assert client.value().endswith(b"\r\n\r\nfrom-server")
+    assert server.value().endswith(b"early")
+    frontend.dataReceived(b"from-client")
+    assert server.value().endswith(b"from-client")
+    assert h.servers[0].active == 1
+    backend.connectionLost(Failure(ConnectionDone()))
+    assert client.disconnecting
+    frontend.connectionLost(Failure(ConnectionDone()))
+    assert h.servers[0].active == 0

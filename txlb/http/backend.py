@@ -1,0 +1,247 @@
+# -*- test-case-name: tests.test_http_backend -*-
+"""
+The server side of the proxy: one L{BackendConnection} per TCP connection
+to a server, serving one exchange at a time, and L{BackendConnections},
+which keeps the idle ones per server for reuse so that a keep-alive client
+costs no new backend connection per request.
+
+A connection reads responses with httptools and hands each event straight
+to the exchange that owns it, which streams the body to the client.  It is
+only offered for reuse when the response ended cleanly and the server did
+not ask to close.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol as TypingProtocol
+
+import httptools
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txlb.endpoints import EndpointCache
+from txlb.pool import Server
+
+#: Idle connections kept per server, and how long one may stay idle.
+MAX_IDLE_PER_SERVER = 64
+IDLE_TIMEOUT = 30.0
+
+
+class ResponseSink(TypingProtocol):
+    """What a backend connection reports to (the exchange)."""
+
+    def interimResponse(self, status: int, reason: bytes, headers: list) -> None: ...
+    def responseHead(self, status: int, reason: bytes, headers: list, keepAlive: bool) -> None: ...
+    def responseBody(self, data: bytes) -> None: ...
+    def responseEnd(self, reusable: bool) -> None: ...
+    def upgraded(self, data: bytes) -> None: ...
+    def pipeData(self, data: bytes) -> None: ...
+    def backendFailed(self, message: str, gotBytes: bool) -> None: ...
+
+
+@implementer(IHalfCloseableProtocol)
+class BackendConnection(Protocol):
+    """
+    One connection to a server.
+
+    @ivar exchange: the exchange being served, or L{None} while idle.
+    @ivar reused: this connection served an earlier exchange: a close
+        before any byte of the answer may just be the server timing out
+        an idle connection, so the request may be replayed on a fresh one.
+    """
+
+    exchange: Optional[ResponseSink] = None
+    reused = False
+    piping = False
+    closed = False
+
+    def __init__(self, server: Server, owner: "BackendConnections") -> None:
+        self.server = server
+        self.owner = owner
+        self._idleCall = None
+
+    # Serving an exchange.
+
+    def send(self, exchange: ResponseSink, head: bytes, noBody: bool) -> None:
+        """
+        Start serving C{exchange}: write its request head.  C{noBody} says
+        the response has no body whatever its headers say (HEAD).
+        """
+        self.exchange = exchange
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers: list = []
+        self.reason = b""
+        self.noBody = noBody
+        self.inHead = True
+        self.done = False
+        self.keepAlive = False
+        self.closeDelimited = False
+        self.gotBytes = False
+        self.extra = False
+        self.transport.write(head)
+
+    def dataReceived(self, data: bytes) -> None:
+        exchange = self.exchange
+        if self.piping:
+            exchange.pipeData(data)
+            return
+        if exchange is None or self.done:
+            # Bytes nobody asked for: this connection can't be trusted.
+            self.transport.abortConnection()
+            return
+        self.gotBytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self.piping = True
+            exchange.upgraded(data[e.args[0]:])
+            return
+        except httptools.HttpParserError as e:
+            self._fail(f"invalid response from {self.server.name}: {e}")
+            return
+        if self.done:
+            self._complete()
+
+    def _fail(self, message: str) -> None:
+        exchange, self.exchange = self.exchange, None
+        self.transport.abortConnection()
+        if exchange is not None:
+            exchange.backendFailed(message, self.gotBytes)
+
+    def _complete(self) -> None:
+        exchange, self.exchange = self.exchange, None
+        reusable = self.keepAlive and not self.extra
+        exchange.responseEnd(reusable)
+
+    # httptools callbacks.
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.extra = True
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.inHead:
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.done:
+            return
+        status = self.parser.get_status_code()
+        headers, self.headers = self.headers, []
+        reason, self.reason = self.reason, b""
+        if 100 <= status < 200 and status != 101:
+            self.exchange.interimResponse(status, reason, headers)
+            return
+        self.inHead = False
+        self.keepAlive = self.parser.should_keep_alive()
+        if self.noBody or status in (204, 304):
+            self.done = True
+        else:
+            self.closeDelimited = not any(
+                n.lower() in (b"content-length", b"transfer-encoding") for n, _ in headers
+            )
+        self.exchange.responseHead(status, reason, headers, self.keepAlive)
+
+    def on_body(self, data: bytes) -> None:
+        if not self.done:
+            self.exchange.responseBody(data)
+
+    def on_message_complete(self) -> None:
+        if not self.inHead:
+            self.done = True
+
+    # Connection events.
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.closed = True
+        self.owner._forget(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is None:
+            return
+        if self.piping:
+            exchange.pipeClosed()
+        elif not self.inHead and not self.done and self.closeDelimited:
+            # A body with neither length nor chunking ends when the server closes.
+            exchange.responseEnd(False)
+        else:
+            exchange.backendFailed(f"{self.server.name} closed the connection", self.gotBytes)
+
+    def readConnectionLost(self) -> None:
+        # The server will send nothing more: treat as a full close.
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+class _ConnectionFactory(Factory):
+    noisy = False
+
+    def __init__(self, server: Server, owner: "BackendConnections") -> None:
+        self.server = server
+        self.owner = owner
+
+    def buildProtocol(self, addr) -> BackendConnection:
+        return BackendConnection(self.server, self.owner)
+
+
+class BackendConnections:
+    """
+    Idle backend connections by server, shared by every HTTP service.
+    """
+
+    def __init__(self, endpoints: EndpointCache, clock, *, maxIdle: int = MAX_IDLE_PER_SERVER,
+                 idleTimeout: float = IDLE_TIMEOUT) -> None:
+        self.endpoints = endpoints
+        self.clock = clock
+        self.maxIdle = maxIdle
+        self.idleTimeout = idleTimeout
+        self._idle: dict[Server, list[BackendConnection]] = {}
+
+    def connect(self, server: Server, timeout: float) -> Deferred:
+        """A new connection to C{server}, within C{timeout} seconds."""
+        d = self.endpoints.get(server.address).connect(_ConnectionFactory(server, self))
+        return d.addTimeout(timeout, self.clock)
+
+    def takeIdle(self, server: Server) -> Optional[BackendConnection]:
+        """The most recently used idle connection to C{server}, if any."""
+        idle = self._idle.get(server)
+        while idle:
+            conn = idle.pop()
+            if conn._idleCall is not None:
+                conn._idleCall.cancel()
+                conn._idleCall = None
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
+
+    def putIdle(self, conn: BackendConnection) -> None:
+        """Keep C{conn} for the next request to its server, or close it."""
+        idle = self._idle.setdefault(conn.server, [])
+        if len(idle) >= self.maxIdle or conn.closed:
+            conn.transport.loseConnection()
+            return
+        idle.append(conn)
+        conn.transport.resumeProducing()  # a slow client may have paused it
+        conn._idleCall = self.clock.callLater(self.idleTimeout, conn.transport.loseConnection)
+
+    def _forget(self, conn: BackendConnection) -> None:
+        if conn._idleCall is not None:
+            if conn._idleCall.active():
+                conn._idleCall.cancel()
+            conn._idleCall = None
+        idle = self._idle.get(conn.server)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def closeIdle(self) -> None:
+        for idle in self._idle.values():
+            for conn in list(idle):
+                conn.transport.loseConnection()

@@ -1,0 +1,745 @@
+# -*- test-case-name: tests.test_http_frontend -*-
+"""
+The client side of the HTTP proxy.
+
+One L{HTTPFrontend} per client connection parses requests with httptools
+(strict llhttp, plus the checks below), and turns each into an
+L{Exchange}: route to a pool, one scheduling decision, a backend connection
+(an idle one reused when there is one), the request head rewritten and the
+body streamed, the response streamed back.  Pipelined requests wait in
+order behind the one being answered; reading from the client pauses while
+one is waiting, so a pipelining client cannot make txlb buffer.
+
+Bodies are never buffered whole: each side's transport is registered as the
+other's producer for as long as bytes flow that way, through a L{ReadGate}
+that also pauses reading for the proxy's own reasons (connecting,
+pipelining) without the two fighting over C{resumeProducing}.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Mapping, Optional
+
+import httptools
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txlb.drain import OpenConnections
+from txlb.http.backend import BackendConnection, BackendConnections
+from txlb.http.errors import errorResponse
+from txlb.http.headers import newRequestId, requestHead, requestId, responseHead
+from txlb.http.routing import Router
+from txlb.interfaces import PickContext
+from txlb.pool import Pool
+
+_log = Logger(namespace="txlb.http")
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_CHUNK_END = b"0\r\n\r\n"
+#: Raw bytes a request head may take beyond the limit before we stop
+#: reading it (one read's worth: the exact check is on the parsed fields).
+_HEAD_SLACK = 65536
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback to refuse a request."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+
+
+@implementer(IPushProducer)
+class _GateReason:
+    """The producer a consumer sees: pauses the gate for one reason."""
+
+    def __init__(self, gate: "ReadGate", reason: str) -> None:
+        self.gate = gate
+        self.reason = reason
+
+    def pauseProducing(self) -> None:
+        self.gate.pause(self.reason)
+
+    def resumeProducing(self) -> None:
+        self.gate.resume(self.reason)
+
+    def stopProducing(self) -> None:
+        self.gate.transport.loseConnection()
+
+
+class ReadGate:
+    """
+    Reading from one transport, paused while any reason holds.
+    """
+
+    def __init__(self, transport) -> None:
+        self.transport = transport
+        self.reasons: set[str] = set()
+
+    def pause(self, reason: str) -> None:
+        if not self.reasons:
+            self.transport.pauseProducing()
+        self.reasons.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self.reasons:
+            self.reasons.discard(reason)
+            if not self.reasons:
+                self.transport.resumeProducing()
+
+    def producer(self, reason: str) -> _GateReason:
+        return _GateReason(self, reason)
+
+
+class HTTPService:
+    """
+    What every connection of one HTTP service shares (the factory's state).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pools: Mapping[str, Pool],
+        router: Router,
+        connections: BackendConnections,
+        clock,
+        *,
+        clientTimeout: float = 60.0,
+        backendTimeout: float = 30.0,
+        idleTimeout: float = 75.0,
+        maxHeaderBytes: int = 32 * 1024,
+        maxBody: int = 0,
+        forwarded: bool = False,
+        accessLog: bool = True,
+        proto: bytes = b"http",
+    ) -> None:
+        self.name = name
+        self.pools = pools
+        self.router = router
+        self.connections = connections
+        self.clock = clock
+        self.clientTimeout = clientTimeout
+        self.backendTimeout = backendTimeout
+        self.idleTimeout = idleTimeout
+        self.maxHeaderBytes = maxHeaderBytes
+        self.maxBody = maxBody
+        self.forwarded = forwarded
+        self.accessLog = accessLog
+        self.proto = proto
+
+
+class HTTPProxyFactory(Factory):
+    noisy = False
+
+    def __init__(self, service: HTTPService) -> None:
+        self.service = service
+        self.open: OpenConnections[HTTPFrontend] = OpenConnections(
+            service.clock, lambda frontend: frontend.transport.abortConnection()
+        )
+
+    def drain(self, timeout: float) -> Deferred:
+        """
+        Close idle keep-alive connections now; let the others finish the
+        request in hand (answered with C{Connection: close}).
+        """
+        for frontend in list(self.open.open):
+            frontend.closing = True
+            if not frontend.exchanges and not frontend.piping:
+                frontend.transport.loseConnection()
+        return self.open.drain(timeout)
+
+    def buildProtocol(self, addr) -> "HTTPFrontend":
+        return HTTPFrontend(self, getattr(addr, "host", str(addr)))
+
+
+class Exchange:
+    """
+    One request and its response.
+
+    The request side is fed by the frontend's parser; the response side by
+    the backend connection it is attached to.
+    """
+
+    conn: Optional[BackendConnection] = None
+    server = None
+    reason = ""
+    status = 0
+    responseStarted = False
+    requestDone = False
+    bodySent = False
+    toClientChunked = False
+    closeAfter = False
+    upgrade: Optional[bytes] = None
+    refusal: Optional[tuple[int, str]] = None
+    pool: Optional[Pool] = None
+    error: Optional[str] = None
+    finished = False
+
+    def __init__(self, frontend: "HTTPFrontend", method: bytes, target: bytes, headers: list,
+                 keepAlive: bool, version: str) -> None:
+        self.frontend = frontend
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.version = version
+        self.closeAfter = not keepAlive
+        self.started = time.monotonic()
+        self.tried: list = []
+        self.pending: list[bytes] = []
+        self.bytesSent = 0
+        self._connecting = None
+        self._timer = None
+        self.chunked = False
+        self.length = 0
+        host = None
+        incomingId = None
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"host":
+                host = value
+            elif lower == b"transfer-encoding":
+                self.chunked = True
+            elif lower == b"content-length":
+                self.length = int(value)
+            elif lower == b"x-request-id":
+                incomingId = value
+        self.host = host
+        self.requestId = requestId(incomingId)
+        self.hasBody = self.chunked or self.length > 0
+        # Without a body the request is whole once its head is: an early
+        # answer (an error) need not close the connection.
+        self.requestDone = not self.hasBody
+
+    # The request side.
+
+    def requestBody(self, data: bytes) -> None:
+        if self.finished:
+            return  # answered already; the connection closes after
+        if self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        conn = self.conn
+        if conn is not None:
+            self.bodySent = True
+            conn.transport.write(data)
+        else:
+            self.pending.append(data)
+
+    def requestEnd(self) -> None:
+        self.requestDone = True
+        conn = self.conn
+        if conn is not None:
+            if self.chunked:
+                conn.transport.write(_CHUNK_END)
+            if self.hasBody:
+                conn.transport.unregisterProducer()
+                self.frontend.gate.resume("backend")
+        elif self.chunked:
+            self.pending.append(_CHUNK_END)
+
+    # The response side (called by the backend connection).
+
+    def interimResponse(self, status: int, reason: bytes, headers: list) -> None:
+        if self.version == "1.1":
+            self.frontend.transport.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason))
+
+    def responseHead(self, status: int, reason: bytes, headers: list, keepAlive: bool) -> None:
+        frontend = self.frontend
+        self._cancelTimer()
+        self.status = status
+        self.responseStarted = True
+        self.pool.observeResponseTime(self.server, time.monotonic() - self.dispatched)
+        conn = self.conn
+        if status == 101 and self.upgrade is not None:
+            head = responseHead(status, reason, headers, requestId=self.requestId, framing=None,
+                                close=False, upgrade=_headerValue(headers, b"upgrade") or self.upgrade)
+            self._write(head)
+            return
+        if self.upgrade is not None:
+            self.closeAfter = True  # the client's parser is past the upgrade request
+        if conn.done:  # no body: HEAD, 204, 304
+            framing = _lengthLine(headers) if status != 204 else None
+        elif not conn.closeDelimited and not _isChunked(headers):
+            framing = _lengthLine(headers)
+        elif self.version == "1.1":
+            framing = b"Transfer-Encoding: chunked"
+            self.toClientChunked = True
+        else:
+            framing = None
+            self.closeAfter = True
+        head = responseHead(status, reason, headers, requestId=self.requestId, framing=framing,
+                            close=self.closeAfter or frontend.closing,
+                            keepAliveHeader=self.version == "1.0" and not self.closeAfter)
+        self._write(head)
+        if not conn.done:
+            frontend.transport.registerProducer(conn.transport, True)
+            self.producing = True
+
+    producing = False
+
+    def responseBody(self, data: bytes) -> None:
+        if self.toClientChunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        self._write(data)
+
+    def responseEnd(self, reusable: bool) -> None:
+        conn, self.conn = self.conn, None
+        if self.toClientChunked:
+            self._write(_CHUNK_END)
+        if self.producing:
+            self.producing = False
+            self.frontend.transport.unregisterProducer()
+        self._release()
+        if reusable and self.requestDone and conn is not None:
+            conn.reused = False
+            self.frontend.service.connections.putIdle(conn)
+        elif conn is not None and not conn.closed:
+            conn.transport.loseConnection()
+        self.finished = True
+        if not self.requestDone:
+            # The answer came before the whole request: nothing more can be
+            # read reliably on this connection.
+            self.closeAfter = True
+        self.frontend._exchangeDone(self)
+
+    def backendFailed(self, message: str, gotBytes: bool) -> None:
+        """The backend connection broke or sent garbage."""
+        conn, self.conn = self.conn, None
+        self._cancelTimer()
+        if self.producing:
+            self.producing = False
+            self.frontend.transport.unregisterProducer()
+        if self.responseStarted:
+            # Too late for an error response: cut the client off too.
+            self._release()
+            self.error = message
+            self.frontend.transport.abortConnection()
+            return
+        server = self.server
+        self._release()
+        retry = not gotBytes and self.method in IDEMPOTENT and not self.bodySent
+        if retry and conn is not None and conn.reused:
+            # Most likely an idle connection the server had just closed:
+            # not the server's fault; replay on a new connection.
+            self.frontend._dispatch(self, fresh=True)
+        elif retry:
+            self.tried.append(server)
+            self.frontend._dispatch(self)
+        else:
+            self.frontend._fail(self, 502, message)
+
+    def upgraded(self, data: bytes) -> None:
+        """The backend switched protocols: from now on, a byte pipe."""
+        self.frontend._pipe(self, data)
+
+    def pipeData(self, data: bytes) -> None:
+        self.bytesSent += len(data)
+        self.frontend.transport.write(data)
+
+    def pipeClosed(self) -> None:
+        self.frontend.transport.loseConnection()
+
+    # Helpers.
+
+    def _write(self, data: bytes) -> None:
+        self.bytesSent += len(data)
+        self.frontend.transport.write(data)
+
+    def _release(self) -> None:
+        if self.server is not None and not self.released:
+            self.released = True
+            self.pool.release(self.server)
+
+    released = True
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def backendTimedOut(self) -> None:
+        self._timer = None
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.exchange = None
+            conn.transport.abortConnection()
+        if self.producing:
+            self.producing = False
+            self.frontend.transport.unregisterProducer()
+        self._release()
+        self.frontend._fail(self, 504, f"{self.server.name} did not answer within {self.frontend.service.backendTimeout:g}s")
+
+
+def _headerValue(headers: list, name: bytes) -> Optional[bytes]:
+    for n, v in headers:
+        if n.lower() == name:
+            return v
+    return None
+
+
+def _lengthLine(headers: list) -> Optional[bytes]:
+    value = _headerValue(headers, b"content-length")
+    return None if value is None else b"Content-Length: " + value
+
+
+def _isChunked(headers: list) -> bool:
+    value = _headerValue(headers, b"transfer-encoding")
+    return value is not None and value.lower().rstrip().endswith(b"chunked")
+
+
+class HTTPFrontend(Protocol):
+    """One client connection."""
+
+    closing = False
+    piping = False
+
+    def __init__(self, factory: HTTPProxyFactory, client: str) -> None:
+        self.factory = factory
+        self.service = factory.service
+        self.client = client
+        self.exchanges: deque[Exchange] = deque()
+        self.reading: Optional[Exchange] = None
+        self.parser = httptools.HttpRequestParser(self)
+        self._timer = None
+        self._inHead = False
+        self._headSize = 0
+        self._rawHead = 0
+        self._url = b""
+        self._headers: list = []
+        self._dead = False
+
+    # Connection.
+
+    def connectionMade(self) -> None:
+        self.factory.open.add(self)
+        self.gate = ReadGate(self.transport)
+        self._arm(self.service.idleTimeout, self._idle)
+
+    def _arm(self, seconds: float, what) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.service.clock.callLater(seconds, what) if seconds else None
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _idle(self) -> None:
+        self._timer = None
+        self.transport.loseConnection()
+
+    def _headerTimeout(self) -> None:
+        self._timer = None
+        self._refuse(408, "the request headers did not arrive in time")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.piping:
+            self.pipeTo.transport.write(data)
+            return
+        if self._dead:
+            return
+        if self._inHead:
+            self._rawHead += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._dead = True  # the rest belongs to the tunnel
+            self.upgradeData = data[e.args[0]:]
+            return
+        except httptools.HttpParserCallbackError as e:
+            refused = e.__context__
+            if isinstance(refused, _Refused):
+                self._refuse(refused.status, refused.message)
+            else:
+                raise
+            return
+        except httptools.HttpParserError as e:
+            self._refuse(400, f"malformed request: {e}")
+            return
+        if self._inHead and self._rawHead > self.service.maxHeaderBytes + _HEAD_SLACK:
+            self._refuse(431, "request header block too large")
+
+    # httptools callbacks: the request being read.
+
+    def on_message_begin(self) -> None:
+        self._inHead = True
+        self._headSize = 0
+        self._rawHead = 0
+        self._url = b""
+        self._headers = []
+        if not self.exchanges:
+            self._arm(self.service.clientTimeout, self._headerTimeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._headSize += len(url)
+        if self._headSize > self.service.maxHeaderBytes:
+            raise _Refused(431, "request header block too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._inHead:
+            return  # a chunked body's trailer: dropped
+        self._headSize += len(name) + len(value) + 4
+        if self._headSize > self.service.maxHeaderBytes:
+            raise _Refused(431, "request header block too large")
+        if len(name) == 17 and name.lower() == b"transfer-encoding" and value.lower() != b"chunked":
+            raise _Refused(400, "only Transfer-Encoding: chunked is accepted")
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._inHead = False
+        parser = self.parser
+        version = parser.get_http_version()
+        exchange = Exchange(self, parser.get_method(), self._url, self._headers,
+                            parser.should_keep_alive(), version)
+        hosts = sum(1 for n, _ in self._headers if n.lower() == b"host")
+        if hosts > 1 or (version == "1.1" and hosts == 0):
+            raise _Refused(400, "an HTTP/1.1 request needs exactly one Host header")
+        maxBody = self.service.maxBody
+        if maxBody and exchange.length > maxBody:
+            raise _Refused(413, f"request body larger than {maxBody} bytes")
+        if parser.should_upgrade():
+            exchange.upgrade = _headerValue(self._headers, b"upgrade")
+        self.reading = exchange
+        self.exchanges.append(exchange)
+        if len(self.exchanges) == 1:
+            self._disarm()
+            self._start(exchange)
+        else:
+            self.gate.pause("pipeline")
+
+    def on_body(self, data: bytes) -> None:
+        exchange = self.reading
+        exchange.received = getattr(exchange, "received", 0) + len(data)
+        if self.service.maxBody and exchange.received > self.service.maxBody:
+            raise _Refused(413, f"request body larger than {self.service.maxBody} bytes")
+        exchange.requestBody(data)
+
+    def on_message_complete(self) -> None:
+        exchange, self.reading = self.reading, None
+        if exchange is not None:
+            exchange.requestEnd()
+
+    # Running exchanges.
+
+    def _start(self, exchange: Exchange) -> None:
+        if exchange.refusal is not None:
+            self._refuseNow(exchange)
+            return
+        service = self.service
+        poolName = service.router.pool(exchange.host, exchange.target, exchange.method, exchange.headers)
+        exchange.pool = service.pools[poolName]
+        self._dispatch(exchange)
+
+    def _dispatch(self, exchange: Exchange, fresh: bool = False) -> None:
+        """
+        One scheduling decision, then a connection to that server: an idle
+        one unless C{fresh}, else a new one.
+        """
+        pool = exchange.pool
+        decision = pool.pick(PickContext(self.client), exchange.tried)
+        if decision is None:
+            if exchange.tried:
+                names = ", ".join(s.name for s in exchange.tried)
+                self._fail(exchange, 502, f"no server of pool {pool.name} could be reached (tried {names})")
+            else:
+                self._fail(exchange, 503, f"no server of pool {pool.name} is available")
+            return
+        server = exchange.server = decision.server
+        exchange.reason = decision.reason
+        exchange.released = False
+        if not fresh:
+            conn = self.service.connections.takeIdle(server)
+            if conn is not None:
+                self._attach(exchange, conn)
+                return
+        if not exchange.requestDone:
+            self.gate.pause("connecting")
+        d = self.service.connections.connect(server, pool.connectTimeout)
+        exchange._connecting = d
+        d.addCallbacks(self._connected, self._connectFailed, (exchange,), None, (exchange,), None)
+
+    def _connected(self, conn: BackendConnection, exchange: Exchange) -> None:
+        exchange._connecting = None
+        self.gate.resume("connecting")
+        if exchange.finished:
+            conn.transport.loseConnection()
+            return
+        self._attach(exchange, conn)
+
+    def _connectFailed(self, failure: Failure, exchange: Exchange) -> None:
+        exchange._connecting = None
+        server = exchange.server
+        exchange._release()
+        if exchange.finished:
+            return  # the client left
+        exchange.pool.connectFailed(server)
+        exchange.tried.append(server)
+        _log.info("connect to {server} failed: {why}", event="connect_failed", service=self.service.name,
+                  pool=exchange.pool.name, server=server.name, why=failure.getErrorMessage())
+        if len(exchange.tried) <= exchange.pool.retries:
+            self._dispatch(exchange)
+        else:
+            self._fail(exchange, 502, f"could not connect to {', '.join(s.name for s in exchange.tried)}")
+
+    def _attach(self, exchange: Exchange, conn: BackendConnection) -> None:
+        service = self.service
+        exchange.conn = conn
+        self.gate.resume("backend")
+        if exchange.chunked:
+            framing = b"Transfer-Encoding: chunked"
+        elif exchange.length:
+            framing = b"Content-Length: %d" % exchange.length
+        else:
+            framing = None
+        head = requestHead(
+            exchange.method, exchange.target, exchange.headers, client=self.client,
+            host=exchange.host, proto=service.proto, requestId=exchange.requestId,
+            framing=framing, forwarded=service.forwarded, upgrade=exchange.upgrade,
+        )
+        exchange.dispatched = time.monotonic()
+        conn.send(exchange, head, exchange.method == b"HEAD")
+        if exchange.pending:
+            exchange.bodySent = True
+            conn.transport.writeSequence(exchange.pending)
+            exchange.pending = []
+        if exchange.hasBody and not exchange.requestDone:
+            conn.transport.registerProducer(self.gate.producer("backend"), True)
+        if service.backendTimeout:
+            exchange._timer = service.clock.callLater(service.backendTimeout, exchange.backendTimedOut)
+
+    def _fail(self, exchange: Exchange, status: int, message: str) -> None:
+        """Answer with txlb's own error response."""
+        exchange.status = status
+        exchange.error = message
+        exchange.closeAfter = exchange.closeAfter or not exchange.requestDone
+        exchange.bytesSent += self._writeError(status, message, exchange.requestId, exchange.closeAfter)
+        exchange.finished = True
+        self._exchangeDone(exchange)
+
+    def _writeError(self, status: int, message: str, rid: str, close: bool) -> int:
+        data = errorResponse(status, message, rid, close)
+        self.transport.write(data)
+        return len(data)
+
+    def _exchangeDone(self, exchange: Exchange) -> None:
+        """The head exchange is answered: log it, then the next one."""
+        self.exchanges.popleft()
+        self._logRequest(exchange)
+        if exchange.closeAfter or self.closing:
+            self._dead = True
+            self.transport.loseConnection()
+            return
+        if len(self.exchanges) < 2:
+            self.gate.resume("pipeline")
+        if self.exchanges:
+            self._start(self.exchanges[0])
+        elif self._inHead:
+            self._arm(self.service.clientTimeout, self._headerTimeout)
+        else:
+            self._arm(self.service.idleTimeout, self._idle)
+
+    def _refuse(self, status: int, message: str) -> None:
+        """
+        A request we will not forward: answer it in its turn, then close;
+        read nothing more from this client.
+        """
+        self._dead = True
+        self.gate.pause("refused")
+        exchange, self.reading = self.reading, None
+        if exchange is None:  # refused before its head was complete
+            exchange = Exchange(self, b"-", self._url or b"-", [], False, "1.1")
+            self.exchanges.append(exchange)
+        exchange.refusal = (status, message)
+        exchange.requestDone = True
+        exchange.closeAfter = True
+        if self.exchanges[0] is exchange:
+            self._refuseNow(exchange)
+
+    def _refuseNow(self, exchange: Exchange) -> None:
+        if exchange.responseStarted:
+            self.transport.abortConnection()
+            return
+        exchange._cancelTimer()
+        exchange.finished = True
+        if exchange._connecting is not None:
+            exchange._connecting.cancel()
+        conn, exchange.conn = exchange.conn, None
+        if conn is not None:
+            conn.exchange = None
+            conn.transport.abortConnection()
+        exchange._release()
+        self._fail(exchange, *exchange.refusal)
+
+    def _pipe(self, exchange: Exchange, backendData: bytes) -> None:
+        """After a 101: copy bytes both ways, each side the other's producer."""
+        conn = exchange.conn
+        self._disarm()
+        self.piping = True
+        self.pipeTo = conn
+        self.pipeExchange = exchange
+        self.transport.registerProducer(conn.transport, True)
+        conn.transport.registerProducer(self.transport, True)
+        if self.gate.reasons:
+            self.gate.reasons.clear()
+            self.transport.resumeProducing()
+        if backendData:
+            exchange.pipeData(backendData)
+        early = getattr(self, "upgradeData", b"")
+        if early:
+            conn.transport.write(early)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.factory.open.remove(self)
+        self._disarm()
+        self._dead = True
+        for exchange in self.exchanges:
+            wasFinished, exchange.finished = exchange.finished, True
+            exchange._cancelTimer()
+            if exchange._connecting is not None:
+                exchange._connecting.cancel()
+            conn, exchange.conn = exchange.conn, None
+            if conn is not None and not conn.closed:
+                conn.exchange = None
+                if self.piping:
+                    conn.transport.loseConnection()
+                else:
+                    conn.transport.abortConnection()
+            exchange._release()
+            if not wasFinished:
+                if not self.piping:
+                    exchange.status = exchange.status or 499
+                    exchange.error = exchange.error or "client closed the connection"
+                self._logRequest(exchange)
+        self.exchanges.clear()
+
+    def _logRequest(self, exchange: Exchange) -> None:
+        if not self.service.accessLog:
+            return
+        target = exchange.target
+        query = target.find(b"?")
+        fields = dict(
+            requestId=exchange.requestId,
+            service=self.service.name,
+            pool=exchange.pool.name if exchange.pool is not None else None,
+            selectedServer=exchange.server.name if exchange.server is not None else None,
+            method=exchange.method.decode("latin-1"),
+            path=(target if query < 0 else target[:query]).decode("latin-1"),
+            status=exchange.status,
+            responseTimeMs=round((time.monotonic() - exchange.started) * 1000, 3),
+            bytesSent=exchange.bytesSent,
+            client=self.client,
+            cache=None,
+            reason=exchange.reason,
+        )
+        if exchange.error:
+            fields["error"] = exchange.error
+        _log.info("request", event="request", **fields)
