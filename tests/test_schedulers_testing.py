@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Collection, Mapping, Optional
 
-import attrs
 import pytest
 
 from txlb.interfaces import Decision, PickContext
@@ -34,7 +33,7 @@ class _IgnoresExclude(SchedulerBase):
 class _NoReason(_First):
     def pick(self, context, exclude):
         decision = super().pick(context, exclude)
-        return decision and attrs.evolve(decision, reason="")
+        return decision and decision._replace(reason="")
 
 
 class _Stale(_First):

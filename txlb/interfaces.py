@@ -16,9 +16,8 @@ when a server's load changes, and is asked to pick.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Collection, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Collection, Mapping, NamedTuple, Optional, Sequence
 
-import attrs
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,10 +32,10 @@ class SchedulerOptionsError(ValueError):
     """
 
 
-@attrs.frozen
-class PickContext:
+class PickContext(NamedTuple):
     """
     What a scheduler may know about the connection or request it places.
+    (A named tuple: one is made per request, so it must be cheap.)
 
     @ivar client: the client's address as text (C{"127.0.0.1"}), for
         C{ip_hash} and for C{hash_key = "client_ip"}.
@@ -53,8 +52,7 @@ class PickContext:
         return self.client if self.key is None else self.key
 
 
-@attrs.frozen
-class Decision:
+class Decision(NamedTuple):
     """
     A scheduler's answer: the server, and a short human reason that proxies
     put in their events and in C{/api/decisions}.

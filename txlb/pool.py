@@ -111,12 +111,15 @@ class Pool:
         *,
         retries: int = 2,
         connectTimeout: float = 2.0,
+        hashKey: str = "client_ip",
     ) -> None:
         self.name = name
         self.algorithm = algorithm
         self.scheduler = scheduler
         self.retries = retries
         self.connectTimeout = connectTimeout
+        #: What hashing schedulers hash for HTTP requests (see L{txlb.http.routing.hashKeyOf}).
+        self.hashKey = hashKey
         self._clock = clock
         self._servers: dict[str, Server] = {}
         for server in servers:

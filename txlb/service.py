@@ -48,6 +48,7 @@ def buildPool(config: PoolConfig, factories: Mapping[str, ISchedulerFactory], cl
         clock,
         retries=config.retries,
         connectTimeout=config.connect_timeout,
+        hashKey=config.hash_key,
     )
 
 
