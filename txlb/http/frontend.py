@@ -35,6 +35,7 @@ from txlb.http.backend import BackendConnection, BackendConnections
 from txlb.http.errors import errorResponse
 from txlb.http.headers import newRequestId, requestHead, requestId, responseHead
 from txlb.http.routing import Router
+from txlb.hashkey import hashKeyOf
 from txlb.interfaces import PickContext
 from txlb.pool import Pool
 
@@ -545,7 +546,8 @@ class HTTPFrontend(Protocol):
         one unless C{fresh}, else a new one.
         """
         pool = exchange.pool
-        decision = pool.pick(PickContext(self.client), exchange.tried)
+        key = None if pool.hashKey == "client_ip" else hashKeyOf(pool.hashKey, exchange.target, exchange.headers)
+        decision = pool.pick(PickContext(self.client, key), exchange.tried)
         if decision is None:
             if exchange.tried:
                 names = ", ".join(s.name for s in exchange.tried)
