@@ -73,3 +73,96 @@ def test_bandwidth_decays():
     clock.advance(BANDWIDTH_TAU)
     assert pool.bandwidth(servers[0]) == pytest.approx(2000 / BANDWIDTH_TAU / math.e)
     assert (servers[0].bytesIn, servers[0].bytesOut) == (1000, 1000)
+
+
+@pytest.fixture
+def events():
+    from twisted.logger import globalLogPublisher
+
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    yield lambda kind: [e for e in seen if e.get("event") == kind]
+    globalLogPublisher.removeObserver(seen.append)
+
+
+def test_health_moves_servers_in_and_out_with_events(events):
+    pool, servers, _ = makePool()
+    pool.setHealth(servers[0], ServerState.DOWN, "3 consecutive failures: HTTP 503")
+    assert servers[0].state is ServerState.DOWN
+    assert {pool.pick(PickContext()).server.name for _ in range(4)} == {"s1", "s2"}
+    pool.setHealth(servers[0], ServerState.UP, "2 consecutive passes")
+    [down, up] = events("server_state")
+    assert (down["health"], down["action"], down["reason"]) == (
+        "unhealthy", "removed_from_rotation", "3 consecutive failures: HTTP 503")
+    assert (up["health"], up["action"]) == ("healthy", "added_to_rotation")
+
+
+def test_added_server_waits_for_checks_when_the_pool_has_them(events):
+    pool, servers, _ = makePool(1)
+    pool.checked = True
+    new = Server("s9", "tcp:host=127.0.0.1:port=9")
+    pool.add(new)
+    assert new.state is ServerState.CHECKING
+    assert all(pool.pick(PickContext()).server is servers[0] for _ in range(3))
+    assert events("server_added") == []
+    pool.setHealth(new, ServerState.UP, "2 consecutive passes")
+    [added] = events("server_added")
+    assert (added["healthCheck"], added["action"]) == ("passed", "added_to_load_balancer_pool")
+
+
+def test_added_server_joins_at_once_without_checks(events):
+    pool, servers, _ = makePool(1)
+    new = Server("s9", "tcp:host=127.0.0.1:port=9")
+    pool.add(new)
+    assert new.state is ServerState.UP
+    assert events("server_added")[0]["healthCheck"] == "none"
+
+
+def test_drain_waits_for_in_flight_then_drained(events):
+    pool, servers, _ = makePool(2)
+    first = pool.pick(PickContext()).server
+    pool.drain(first)
+    assert first.state is ServerState.DRAINING
+    assert all(pool.pick(PickContext()).server is not first for _ in range(3))
+    assert events("server_draining")[0]["inFlight"] == 1
+    assert events("server_drained") == []
+    pool.release(first)
+    assert first.state is ServerState.DRAINED
+    assert len(events("server_drained")) == 1
+    pool.enable(first)
+    assert first.state is ServerState.UP
+
+
+def test_delete_drains_then_removes(events):
+    pool, servers, _ = makePool(2)
+    held = pool.pick(PickContext()).server
+    pool.delete(held)
+    assert held.name in [s.name for s in pool]
+    pool.release(held)
+    assert held.name not in [s.name for s in pool]
+    assert events("server_removed")[0]["server"] == held.name
+
+
+def test_passive_ejection_doubles_for_repeat_offenders(events):
+    clock = Clock()
+    servers = [Server("a", "tcp:host=127.0.0.1:port=1"), Server("b", "tcp:host=127.0.0.1:port=2")]
+    pool = Pool("p", "round_robin", RoundRobin(), servers, clock, passive=(3, 10.0))
+    for _ in range(2):
+        pool.reportResult(servers[0], False, "HTTP 500")
+    pool.reportResult(servers[0], True)
+    pool.reportResult(servers[0], False, "HTTP 500")
+    assert servers[0].state is ServerState.UP  # the success reset the count
+    for _ in range(3):
+        pool.reportResult(servers[0], False, "HTTP 500")
+    assert servers[0].state is ServerState.EJECTED
+    assert all(pool.pick(PickContext()).server is servers[1] for _ in range(3))
+    clock.advance(10)
+    assert servers[0].state is ServerState.UP
+    for _ in range(3):
+        pool.reportResult(servers[0], False, "HTTP 500")
+    clock.advance(10)
+    assert servers[0].state is ServerState.EJECTED  # 20 s the second time
+    clock.advance(10)
+    assert servers[0].state is ServerState.UP
+    assert [e["ejectFor"] for e in events("server_ejected")] == [10.0, 20.0]
+    assert events("server_ejected")[0]["reason"] == "3 consecutive failures: HTTP 500"

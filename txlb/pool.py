@@ -16,7 +16,11 @@ from typing import Collection, Iterable, Iterator, Optional
 import attrs
 from constantly import ValueConstant, Values
 
+from twisted.logger import Logger
+
 from txlb.interfaces import Decision, IScheduler, PickContext
+
+_log = Logger(namespace="txlb.pool")
 
 #: Weight of the newest sample in the response-time moving average.
 RESPONSE_TIME_ALPHA = 0.3
@@ -52,7 +56,16 @@ class Server:
     name: str
     address: str
     weight: int = 1
-    state: ServerState = ServerState.UP
+    #: What health checks say: C{UP}, C{DOWN}, or C{CHECKING} (not yet known).
+    health: ServerState = ServerState.UP
+    #: An operator asked for no new traffic; C{removing}: then remove it.
+    draining: bool = False
+    removing: bool = False
+    #: Passive ejection: out of rotation until this time (0: not ejected).
+    ejectedUntil: float = 0.0
+    ejections: int = 0
+    consecutiveFailures: int = 0
+    ejectedAt: float = 0.0
     active: int = 0
     total: int = 0
     failures: int = 0
@@ -61,6 +74,18 @@ class Server:
     responseTime: float = 0.0
     _rate: float = 0.0
     _rateStamp: float = 0.0
+
+    @property
+    def state(self) -> ServerState:
+        """
+        The one state the admin API shows, derived from the facets above:
+        an operator's drain outranks an ejection, which outranks health.
+        """
+        if self.draining:
+            return ServerState.DRAINED if self.active <= 0 else ServerState.DRAINING
+        if self.ejectedUntil:
+            return ServerState.EJECTED
+        return self.health
 
     def bandwidthAt(self, now: float) -> float:
         """
@@ -98,8 +123,18 @@ class Pool:
     """
     A named set of servers and the scheduler that places traffic on them.
 
-    @param clock: an C{IReactorTime}, used for the bandwidth rate.
+    Every change of a server's state goes through here, and is logged here
+    as the events of SPEC section 5, so that TCP, HTTP, health checks and
+    the admin API never disagree about a server.
+
+    @param clock: an C{IReactorTime}, for the bandwidth rate and ejections.
+    @param passive: C{(consecutive_failures, eject_for)} to eject servers
+        that fail live traffic, or L{None}.
     """
+
+    #: Active health checks run for this pool: servers added at run time
+    #: start as C{CHECKING} rather than C{UP}.
+    checked = False
 
     def __init__(
         self,
@@ -112,6 +147,7 @@ class Pool:
         retries: int = 2,
         connectTimeout: float = 2.0,
         hashKey: str = "client_ip",
+        passive: Optional[tuple[int, float]] = None,
     ) -> None:
         self.name = name
         self.algorithm = algorithm
@@ -120,7 +156,9 @@ class Pool:
         self.connectTimeout = connectTimeout
         #: What hashing schedulers hash for HTTP requests (see L{txlb.http.routing.hashKeyOf}).
         self.hashKey = hashKey
+        self.passive = passive
         self._clock = clock
+        self._watchers: list = []
         self._servers: dict[str, Server] = {}
         for server in servers:
             self._servers[server.name] = server
@@ -168,9 +206,29 @@ class Pool:
         """
         server.active -= 1
         self.scheduler.loadChanged(server)
+        if server.draining and server.active == 0:
+            self._drained(server)
 
     def connectFailed(self, server: Server) -> None:
         server.failures += 1
+        self.reportResult(server, False, "connect failed")
+
+    def reportResult(self, server: Server, ok: bool, what: str = "") -> None:
+        """
+        How live traffic fared on C{server}: a connect failure or a 5xx
+        answer is a failure.  Enough failures in a row eject it.
+        """
+        if ok:
+            server.consecutiveFailures = 0
+            return
+        server.consecutiveFailures += 1
+        if (
+            self.passive is not None
+            and server.consecutiveFailures >= self.passive[0]
+            and not server.ejectedUntil
+            and server.name in self._servers
+        ):
+            self._eject(server, f"{server.consecutiveFailures} consecutive failures: {what}")
 
     def observeResponseTime(self, server: Server, seconds: float) -> None:
         server._observeResponseTime(seconds)
@@ -186,10 +244,43 @@ class Pool:
 
     # What health checks and the admin API call.
 
+    def watch(self, watcher) -> None:
+        """
+        C{watcher.serverAdded(server)} and C{watcher.serverRemoved(server)}
+        are called as servers come and go (health checks use this).
+        """
+        self._watchers.append(watcher)
+
+    def setHealth(self, server: Server, health: ServerState, reason: str = "") -> None:
+        """What the health checks concluded (after rise or fall)."""
+        old = server.health
+        if old is health:
+            return
+        server.health = health
+        self._refresh()
+        if server.name not in self._servers:
+            return
+        if health is ServerState.UP:
+            _log.info(
+                "server {server} of pool {pool} is healthy: {reason}",
+                event="server_state", pool=self.name, server=server.name,
+                health="healthy", action="added_to_rotation", reason=reason,
+            )
+            if old is ServerState.CHECKING:
+                self._logAdded(server, "passed")
+        elif health is ServerState.DOWN:
+            _log.info(
+                "server {server} of pool {pool} is unhealthy: {reason}",
+                event="server_state", pool=self.name, server=server.name,
+                health="unhealthy", action="removed_from_rotation", reason=reason,
+            )
+
     def setState(self, server: Server, state: ServerState) -> None:
-        if server.state is not state:
-            server.state = state
-            self._refresh()
+        """
+        Force a health state (C{UP}, C{DOWN}, C{CHECKING}): for tests and
+        tools that stand in for health checks.
+        """
+        self.setHealth(server, state, "set by hand")
 
     def setWeight(self, server: Server, weight: int) -> None:
         if server.weight != weight:
@@ -198,13 +289,101 @@ class Pool:
 
     def add(self, server: Server) -> None:
         """
+        A server joins: at once when the pool has no active checks, else
+        as C{CHECKING} until its checks pass.
+
         @raise ValueError: a server of that name is already in the pool.
         """
         if server.name in self._servers:
             raise ValueError(f"pool {self.name!r} already has a server {server.name!r}")
+        server.health = ServerState.CHECKING if self.checked else ServerState.UP
         self._servers[server.name] = server
         self._refresh()
+        for watcher in self._watchers:
+            watcher.serverAdded(server)
+        if not self.checked:
+            self._logAdded(server, "none")
+
+    def _logAdded(self, server: Server, check: str) -> None:
+        _log.info(
+            "server {server} added to pool {pool}",
+            event="server_added", pool=self.name, server=server.name,
+            healthCheck=check, action="added_to_load_balancer_pool",
+        )
+
+    def drain(self, server: Server) -> None:
+        """No new traffic for C{server}; what is in flight finishes."""
+        if not server.draining:
+            server.draining = True
+            self._refresh()
+            _log.info(
+                "server {server} of pool {pool} draining, {inFlight} in flight",
+                event="server_draining", pool=self.name, server=server.name,
+                action="draining", inFlight=server.active,
+            )
+        if server.active == 0:
+            self._drained(server)
+
+    def enable(self, server: Server) -> None:
+        """Undo a drain: back in rotation (when healthy)."""
+        if server.draining:
+            server.draining = server.removing = False
+            self._refresh()
+            _log.info(
+                "server {server} of pool {pool} enabled",
+                event="server_enabled", pool=self.name, server=server.name,
+                action="enabled", inFlight=server.active,
+            )
+
+    def delete(self, server: Server) -> None:
+        """Drain C{server}, then remove it once nothing is in flight."""
+        server.removing = True
+        self.drain(server)
+
+    def _drained(self, server: Server) -> None:
+        _log.info(
+            "server {server} of pool {pool} drained",
+            event="server_drained", pool=self.name, server=server.name,
+            action="drained", inFlight=0,
+        )
+        if server.removing and server.name in self._servers:
+            self.remove(server)
+            _log.info(
+                "server {server} removed from pool {pool}",
+                event="server_removed", pool=self.name, server=server.name,
+                action="removed", inFlight=0,
+            )
 
     def remove(self, server: Server) -> None:
         del self._servers[server.name]
         self._refresh()
+        for watcher in self._watchers:
+            watcher.serverRemoved(server)
+
+    def _eject(self, server: Server, reason: str) -> None:
+        base = self.passive[1]
+        now = self._clock.seconds()
+        if server.ejections and now - server.ejectedAt > 10 * base * 2 ** server.ejections:
+            server.ejections = 0  # well behaved for long enough: forgiven
+        duration = base * 2 ** server.ejections
+        server.ejections += 1
+        server.ejectedAt = now
+        server.ejectedUntil = now + duration
+        self._refresh()
+        _log.info(
+            "server {server} of pool {pool} ejected for {ejectFor}s: {reason}",
+            event="server_ejected", pool=self.name, server=server.name,
+            reason=reason, ejectFor=duration,
+        )
+        self._clock.callLater(duration, self._ejectionOver, server)
+
+    def _ejectionOver(self, server: Server) -> None:
+        server.ejectedUntil = 0.0
+        server.consecutiveFailures = 0
+        self._refresh()
+        if server.name in self._servers and server.health is ServerState.UP:
+            _log.info(
+                "server {server} of pool {pool} back after ejection",
+                event="server_state", pool=self.name, server=server.name,
+                health="healthy", action="added_to_rotation", reason="ejection over",
+            )

@@ -151,6 +151,7 @@ class Frontend(_Side):
 
     def _connected(self, backend: "Backend") -> None:
         self._connecting = None
+        self.factory.pool.reportResult(backend.server, True)
 
     def _connectFailed(self, failure: Failure) -> None:
         self._connecting = None
