@@ -44,13 +44,13 @@ def toml(text: str) -> str:
     return textwrap.dedent(text).lstrip("\n")
 
 
-def problems(text: str, algorithms: Optional[Mapping] = None) -> list[tuple[int, str, str]]:
+def problems(text: str, algorithms: Optional[Mapping] = None, healthKinds=None) -> list[tuple[int, str, str]]:
     """
     Parse C{text}, which must not validate; its problems as C{(line, path,
     message)}, in the order reported.
     """
     with pytest.raises(ConfigError) as info:
-        parse(toml(text), "txlb.toml", algorithms)
+        parse(toml(text), "txlb.toml", algorithms, healthKinds)
     return [(p.line, p.path, p.message) for p in info.value.problems]
 
 
@@ -293,12 +293,9 @@ def test_unknown_top_level_table():
 @pytest.mark.parametrize(
     "text, line, path, feature",
     [
-        ('[admin]\nlisten = "tcp:8081"\n', 1, "admin", "the admin API"),
         ('# txlb\n[sessions]\nstore = "memory"\n', 2, "sessions", "sticky-session stores"),
         ('[cluster]\nmode = "standalone"\n', 1, "cluster", "clustering"),
         ('[dns]\nttl = 5\n', 1, "dns", "health-aware DNS"),
-        ('[pools.api]\n[pools.api.health]\ninterval = "2s"\n', 3, "pools.api.health.interval", "health checks"),
-        ('[pools.api.passive]\nconsecutive_failures = 5\n', 1, "pools.api.passive", "passive health checks"),
         ('[pools.api]\nmax_connections = 10\n', 2, "pools.api.max_connections", "connection limits"),
         ('[pools.api]\nqueue_timeout = "5s"\n', 2, "pools.api.queue_timeout", "connection limits"),
         ('[pools.api]\nslow_start = "5s"\n', 2, "pools.api.slow_start", "slow start"),
@@ -319,7 +316,7 @@ def test_planned_keys_are_refused_plainly(text, line, path, feature):
 
 def test_every_planned_key_is_refused_not_unknown():
     """Whatever PLANNED lists gets the planned message, at every table kind."""
-    where = {"": "", "pool": "[pools.api]\n", "health": "[pools.api.health]\n", "service": POOL + service()}
+    where = {"": "", "pool": "[pools.api]\n", "service": POOL + service()}
     for kind, keys in PLANNED.items():
         for key in keys:
             text = toml(where[kind]) + f"{key} = {{}}\n"
@@ -343,13 +340,52 @@ def test_more_than_one_worker_is_refused():
     )
 
 
-def test_health_kind_none_is_accepted_and_others_are_not_yet():
-    parse('[pools.api]\nhealth = { kind = "none" }\n')
-    assert problem('[pools.api]\n[pools.api.health]\nkind = "http"\n') == (
-        3,
-        "pools.api.health.kind",
-        "health checks ('http') are not supported by this version of txlb yet; only kind = \"none\"",
-    )
+def test_health_checks():
+    [pool] = parse(
+        '[pools.api]\n[pools.api.health]\nkind = "http"\npath = "/ready"\ninterval = "5s"\ntimeout = "2s"\n'
+        'rise = 1\nfall = 4\nexpect_status = [200, 204]\nexpect_json = { status = ["ok", "ready"], up = true }\n'
+    ).pools.values()
+    h = pool.health
+    assert (h.kind, h.path, h.method, h.interval, h.timeout, h.rise, h.fall) == ("http", "/ready", "GET", 5.0, 2.0, 1, 4)
+    assert h.expect_status == (200, 204)
+    assert dict(h.expect_json) == {"status": ("ok", "ready"), "up": (True,)}
+    assert parse("[pools.api]\n").pools["api"].health.kind == "none"
+
+
+@pytest.mark.parametrize(
+    "body, path, message",
+    [
+        ('kind = "htp"', "pools.api.health.kind", "unknown health check kind 'htp' (did you mean 'http'?)"),
+        ('timeout = "5s"\ninterval = "1s"', "pools.api.health.timeout", "must not be longer than interval"),
+        ("expect_status = [999]", "pools.api.health.expect_status", "999 is not an HTTP status code"),
+        ("rise = 0", "pools.api.health.rise", "must be between 1 and 100, not 0"),
+        ('path = "health"', "pools.api.health.path", "'health' must start with '/'"),
+        ("intervall = 1", "pools.api.health.intervall", "unknown key (did you mean 'interval'?)"),
+    ],
+)
+def test_bad_health_checks(body, path, message):
+    found = problems("[pools.api]\n[pools.api.health]\n" + body + "\n", healthKinds=("mycheck",))
+    assert [(p, m.split("; installed")[0]) for _, p, m in found] == [(path, message)]
+
+
+def test_plugin_health_kinds_are_checked_when_known():
+    parse('[pools.api]\nhealth = { kind = "mycheck" }\n', healthKinds=("mycheck",))
+    parse('[pools.api]\nhealth = { kind = "anything" }\n')  # not checked without the list
+
+
+def test_passive():
+    [pool] = parse('[pools.api]\npassive = { consecutive_failures = 3, eject_for = "10s" }\n').pools.values()
+    assert (pool.passive.consecutive_failures, pool.passive.eject_for) == (3, 10.0)
+    assert parse("[pools.api]\n").pools["api"].passive is None
+
+
+def test_admin_defaults_to_loopback_and_needs_a_token_elsewhere():
+    assert parse("[admin]\n").admin.listen == "tcp:8081:interface=127.0.0.1"
+    assert parse("").admin is None
+    assert problem('[admin]\nlisten = "tcp:8081"\n')[:2] == (2, "admin.listen")
+    config = parse('[admin]\nlisten = "tcp:8081"\ntoken_file = "admin.token"\n')
+    assert config.admin.token_file == "admin.token"
+    parse("[admin]\nlisten = 'tcp:8081:interface=\\:\\:1'\n")
 
 
 def test_http_service_with_routes_limits_and_forwarded():
@@ -909,9 +945,9 @@ def test_two_mistakes_are_both_reported_in_file_order():
 
 
 def test_problems_are_sorted_even_when_found_out_of_order():
-    """[admin] is checked last (unknown keys of the root) but written first."""
-    text = '[admin]\nlisten = "tcp:8081"\n[pools.api]\nretries = -1\n'
-    assert [(line, path) for line, path, _ in problems(text)] == [(1, "admin"), (4, "pools.api.retries")]
+    """[cluster] is checked last (unknown keys of the root) but written first."""
+    text = '[cluster]\nmode = "x"\n[pools.api]\nretries = -1\n'
+    assert [(line, path) for line, path, _ in problems(text)] == [(1, "cluster"), (4, "pools.api.retries")]
 
 
 def test_problem_format():

@@ -49,6 +49,41 @@ class ServerConfig:
 
 
 @attrs.frozen
+class HealthConfig:
+    """
+    A pool's C{health} table: active checks.  C{kind = "none"} runs none
+    and keeps every server in rotation.
+    """
+
+    kind: str = "none"
+    path: str = "/health"
+    method: str = "GET"
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    expect_status: tuple[int, ...] = (200,)
+    expect_json: Mapping[str, tuple[Any, ...]] = MappingProxyType({})
+    options: Mapping[str, Any] = MappingProxyType({})
+
+
+@attrs.frozen
+class PassiveConfig:
+    """A pool's C{passive} table: ejection on failures of live traffic."""
+
+    consecutive_failures: int = 5
+    eject_for: float = 30.0
+
+
+@attrs.frozen
+class AdminConfig:
+    """The C{[admin]} table: the admin API, status page and metrics."""
+
+    listen: str = "tcp:8081:interface=127.0.0.1"
+    token_file: Optional[str] = None
+
+
+@attrs.frozen
 class PoolConfig:
     """
     A C{[pools.NAME]} table.  C{options} is read-only, so that a scheduler
@@ -62,6 +97,8 @@ class PoolConfig:
     retries: int = 2
     hash_key: str = "client_ip"
     options: Mapping[str, Any] = MappingProxyType({})
+    health: HealthConfig = HealthConfig()
+    passive: Optional[PassiveConfig] = None
 
 
 @attrs.frozen
@@ -144,6 +181,7 @@ class Config:
     pools: Mapping[str, PoolConfig] = MappingProxyType({})
     services: tuple[ServiceConfig, ...] = ()
     demo: tuple[DemoServer, ...] = ()
+    admin: Optional[AdminConfig] = None
 
 
 # Errors.
@@ -187,7 +225,6 @@ class ConfigError(Exception):
 #: are refused with this explanation rather than as unknown keys.
 PLANNED: Mapping[str, Mapping[str, str]] = {
     "": {
-        "admin": "the admin API",
         "sessions": "sticky-session stores",
         "cluster": "clustering",
         "dns": "health-aware DNS",
@@ -196,12 +233,7 @@ PLANNED: Mapping[str, Mapping[str, str]] = {
         "max_connections": "connection limits",
         "queue_timeout": "connection limits",
         "slow_start": "slow start",
-        "passive": "passive health checks",
         "tls": "TLS to backends",
-    },
-    "health": {
-        key: "health checks"
-        for key in ("path", "interval", "timeout", "rise", "fall", "expect_status", "expect_json", "method")
     },
     "service": {
         "tls": "TLS offloading",
@@ -225,6 +257,9 @@ class _Invalid(ValueError):
 
 
 class _Context:
+    #: Installed health-check kinds (plugins included), when known.
+    healthKinds: Optional[Collection[str]] = None
+
     def __init__(self, lines: Mapping[str, int]) -> None:
         self.lines = lines
         self.problems: list[Problem] = []
@@ -555,13 +590,6 @@ def _readPool(t: _Table, name: str, algorithms: Optional[Algorithms]) -> PoolCon
                 t.error("options", str(e))
             except Exception as e:  # a plugin's bug, but the operator must hear of it
                 t.error("options", f"the {algorithm} scheduler failed on them: {e!r}")
-    health = t.table("health", "health")
-    if health is not None:
-        kind = health.get("kind", _string, "none")
-        if kind != "none":
-            health.error("kind", f'health checks ({kind!r}) are not supported by this version of txlb yet; '
-                         'only kind = "none"')
-        health.finish()
     pool = PoolConfig(
         name=name,
         algorithm=algorithm,
@@ -570,9 +598,96 @@ def _readPool(t: _Table, name: str, algorithms: Optional[Algorithms]) -> PoolCon
         retries=t.get("retries", _integer(0, 100), 2),
         hash_key=t.get("hash_key", _hashKey, "client_ip"),
         options=options,
+        health=_readHealth(t.table("health", "health")),
+        passive=_readPassive(t.table("passive", "passive")),
     )
     t.finish()
     return pool
+
+
+_BUILTIN_HEALTH = ("none", "http", "tcp")
+
+
+def _statusList(value: Any) -> tuple[int, ...]:
+    items = [value] if isinstance(value, int) else value
+    if not isinstance(items, list) or not items:
+        raise _Invalid("must be an array of HTTP status codes, like [200, 204]")
+    for code in items:
+        if isinstance(code, bool) or not isinstance(code, int) or not 100 <= code <= 599:
+            raise _Invalid(f"{code!r} is not an HTTP status code")
+    return tuple(items)
+
+
+def _expectJson(value: Any) -> Mapping[str, tuple[Any, ...]]:
+    if not isinstance(value, dict) or not value:
+        raise _Invalid('must be a table of field to accepted values, like { status = ["ok"] }')
+    out = {}
+    for field, accepted in value.items():
+        accepted = accepted if isinstance(accepted, list) else [accepted]
+        if not accepted or any(isinstance(a, (dict, list)) for a in accepted):
+            raise _Invalid(f"the values for {field!r} must be strings, numbers or booleans")
+        out[field] = tuple(accepted)
+    return MappingProxyType(out)
+
+
+def _readHealth(t: Optional[_Table]) -> HealthConfig:
+    if t is None:
+        return HealthConfig()
+    kind = t.get("kind", _string, "none")
+    known = t.ctx.healthKinds
+    if kind not in _BUILTIN_HEALTH and known is not None and kind not in known:
+        close = difflib.get_close_matches(kind, list(known) + list(_BUILTIN_HEALTH), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        t.error("kind", f"unknown health check kind {kind!r}{hint}; installed: "
+                        f"{', '.join(sorted(set(known) | set(_BUILTIN_HEALTH)))}")
+    health = HealthConfig(
+        kind=kind,
+        path=t.get("path", _pathPrefix, "/health"),
+        method=t.get("method", _oneOf("GET", "HEAD", "OPTIONS"), "GET"),
+        interval=t.get("interval", _positiveDuration, 2.0),
+        timeout=t.get("timeout", _positiveDuration, 1.0),
+        rise=t.get("rise", _integer(1, 100), 2),
+        fall=t.get("fall", _integer(1, 100), 3),
+        expect_status=t.get("expect_status", _statusList, (200,)),
+        expect_json=t.get("expect_json", _expectJson, MappingProxyType({})),
+        options=t.get("options", _freeTable, MappingProxyType({})),
+    )
+    if health.timeout > health.interval:
+        t.error("timeout", "must not be longer than interval")
+    t.finish()
+    return health
+
+
+def _readPassive(t: Optional[_Table]) -> Optional[PassiveConfig]:
+    if t is None:
+        return None
+    passive = PassiveConfig(
+        consecutive_failures=t.get("consecutive_failures", _integer(1, 10000), 5),
+        eject_for=t.get("eject_for", _positiveDuration, 30.0),
+    )
+    t.finish()
+    return passive
+
+
+def _readAdmin(t: _Table) -> AdminConfig:
+    admin = AdminConfig(
+        listen=t.get("listen", _listenEndpoint, "tcp:8081:interface=127.0.0.1"),
+        token_file=t.get("token_file", _string, None),
+    )
+    if admin.listen is not None and admin.token_file is None and not _loopbackOnly(admin.listen):
+        t.error("listen", "the admin API listens beyond loopback: set token_file, or listen on "
+                          "127.0.0.1 (tcp:8081:interface=127.0.0.1)")
+    t.finish()
+    return admin
+
+
+def _loopbackOnly(listen: str) -> bool:
+    """Whether a listening endpoint is reachable from this host only."""
+    endpoint = checkServer(listen)
+    if listen.startswith("unix:"):
+        return True
+    interface = getattr(endpoint, "_interface", "")
+    return interface.startswith("127.") or interface in ("::1", "localhost")
 
 
 def _readTimeouts(t: Optional[_Table], protocol: str) -> Timeouts:
@@ -755,19 +870,24 @@ def _readConfig(root: _Table, path: str, algorithms: Optional[Algorithms]) -> Co
         for j, endpoint in enumerate(listen):
             claim(endpoint, f"{t.path}.listen[{j}]" if isinstance(t.data["listen"], list) else f"{t.path}.listen")
         services.append(service)
+    adminTable = root.table("admin", "admin")
+    admin = _readAdmin(adminTable) if adminTable else None
+    if admin is not None and admin.listen is not None:
+        claim(admin.listen, "admin.listen")
     demoTable = root.table("demo", "demo")
     demo = _readDemo(demoTable) if demoTable else ()
     for i, server in enumerate(demo):
         if server.listen is not None:
             claim(server.listen, f"demo.servers[{i}].listen")
     root.finish()
-    return Config(path, process, log, MappingProxyType(pools), tuple(services), demo)
+    return Config(path, process, log, MappingProxyType(pools), tuple(services), demo, admin)
 
 
 def parse(
     text: str,
     source: str = "<config>",
     algorithms: Optional[Algorithms] = None,
+    healthKinds: Optional[Collection[str]] = None,
 ) -> Config:
     """
     Validate TOML text.
@@ -781,6 +901,7 @@ def parse(
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, [_syntaxProblem(str(e), text)])
     ctx = _Context(keyLines(text))
+    ctx.healthKinds = healthKinds
     config = _readConfig(_Table(ctx, "", data, ""), source, algorithms)
     if ctx.problems:
         # In file order, as an operator reads the file; problems without a
@@ -810,7 +931,11 @@ def _syntaxProblem(message: str, text: str) -> Problem:
                    int(m.group(1)))
 
 
-def load(path: str, algorithms: Optional[Algorithms] = None) -> Config:
+def load(
+    path: str,
+    algorithms: Optional[Algorithms] = None,
+    healthKinds: Optional[Collection[str]] = None,
+) -> Config:
     """
     Read and validate a config file.
 
@@ -821,4 +946,4 @@ def load(path: str, algorithms: Optional[Algorithms] = None) -> Config:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(path, [Problem("", f"cannot read the config file: {e}")])
-    return parse(text, path, algorithms)
+    return parse(text, path, algorithms, healthKinds)
