@@ -383,8 +383,22 @@ def test_admin_defaults_to_loopback_and_needs_a_token_elsewhere():
     assert parse("[admin]\n").admin.listen == "tcp:8081:interface=127.0.0.1"
     assert parse("").admin is None
     assert problem('[admin]\nlisten = "tcp:8081"\n')[:2] == (2, "admin.listen")
-    config = parse('[admin]\nlisten = "tcp:8081"\ntoken_file = "admin.token"\n')
-    assert config.admin.token_file == "admin.token"
+    assert problem('[admin]\ntoken_file = "no-such.token"\n')[1] == "admin.token_file"
+
+
+def test_admin_token_file_is_relative_to_the_config(tmp_path):
+    (tmp_path / "admin.token").write_text("s3cret\n")
+    path = tmp_path / "txlb.toml"
+    path.write_text('[admin]\nlisten = "tcp:8081"\ntoken_file = "admin.token"\n')
+    assert load(str(path)).admin.token_file == str(tmp_path / "admin.token")
+    (tmp_path / "admin.token").write_text("")
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert info.value.problems[0].path == "admin.token_file"
+    assert "is empty" in info.value.problems[0].message
+
+
+def test_admin_on_ipv6_loopback_needs_no_token():
     parse("[admin]\nlisten = 'tcp:8081:interface=\\:\\:1'\n")
 
 

@@ -15,6 +15,7 @@ A later feature adds its keys by adding C{table.get(...)} lines and fields.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import tomllib
 from types import MappingProxyType
@@ -259,6 +260,8 @@ class _Invalid(ValueError):
 class _Context:
     #: Installed health-check kinds (plugins included), when known.
     healthKinds: Optional[Collection[str]] = None
+    #: Where relative file names in the config are found: its directory.
+    baseDir: str = "."
 
     def __init__(self, lines: Mapping[str, int]) -> None:
         self.lines = lines
@@ -670,9 +673,19 @@ def _readPassive(t: Optional[_Table]) -> Optional[PassiveConfig]:
 
 
 def _readAdmin(t: _Table) -> AdminConfig:
+    tokenFile = t.get("token_file", _string, None)
+    if tokenFile is not None:
+        # Relative to the config file, as an operator reading it expects.
+        tokenFile = os.path.join(t.ctx.baseDir, tokenFile)
+        try:
+            with open(tokenFile, encoding="utf-8") as f:
+                if not f.readline().strip():
+                    t.error("token_file", f"{tokenFile} is empty: write the token on its first line")
+        except (OSError, UnicodeDecodeError) as e:
+            t.error("token_file", f"cannot read {tokenFile}: {getattr(e, 'strerror', None) or e}")
     admin = AdminConfig(
         listen=t.get("listen", _listenEndpoint, "tcp:8081:interface=127.0.0.1"),
-        token_file=t.get("token_file", _string, None),
+        token_file=tokenFile,
     )
     if admin.listen is not None and admin.token_file is None and not _loopbackOnly(admin.listen):
         t.error("listen", "the admin API listens beyond loopback: set token_file, or listen on "
@@ -902,6 +915,7 @@ def parse(
         raise ConfigError(source, [_syntaxProblem(str(e), text)])
     ctx = _Context(keyLines(text))
     ctx.healthKinds = healthKinds
+    ctx.baseDir = os.path.dirname(os.path.abspath(source)) if not source.startswith("<") else os.getcwd()
     config = _readConfig(_Table(ctx, "", data, ""), source, algorithms)
     if ctx.problems:
         # In file order, as an operator reads the file; problems without a

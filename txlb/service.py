@@ -17,10 +17,12 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
+from txlb.admin import adminSite, readToken
 from txlb.config import Config, PoolConfig, ServiceConfig
 from txlb.demo import demoService
 from txlb.endpoints import EndpointCache
@@ -68,11 +70,14 @@ class TxlbService(MultiService):
         self.endpoints = EndpointCache(reactor)
         self.pools = {name: buildPool(p, factories, reactor) for name, p in config.pools.items()}
         self.connections = BackendConnections(self.endpoints, reactor)
-        self.listeners: list[tuple[str, str, TCPBalancerFactory | HTTPProxyFactory]] = []
+        self.listeners: list[tuple[str, str, Factory]] = []
         for service in config.services:
             factory = self._factory(service)
             for listen in service.listen:
                 self.listeners.append((service.name, listen, factory))
+        if config.admin is not None:
+            token = readToken(config.admin.token_file) if config.admin.token_file else None
+            self.listeners.append(("admin", config.admin.listen, adminSite(self.pools, token)))
         if config.demo:
             demoService(reactor, config.demo).setServiceParent(self)
         self.ports: list = []
@@ -157,7 +162,7 @@ class TxlbService(MultiService):
         Stop accepting, then let open connections finish for up to
         C{txlb.shutdown_timeout} before closing the rest.
         """
-        factories = {id(f): f for _, _, f in self.listeners}.values()
+        factories = {id(f): f for _, _, f in self.listeners if hasattr(f, "drain")}.values()
         inFlight = sum(len(f.open) for f in factories)
         _log.info(
             "stopping: {inFlight} connections may finish within {timeout}s",

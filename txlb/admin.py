@@ -1,0 +1,232 @@
+# -*- test-case-name: tests.test_admin -*-
+"""
+The admin API (SPEC section 3): JSON over HTTP, on loopback unless the
+operator says otherwise, with a bearer token required when one is set.
+
+It only reads and calls L{txlb.pool.Pool}: the pool owns every state
+change and logs it, so what the API does and what traffic sees never
+disagree.  Changes made here live until the process ends or the config is
+reloaded: write them in the config file to keep them.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from typing import Any, Callable, Mapping, Optional
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from txlb.endpoints import EndpointError, serverAddress
+from txlb.pool import Pool, Server
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_TCP_ADDRESS = re.compile(r"tcp:host=(?P<host>(?:[^:\\]|\\.)+):port=(?P<port>\d+)")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def displayAddress(address: str) -> str:
+    """C{tcp:host=H:port=P} as the C{H:P} an operator wrote."""
+    m = _TCP_ADDRESS.fullmatch(address)
+    if m is None:
+        return address
+    host = m.group("host").replace("\\:", ":")
+    return f"[{host}]:{m.group('port')}" if ":" in host else f"{host}:{m.group('port')}"
+
+
+def serverJson(pool: Pool, server: Server) -> dict[str, Any]:
+    return {
+        "name": server.name,
+        "address": displayAddress(server.address),
+        "weight": server.weight,
+        "state": server.state.value,
+        "activeConnections": server.active,
+        "totalRequests": server.total,
+        "averageResponseTimeMs": round(server.responseTime * 1000, 3),
+        "bandwidthBps": round(pool.bandwidth(server), 1),
+    }
+
+
+def poolJson(pool: Pool) -> dict[str, Any]:
+    return {
+        "name": pool.name,
+        "algorithm": pool.algorithm,
+        "servers": [serverJson(pool, s) for s in pool],
+    }
+
+
+class AdminResource(Resource):
+    """
+    The whole API as one leaf: routes are few and fixed, so a small
+    dispatcher reads better than a tree of resources.
+
+    @param token: the bearer token, or L{None} when none is configured.
+    """
+
+    isLeaf = True
+
+    def __init__(self, pools: Mapping[str, Pool], token: Optional[str] = None) -> None:
+        super().__init__()
+        self.pools = pools
+        self.token = token
+
+    def render(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        try:
+            segments = [s for s in request.path.decode("utf-8").split("/") if s]
+            status, body = self._dispatch(request, request.method.decode("ascii"), segments)
+        except ApiError as e:
+            status, body = e.status, {"error": e.message}
+        except UnicodeDecodeError:
+            status, body = 400, {"error": "the path is not UTF-8"}
+        request.setResponseCode(status)
+        return json.dumps(body).encode() + b"\n"
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        given = request.getHeader(b"authorization") or b""
+        scheme, _, value = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self.token.encode()):
+            request.setHeader(b"www-authenticate", b'Bearer realm="txlb"')
+            raise ApiError(401, "a valid bearer token is required (Authorization: Bearer ...)")
+
+    def _dispatch(self, request: Request, method: str, segments: list[str]):
+        if segments == ["health"] and method == "GET":
+            return 200, {"status": "healthy"}
+        self._authorize(request)
+        if segments[:2] != ["api", "pools"]:
+            raise ApiError(404, f"no such resource: /{'/'.join(segments)}")
+        rest = segments[2:]
+        if not rest:
+            self._allow(method, "GET")
+            return 200, [poolJson(p) for p in self.pools.values()]
+        pool = self._pool(rest[0])
+        if len(rest) == 1:
+            self._allow(method, "GET")
+            return 200, poolJson(pool)
+        if rest[1] != "servers":
+            raise ApiError(404, f"no such resource: /{'/'.join(segments)}")
+        if len(rest) == 2:
+            self._allow(method, "GET", "POST")
+            if method == "GET":
+                return 200, [serverJson(pool, s) for s in pool]
+            return self._addServer(pool, self._body(request))
+        server = self._server(pool, rest[2])
+        if len(rest) == 3:
+            self._allow(method, "GET", "PATCH", "DELETE")
+            if method == "GET":
+                return 200, serverJson(pool, server)
+            if method == "PATCH":
+                return self._patch(pool, server, self._body(request))
+            pool.delete(server)
+            return 202, serverJson(pool, server)
+        if len(rest) == 4 and rest[3] in ("drain", "enable"):
+            self._allow(method, "POST")
+            if rest[3] == "drain":
+                pool.drain(server)
+            else:
+                if server.removing:
+                    raise ApiError(409, f"server {server.name} is being removed")
+                pool.enable(server)
+            return 200, serverJson(pool, server)
+        raise ApiError(404, f"no such resource: /{'/'.join(segments)}")
+
+    @staticmethod
+    def _allow(method: str, *allowed: str) -> None:
+        if method not in allowed:
+            raise ApiError(405, f"method {method} not allowed here; use {' or '.join(allowed)}")
+
+    def _pool(self, name: str) -> Pool:
+        try:
+            return self.pools[name]
+        except KeyError:
+            raise ApiError(404, f"no pool named {name!r}")
+
+    @staticmethod
+    def _server(pool: Pool, name: str) -> Server:
+        try:
+            return pool.server(name)
+        except KeyError:
+            raise ApiError(404, f"pool {pool.name} has no server named {name!r}")
+
+    @staticmethod
+    def _body(request: Request) -> dict[str, Any]:
+        try:
+            body = json.loads(request.content.read() or b"null")
+        except ValueError as e:
+            raise ApiError(400, f"the body is not JSON: {e}")
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
+    @staticmethod
+    def _weight(body: dict[str, Any], default: Optional[int]) -> int:
+        weight = body.get("weight", default)
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1000:
+            raise ApiError(400, "weight must be an integer from 0 to 1000")
+        return weight
+
+    def _addServer(self, pool: Pool, body: dict[str, Any]):
+        unknown = set(body) - {"name", "address", "weight"}
+        if unknown:
+            raise ApiError(400, f"unknown fields: {', '.join(sorted(unknown))}")
+        name, address = body.get("name"), body.get("address")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ApiError(400, "name must be letters, digits, '_', '.' or '-'")
+        if not isinstance(address, str):
+            raise ApiError(400, "address is required: host:port or an endpoint string")
+        try:
+            address = serverAddress(address)
+        except EndpointError as e:
+            raise ApiError(400, f"address: {e}")
+        weight = self._weight(body, 1)
+        try:
+            pool.server(name)
+        except KeyError:
+            pass
+        else:
+            raise ApiError(409, f"pool {pool.name} already has a server named {name!r}")
+        server = Server(name, address, weight)
+        pool.add(server)
+        return 201, serverJson(pool, server)
+
+    def _patch(self, pool: Pool, server: Server, body: dict[str, Any]):
+        unknown = set(body) - {"weight"}
+        if unknown or "weight" not in body:
+            raise ApiError(400, 'only {"weight": N} can be changed')
+        pool.setWeight(server, self._weight(body, None))
+        return 200, serverJson(pool, server)
+
+
+def adminSite(pools: Mapping[str, Pool], token: Optional[str] = None) -> Site:
+    site = Site(AdminResource(pools, token))
+    site.noisy = False
+    site.log = lambda request: None
+    site.displayTracebacks = False
+    return site
+
+
+def readToken(path: str) -> str:
+    """
+    The token in C{path} (first line, stripped).
+
+    @raise ValueError: the file is empty or unreadable.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read the admin token file {path}: {e.strerror}")
+    if not token:
+        raise ValueError(f"the admin token file {path} is empty")
+    return token
