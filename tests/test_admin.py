@@ -95,7 +95,7 @@ def test_health_and_pools(setup):
     server = pool["servers"][0]
     assert server["address"] == backends[0].address
     assert server["state"] == "up" and server["weight"] == 1
-    assert set(server) == {"name", "address", "weight", "state", "activeConnections", "totalRequests",
+    assert set(server) == {"name", "address", "weight", "effectiveWeight", "state", "activeConnections", "totalRequests",
                            "averageResponseTimeMs", "bandwidthBps"}
     assert api("GET", "/api/pools/api")[1] == pool
 

@@ -296,9 +296,6 @@ def test_unknown_top_level_table():
         ('# txlb\n[sessions]\nstore = "memory"\n', 2, "sessions", "sticky-session stores"),
         ('[cluster]\nmode = "standalone"\n', 1, "cluster", "clustering"),
         ('[dns]\nttl = 5\n', 1, "dns", "health-aware DNS"),
-        ('[pools.api]\nmax_connections = 10\n', 2, "pools.api.max_connections", "connection limits"),
-        ('[pools.api]\nqueue_timeout = "5s"\n', 2, "pools.api.queue_timeout", "connection limits"),
-        ('[pools.api]\nslow_start = "5s"\n', 2, "pools.api.slow_start", "slow start"),
         ('[pools.api]\ntls = { verify = true }\n', 2, "pools.api.tls", "TLS to backends"),
         (POOL + service('tls = { min_version = "1.2" }\n'), 7, "services[0].tls", "TLS offloading"),
         (POOL + service('sticky = { mode = "ip" }\n'), 7, "services[0].sticky", "sticky sessions"),
@@ -371,6 +368,12 @@ def test_bad_health_checks(body, path, message):
 def test_plugin_health_kinds_are_checked_when_known():
     parse('[pools.api]\nhealth = { kind = "mycheck" }\n', healthKinds=("mycheck",))
     parse('[pools.api]\nhealth = { kind = "anything" }\n')  # not checked without the list
+
+
+def test_limits_and_slow_start():
+    [pool] = parse('[pools.api]\nmax_connections = 10\nqueue_timeout = "2s"\nslow_start = "30s"\n').pools.values()
+    assert (pool.max_connections, pool.queue_timeout, pool.slow_start) == (10, 2.0, 30.0)
+    assert problem("[pools.api]\nmax_connections = -1\n")[1] == "pools.api.max_connections"
 
 
 def test_passive():

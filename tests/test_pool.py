@@ -166,3 +166,46 @@ def test_passive_ejection_doubles_for_repeat_offenders(events):
     assert servers[0].state is ServerState.UP
     assert [e["ejectFor"] for e in events("server_ejected")] == [10.0, 20.0]
     assert events("server_ejected")[0]["reason"] == "3 consecutive failures: HTTP 500"
+
+
+def test_max_connections_queue_goes_to_the_first_server_free():
+    clock = Clock()
+    servers = [Server("a", "tcp:host=127.0.0.1:port=1"), Server("b", "tcp:host=127.0.0.1:port=2")]
+    pool = Pool("p", "round_robin", RoundRobin(), servers, clock, maxConnections=1, queueTimeout=5.0)
+    a = pool.pick(PickContext()).server
+    b = pool.pick(PickContext()).server
+    assert pool.pick(PickContext()) is None and pool.saturated()
+    got = []
+    pool.enqueue(PickContext(), (), got.append)
+    pool.enqueue(PickContext(), (), got.append)
+    pool.release(b)
+    assert [d.server for d in got] == [b]
+    pool.release(a)
+    assert [d.server for d in got] == [b, a]
+    assert not pool.saturated([a, b])  # nothing free for a request that tried both
+
+
+def test_queue_timeout_answers_none():
+    clock = Clock()
+    pool = Pool("p", "round_robin", RoundRobin(), [Server("a", "tcp:host=127.0.0.1:port=1")], clock,
+                maxConnections=1, queueTimeout=2.0)
+    pool.pick(PickContext())
+    got = []
+    pool.enqueue(PickContext(), (), got.append)
+    clock.advance(2)
+    assert got == [None]
+
+
+def test_slow_start_ramps_the_weight_up():
+    clock = Clock()
+    server = Server("a", "tcp:host=127.0.0.1:port=1", weight=10)
+    pool = Pool("p", "round_robin", RoundRobin(), [server], clock, slowStart=10.0)
+    pool.setHealth(server, ServerState.DOWN)
+    pool.setHealth(server, ServerState.UP)
+    assert server.weight == 1
+    clock.advance(5)
+    assert server.weight == 5
+    clock.advance(5)
+    assert server.weight == 10 and server.rampStarted is None
+    pool.setWeight(server, 4)
+    assert server.weight == 4 and server.configuredWeight == 4

@@ -299,3 +299,43 @@ def test_drain_with_nothing_open_is_immediate():
     done = []
     h.factory.drain(30.0).addCallback(done.append)
     assert done == [None]
+
+
+def test_over_max_connections_waits_for_a_free_server():
+    h = Harness(servers=2)
+    h.pool.maxConnections = 1
+    first, _ = h.accept()
+    firstBackend, _ = h.answer()
+    second, _ = h.accept()
+    h.answer()
+    third, thirdClient = h.accept()
+    assert len(h.reactor.tcpClients) == 2  # queued, not connecting
+    firstBackend.connectionLost(Failure(ConnectionDone()))  # s0 frees up
+    assert len(h.reactor.tcpClients) == 3
+    assert h.reactor.tcpClients[-1][0] == "127.0.0.1"
+
+
+def test_queue_timeout_closes_the_client(events):
+    h = Harness(servers=1)
+    h.pool.maxConnections = 1
+    h.pool.queueTimeout = 5.0
+    h.accept()
+    h.answer()
+    waiting, client = h.accept()
+    h.reactor.advance(5)
+    assert client.disconnecting
+    waiting.connectionLost(Failure(ConnectionDone()))
+    [event] = [e for e in events if e.get("event") == "connection" and e.get("error")]
+    assert "max_connections" in event["error"]
+
+
+def test_client_leaving_the_queue_is_forgotten():
+    h = Harness(servers=1)
+    h.pool.maxConnections = 1
+    h.accept()
+    backend, _ = h.answer()
+    waiting, client = h.accept()
+    waiting.connectionLost(Failure(ConnectionDone()))
+    backend.connectionLost(Failure(ConnectionDone()))
+    assert len(h.reactor.tcpClients) == 1
+    assert h.servers[0].active == 0

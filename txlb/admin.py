@@ -46,7 +46,8 @@ def serverJson(pool: Pool, server: Server) -> dict[str, Any]:
     return {
         "name": server.name,
         "address": displayAddress(server.address),
-        "weight": server.weight,
+        "weight": server.configuredWeight,
+        "effectiveWeight": server.weight,
         "state": server.state.value,
         "activeConnections": server.active,
         "totalRequests": server.total,

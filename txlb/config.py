@@ -100,6 +100,9 @@ class PoolConfig:
     options: Mapping[str, Any] = MappingProxyType({})
     health: HealthConfig = HealthConfig()
     passive: Optional[PassiveConfig] = None
+    max_connections: int = 0
+    queue_timeout: float = 5.0
+    slow_start: float = 0.0
 
 
 @attrs.frozen
@@ -231,9 +234,6 @@ PLANNED: Mapping[str, Mapping[str, str]] = {
         "dns": "health-aware DNS",
     },
     "pool": {
-        "max_connections": "connection limits",
-        "queue_timeout": "connection limits",
-        "slow_start": "slow start",
         "tls": "TLS to backends",
     },
     "service": {
@@ -601,6 +601,9 @@ def _readPool(t: _Table, name: str, algorithms: Optional[Algorithms]) -> PoolCon
         retries=t.get("retries", _integer(0, 100), 2),
         hash_key=t.get("hash_key", _hashKey, "client_ip"),
         options=options,
+        max_connections=t.get("max_connections", _integer(0, 1_000_000), 0),
+        queue_timeout=t.get("queue_timeout", parseDuration, 5.0),
+        slow_start=t.get("slow_start", parseDuration, 0.0),
         health=_readHealth(t.table("health", "health")),
         passive=_readPassive(t.table("passive", "passive")),
     )

@@ -11,7 +11,8 @@ ask the pool to pick and tell it what happened.
 from __future__ import annotations
 
 import math
-from typing import Collection, Iterable, Iterator, Optional
+from collections import deque
+from typing import Callable, Collection, Iterable, Iterator, Optional
 
 import attrs
 from constantly import ValueConstant, Values
@@ -66,6 +67,14 @@ class Server:
     ejections: int = 0
     consecutiveFailures: int = 0
     ejectedAt: float = 0.0
+    #: The weight the operator set; C{weight} is what schedulers see, lower
+    #: while slow start ramps a recovered server up.
+    configuredWeight: int = -1
+    rampStarted: Optional[float] = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.configuredWeight < 0:
+            self.configuredWeight = self.weight
     active: int = 0
     total: int = 0
     failures: int = 0
@@ -119,6 +128,14 @@ class Server:
             self.responseTime += RESPONSE_TIME_ALPHA * (seconds - self.responseTime)
 
 
+@attrs.define(eq=False)
+class _Waiter:
+    context: PickContext
+    exclude: tuple
+    callback: Callable[[Optional[Decision]], None]
+    call: object = None
+
+
 class Pool:
     """
     A named set of servers and the scheduler that places traffic on them.
@@ -148,6 +165,9 @@ class Pool:
         connectTimeout: float = 2.0,
         hashKey: str = "client_ip",
         passive: Optional[tuple[int, float]] = None,
+        maxConnections: int = 0,
+        queueTimeout: float = 5.0,
+        slowStart: float = 0.0,
     ) -> None:
         self.name = name
         self.algorithm = algorithm
@@ -157,6 +177,12 @@ class Pool:
         #: What hashing schedulers hash for HTTP requests (see L{txlb.http.routing.hashKeyOf}).
         self.hashKey = hashKey
         self.passive = passive
+        self.maxConnections = maxConnections
+        self.queueTimeout = queueTimeout
+        self.slowStart = slowStart
+        self._full: set[Server] = set()
+        self._queue: deque[_Waiter] = deque()
+        self._eligible: list[Server] = []
         self._clock = clock
         self._watchers: list = []
         self._servers: dict[str, Server] = {}
@@ -180,7 +206,10 @@ class Pool:
         return [s for s in self._servers.values() if s.state is ServerState.UP]
 
     def _refresh(self) -> None:
-        self.scheduler.setServers(self.eligible())
+        self._eligible = self.eligible()
+        self.scheduler.setServers(self._eligible)
+        if self._queue:
+            self._serveQueue()
 
     # What proxies call.
 
@@ -192,11 +221,15 @@ class Pool:
         that concurrent picks see each other.  The caller must call
         L{release} exactly once for every decision it gets.
         """
+        if self._full:
+            exclude = self._full.union(exclude)
         decision = self.scheduler.pick(context, exclude)
         if decision is not None:
             server = decision.server
             server.active += 1
             server.total += 1
+            if self.maxConnections and server.active >= self.maxConnections:
+                self._full.add(server)
             self.scheduler.loadChanged(server)
         return decision
 
@@ -205,9 +238,55 @@ class Pool:
         A connection or request that L{pick} counted has ended.
         """
         server.active -= 1
+        if self._full and server.active < self.maxConnections:
+            self._full.discard(server)
         self.scheduler.loadChanged(server)
         if server.draining and server.active == 0:
             self._drained(server)
+        if self._queue:
+            self._serveQueue()
+
+    # Connection limits: a queue of work waiting for a free server.
+
+    def saturated(self, exclude: Collection[Server] = ()) -> bool:
+        """
+        No server is free for this work, but one will be when something in
+        flight ends: worth queueing rather than failing.
+        """
+        return bool(self._full) and any(s in self._full and s not in exclude for s in self._eligible)
+
+    def enqueue(
+        self, context: PickContext, exclude: Collection[Server], callback: Callable[[Optional[Decision]], None]
+    ) -> "_Waiter":
+        """
+        Wait for a free server: C{callback(decision)} as soon as one frees
+        up (whichever first), or C{callback(None)} after C{queueTimeout}.
+        """
+        waiter = _Waiter(context, tuple(exclude), callback)
+        waiter.call = self._clock.callLater(self.queueTimeout, self._expire, waiter)
+        self._queue.append(waiter)
+        return waiter
+
+    def cancel(self, waiter: "_Waiter") -> None:
+        """The work gave up waiting (its client left)."""
+        if waiter in self._queue:
+            self._queue.remove(waiter)
+            if waiter.call.active():
+                waiter.call.cancel()
+
+    def _expire(self, waiter: "_Waiter") -> None:
+        self._queue.remove(waiter)
+        waiter.callback(None)
+
+    def _serveQueue(self) -> None:
+        while self._queue:
+            waiter = self._queue[0]
+            decision = self.pick(waiter.context, waiter.exclude)
+            if decision is None:
+                return
+            self._queue.popleft()
+            waiter.call.cancel()
+            waiter.callback(decision)
 
     def connectFailed(self, server: Server) -> None:
         server.failures += 1
@@ -257,6 +336,8 @@ class Pool:
         if old is health:
             return
         server.health = health
+        if health is ServerState.UP:
+            self._startRamp(server)
         self._refresh()
         if server.name not in self._servers:
             return
@@ -283,7 +364,33 @@ class Pool:
         self.setHealth(server, state, "set by hand")
 
     def setWeight(self, server: Server, weight: int) -> None:
-        if server.weight != weight:
+        server.configuredWeight = weight
+        if server.rampStarted is None and server.weight != weight:
+            server.weight = weight
+            self._refresh()
+
+    def _startRamp(self, server: Server) -> None:
+        """Slow start: from weight 1 up to the configured weight, linearly."""
+        if self.slowStart <= 0 or server.configuredWeight <= 1:
+            return
+        server.rampStarted = self._clock.seconds()
+        server.weight = 1
+        self._clock.callLater(self._rampStep(), self._ramp, server)
+
+    def _rampStep(self) -> float:
+        return max(self.slowStart / 10, 0.1)
+
+    def _ramp(self, server: Server) -> None:
+        if server.rampStarted is None or server.name not in self._servers:
+            return
+        done = (self._clock.seconds() - server.rampStarted) / self.slowStart
+        if done >= 1:
+            server.rampStarted = None
+            weight = server.configuredWeight
+        else:
+            weight = max(1, math.ceil(server.configuredWeight * done))
+            self._clock.callLater(self._rampStep(), self._ramp, server)
+        if weight != server.weight:
             server.weight = weight
             self._refresh()
 
@@ -380,6 +487,7 @@ class Pool:
     def _ejectionOver(self, server: Server) -> None:
         server.ejectedUntil = 0.0
         server.consecutiveFailures = 0
+        self._startRamp(server)
         self._refresh()
         if server.name in self._servers and server.health is ServerState.UP:
             _log.info(

@@ -51,6 +51,10 @@ def buildPool(config: PoolConfig, factories: Mapping[str, ISchedulerFactory], cl
         retries=config.retries,
         connectTimeout=config.connect_timeout,
         hashKey=config.hash_key,
+        passive=(config.passive.consecutive_failures, config.passive.eject_for) if config.passive else None,
+        maxConnections=config.max_connections,
+        queueTimeout=config.queue_timeout,
+        slowStart=config.slow_start,
     )
 
 

@@ -121,6 +121,7 @@ class Frontend(_Side):
         self.serverEOF = False
         self.closed = False
         self._connecting = None
+        self._waiter = None
         self._idleCall = None
         self._lastActivity = time.monotonic()
 
@@ -132,7 +133,23 @@ class Frontend(_Side):
 
     def _connect(self) -> None:
         pool = self.factory.pool
-        decision = pool.pick(PickContext(self.client), self.tried)
+        context = PickContext(self.client)
+        decision = pool.pick(context, self.tried)
+        if decision is None and pool.saturated(self.tried):
+            self._waiter = pool.enqueue(context, self.tried, self._dequeued)
+            return
+        self._use(decision)
+
+    def _dequeued(self, decision) -> None:
+        self._waiter = None
+        if decision is None:
+            self.error = f"every server of pool {self.factory.pool.name} stayed at max_connections"
+            self.transport.loseConnection()
+            return
+        self._use(decision)
+
+    def _use(self, decision) -> None:
+        pool = self.factory.pool
         if decision is None:
             self.error = (
                 f"no server of pool {pool.name} available"
@@ -236,6 +253,8 @@ class Frontend(_Side):
             self._idleCall = None
         if self._connecting is not None:
             self._connecting.cancel()
+        if self._waiter is not None:
+            self.factory.pool.cancel(self._waiter)
         if self.backend is not None and not self.backend.closed:
             self.backend.closeWriting(full=True)
         else:
