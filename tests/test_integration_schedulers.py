@@ -139,6 +139,36 @@ def test_consistent_hash_a_fourth_server_moves_a_quarter_to_it(backends, tmp_pat
     assert set(before.values()) == {"server-1", "server-2", "server-3"}
 
 
+def test_consistent_hash_server_added_at_run_time(backends, tmp_path):
+    """
+    The same through the admin API, with no restart: a fourth server added
+    to a running txlb takes between 10% and 40% of 300 clients, and nobody
+    else moves.
+    """
+    import json
+    import urllib.request
+
+    clients = [clientAddress(i) for i in range(300)]
+    fourth = Backend("server-4")
+    port, admin = freePort(), freePort()
+    extra = 'hash_key = "client_ip"'
+    text = f'[admin]\nlisten = "tcp:{admin}:interface=127.0.0.1"\n' + config(backends, "consistent_hash", extra=extra, port=port)
+    lb = Txlb(text, tmp_path).start(listening=2)
+    try:
+        before = {c: whoAnswers(port, c) for c in clients}
+        body = json.dumps({"name": "server-4", "address": fourth.address}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{admin}/api/pools/p/servers", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 201
+        after = {c: whoAnswers(port, c) for c in clients}
+    finally:
+        lb.stop()
+        fourth.stop()
+    moved = [c for c in clients if before[c] != after[c]]
+    assert {after[c] for c in moved} == {"server-4"}
+    assert 0.10 <= len(moved) / len(clients) <= 0.40
+
+
 def test_least_response_time_prefers_the_fast_server():
     """
     One backend answers at once, two wait 150 ms before their first byte;
