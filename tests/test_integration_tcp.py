@@ -259,3 +259,21 @@ def test_shutdown_timeout_closes_what_is_left(backends):
         assert event["error"] == "shutdown timeout"
     finally:
         lb.stop()
+
+
+def test_passive_ejection_stops_trying_a_dead_server(backends):
+    port = freePort()
+    backends[2].stop()
+    lb = balancer(backends, port, pool_extra='passive = { consecutive_failures = 2, eject_for = "60s" }').start()
+    try:
+        for _ in range(6):
+            whoAnswers(port)
+        [ejected] = waitFor(lambda: lb.events("server_ejected"))
+        assert (ejected["server"], ejected["ejectFor"]) == ("server-3", 60.0)
+        assert ejected["reason"].startswith("2 consecutive failures: connect failed")
+        failures = len(lb.events("connect_failed"))
+        landed = Counter(whoAnswers(port) for _ in range(12))
+        assert landed == {"server-1": 6, "server-2": 6}
+        assert len(lb.events("connect_failed")) == failures  # never tried again
+    finally:
+        lb.stop()
