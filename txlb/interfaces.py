@@ -16,11 +16,13 @@ when a server's load changes, and is asked to pick.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Collection, Mapping, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Mapping, NamedTuple, Optional, Sequence
 
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:  # pragma: no cover
+    from twisted.internet.defer import Deferred
+
     from txlb.pool import Server
 
 
@@ -112,4 +114,74 @@ class ISchedulerFactory(Interface):
         table.  Raise L{SchedulerOptionsError} when it is unusable: the
         config check calls this once per pool, so bad options are reported
         before anything starts.
+        """
+
+
+# Health checks.
+
+
+class HealthCheckOptionsError(ValueError):
+    """
+    Raised by an L{IHealthCheckFactory} when the pool's C{health.options}
+    table does not suit it.  The message is shown to the operator next to
+    the key path C{pools.NAME.health.options}, so it should name the option
+    and what is wrong.
+    """
+
+
+class CheckResult(NamedTuple):
+    """
+    What one health check found.
+
+    @ivar ok: the server passed.
+    @ivar detail: a short human account (C{"HTTP 200"}, C{"HTTP 503
+        {"status": "down"}"}, C{"connection refused"}); the detail of the
+        check that moves a server in or out of rotation becomes the
+        C{reason} of its C{server_state} event.
+    """
+
+    ok: bool
+    detail: str = ""
+
+
+class IHealthCheck(Interface):
+    """
+    One kind of active health check, configured for one pool.
+
+    txlb decides when to check, how many results move a server (C{rise},
+    C{fall}) and when a check has taken too long; a check only looks at one
+    server once and says what it saw.
+    """
+
+    def check(server: "Server", endpoint: Any, config: Any) -> "Deferred[CheckResult]":
+        """
+        Check C{server} once.
+
+        @param server: the server (its C{name} and C{address} are what a
+            check may use).
+        @param endpoint: an C{IStreamClientEndpoint} for C{server.address},
+            parsed once and reused.
+        @param config: the pool's C{txlb.config.HealthConfig} (C{path},
+            C{method}, C{timeout}, C{expect_status}, C{expect_json}, ...).
+        @return: a Deferred that fires with a L{CheckResult}.  An errback
+            counts as a failure whose detail is the error's message.  txlb
+            never runs two checks of the same server at once, and cancels
+            the Deferred when C{config.timeout} passes (a failure) or when
+            checks stop: cancelling must close whatever the check opened.
+        """
+
+
+class IHealthCheckFactory(Interface):
+    """
+    Makes health checks; the plugin object that C{health.kind = NAME} finds.
+    """
+
+    name = Attribute("The name written in C{kind = ...}.")
+    description = Attribute("One line shown by C{--check} and in the docs.")
+
+    def __call__(options: Mapping[str, object]) -> IHealthCheck:
+        """
+        Make a health check for one pool.  C{options} is the pool's
+        C{health.options} table.  Raise L{HealthCheckOptionsError} when it
+        is unusable.
         """

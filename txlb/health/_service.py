@@ -1,0 +1,193 @@
+# -*- test-case-name: tests.test_health -*-
+"""
+L{HealthChecks}: the active checks of one pool, as a service.
+
+Every server has its own little timer on the injected clock.  The first
+check of a server comes at a random moment within one interval, so that a
+pool of a thousand servers spreads its checks over the interval instead of
+opening a thousand connections at once; after that each server is checked
+every C{interval}, give or take L{JITTER}, counted from the start of its
+previous check.  The next check is only scheduled when the previous one has
+ended, so checks of one server never overlap, and a check that has not
+answered within C{timeout} is cancelled and counts as a failure.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Mapping, Optional
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txlb.interfaces import CheckResult, IHealthCheck, IHealthCheckFactory
+from txlb.health._checks import describeFailure
+from txlb.health._machine import RiseFall
+from txlb.pool import Server
+
+_log = Logger(namespace="txlb.health")
+
+#: Each interval after the first is C{interval * uniform(1 - JITTER, 1 + JITTER)}.
+JITTER = 0.1
+
+
+class _Checker:
+    """The checks of one server: a timer, at most one check in flight."""
+
+    def __init__(self, owner: "HealthChecks", server: Server) -> None:
+        self.owner = owner
+        self.server = server
+        self.machine = RiseFall(owner.config.rise, owner.config.fall)
+        self.timer = None
+        self.inFlight: Optional[Deferred] = None
+        self.started = 0.0
+        self.stopped = False
+
+    def start(self, delay: float) -> None:
+        self.timer = self.owner.clock.callLater(delay, self.run)
+
+    def run(self) -> None:
+        self.timer = None
+        owner = self.owner
+        config = owner.config
+        self.started = owner.clock.seconds()
+        try:
+            endpoint = owner.endpoints.get(self.server.address)
+            d = owner.check.check(self.server, endpoint, config)
+        except Exception:
+            d = Deferred()
+            d.errback()
+        self.inFlight = d
+        d.addTimeout(config.timeout, owner.clock)
+        d.addCallbacks(self.result, self.failed)
+
+    def failed(self, failure: Failure) -> CheckResult:
+        if failure.check(TimeoutError):
+            return self.result(CheckResult(False, f"no answer within {_seconds(self.owner.config.timeout)}"))
+        return self.result(CheckResult(False, describeFailure(failure)))
+
+    def result(self, result: CheckResult) -> CheckResult:
+        self.inFlight = None
+        if self.stopped:
+            return result
+        owner = self.owner
+        ok = bool(result.ok)
+        if ok:
+            owner.passed += 1
+        else:
+            owner.failed += 1
+        move = self.machine.observe(self.server.health, ok, result.detail)
+        if move is not None:
+            owner.pool.setHealth(self.server, *move)
+        if not self.stopped:
+            interval = owner.config.interval
+            due = self.started + interval * owner.rng.uniform(1 - JITTER, 1 + JITTER)
+            self.start(max(0.0, due - owner.clock.seconds()))
+        return result
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+        if self.inFlight is not None:
+            d, self.inFlight = self.inFlight, None
+            d.cancel()
+
+
+class HealthChecks(Service):
+    """
+    The active health checks of one pool.
+
+    On start (unless C{config.kind} is C{"none"}) it marks the pool as
+    checked, so that servers added at run time start as C{CHECKING}, and
+    checks every server of the pool, following servers as they are added
+    and removed.  Verdicts go to L{txlb.pool.Pool.setHealth}, which logs
+    the C{server_state} events.
+
+    @param pool: the L{txlb.pool.Pool} to check.
+    @param config: its L{txlb.config.HealthConfig}.
+    @param endpoints: an L{txlb.endpoints.EndpointCache} to connect with.
+    @param clock: an C{IReactorTime}; checks are timed on it.
+    @param factories: health-check factories by kind, as
+        L{healthCheckFactories} returns them.
+    @param rng: where the jitter comes from (seed it in tests).
+
+    @raise KeyError: C{config.kind} is not in C{factories}.
+    @raise txlb.interfaces.HealthCheckOptionsError: the kind's factory
+        refuses C{config.options}.
+
+    @ivar passed: checks passed since start; C{failed}: checks failed.
+    """
+
+    def __init__(
+        self,
+        pool,
+        config,
+        endpoints,
+        clock,
+        factories: Mapping[str, IHealthCheckFactory],
+        rng: Optional[random.Random] = None,
+    ) -> None:
+        self.pool = pool
+        self.config = config
+        self.endpoints = endpoints
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.check: Optional[IHealthCheck] = None
+        if config.kind != "none":
+            self.check = factories[config.kind](config.options)
+        self._checkers: dict[Server, _Checker] = {}
+        self._watching = False
+        self.passed = 0
+        self.failed = 0
+
+    @property
+    def checking(self) -> frozenset[Server]:
+        """The servers that have a checker now."""
+        return frozenset(self._checkers)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.check is None:
+            return
+        self.pool.checked = True
+        if not self._watching:
+            self.pool.watch(self)
+            self._watching = True
+        interval = self.config.interval
+        for server in self.pool:
+            self._startChecker(server, self.rng.uniform(0, interval))
+
+    def stopService(self) -> None:
+        """Stop every timer and cancel every check in flight (at once)."""
+        super().stopService()
+        checkers, self._checkers = self._checkers, {}
+        for checker in checkers.values():
+            checker.stop()
+
+    # What the pool calls (Pool.watch).
+
+    def serverAdded(self, server: Server) -> None:
+        if self.running and self.check is not None:
+            self._startChecker(server, self.rng.uniform(0, self.config.interval))
+
+    def serverRemoved(self, server: Server) -> None:
+        checker = self._checkers.pop(server, None)
+        if checker is not None:
+            checker.stop()
+
+    def _startChecker(self, server: Server, delay: float) -> None:
+        if server in self._checkers:
+            return
+        checker = self._checkers[server] = _Checker(self, server)
+        checker.start(delay)
+
+
+def _seconds(value: float) -> str:
+    if value < 1:
+        return f"{round(value * 1000)}ms"
+    return f"{value:g}s"
