@@ -352,9 +352,13 @@ class _Table:
                     key, f"not supported by this version of txlb yet ({planned[key]}); remove it"
                 )
                 continue
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            self.error(key, f"unknown key{hint}")
+            self.error(key, f"unknown key{_didYouMean(key, known)}")
+
+
+def _didYouMean(name: str, known: Collection[str]) -> str:
+    """C{" (did you mean 'x'?)"} for the closest of C{known}, or nothing."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _describe(value: Any) -> str:
@@ -580,11 +584,10 @@ def _readPool(t: _Table, name: str, algorithms: Optional[Algorithms]) -> PoolCon
     if algorithms is not None and algorithm is not None:
         factory = algorithms.get(algorithm)
         if factory is None:
-            close = difflib.get_close_matches(algorithm, list(algorithms), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             t.error(
                 "algorithm",
-                f"unknown algorithm {algorithm!r}{hint}; installed: {', '.join(sorted(algorithms))}",
+                f"unknown algorithm {algorithm!r}{_didYouMean(algorithm, algorithms)}; "
+                f"installed: {', '.join(sorted(algorithms))}",
             )
         else:
             try:
@@ -642,10 +645,9 @@ def _readHealth(t: Optional[_Table]) -> HealthConfig:
     kind = t.get("kind", _string, "none")
     known = t.ctx.healthKinds
     if kind not in _BUILTIN_HEALTH and known is not None and kind not in known:
-        close = difflib.get_close_matches(kind, list(known) + list(_BUILTIN_HEALTH), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        t.error("kind", f"unknown health check kind {kind!r}{hint}; installed: "
-                        f"{', '.join(sorted(set(known) | set(_BUILTIN_HEALTH)))}")
+        installed = sorted(set(known) | set(_BUILTIN_HEALTH))
+        t.error("kind", f"unknown health check kind {kind!r}{_didYouMean(kind, installed)}; "
+                        f"installed: {', '.join(installed)}")
     health = HealthConfig(
         kind=kind,
         path=t.get("path", _pathPrefix, "/health"),
@@ -729,9 +731,7 @@ def _poolName(t: _Table, pools: Mapping[str, Any]) -> Optional[str]:
     """The C{pool} of a service or route, which must exist."""
     pool = t.get("pool", _name)
     if pool is not None and pool not in pools:
-        close = difflib.get_close_matches(pool, list(pools), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        t.error("pool", f"no pool named {pool!r}{hint}")
+        t.error("pool", f"no pool named {pool!r}{_didYouMean(pool, pools)}")
         return None
     return pool
 

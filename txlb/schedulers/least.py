@@ -167,6 +167,31 @@ class _KeyedHeap:
         return found
 
 
+class _HeapScheduler(SchedulerBase):
+    """
+    A scheduler that picks the server with the smallest C{key(server)},
+    kept in a L{_KeyedHeap} that L{loadChanged} re-keys.
+    """
+
+    name = ""
+
+    @staticmethod
+    def key(server) -> tuple:
+        raise NotImplementedError()
+
+    def __init__(self, options: Mapping[str, object] = {}) -> None:
+        noOptions(self.name, options)
+        super().__init__(options)
+        self._heap = _KeyedHeap(self.key)
+
+    def setServers(self, servers: Sequence) -> None:
+        super().setServers(servers)
+        self._heap.reset(self.servers)
+
+    def loadChanged(self, server) -> None:
+        self._heap.update(server)
+
+
 def _responseKey(server) -> tuple:
     """
     Servers never measured come first while idle, so each gets tried; then
@@ -179,7 +204,7 @@ def _responseKey(server) -> tuple:
     return (0 if server.active == 0 else 2, server.active)
 
 
-class LeastResponseTime(SchedulerBase):
+class LeastResponseTime(_HeapScheduler):
     """
     The server with the lowest M{(active + 1) × responseTime}: the expected
     wait for a new request if each in flight takes the moving average.  With
@@ -190,17 +215,8 @@ class LeastResponseTime(SchedulerBase):
     changes, which is when this scheduler re-keys the server.
     """
 
-    def __init__(self, options: Mapping[str, object] = {}) -> None:
-        noOptions("least_response_time", options)
-        super().__init__(options)
-        self._heap = _KeyedHeap(_responseKey)
-
-    def setServers(self, servers: Sequence) -> None:
-        super().setServers(servers)
-        self._heap.reset(self.servers)
-
-    def loadChanged(self, server) -> None:
-        self._heap.update(server)
+    name = "least_response_time"
+    key = staticmethod(_responseKey)
 
     def pick(self, context: PickContext, exclude: Collection) -> Optional[Decision]:
         server, key = self._heap.smallest(exclude)
@@ -223,7 +239,7 @@ def _bandwidthKey(server) -> tuple:
     return (server.bandwidthRank(), server.active)
 
 
-class LeastBandwidth(SchedulerBase):
+class LeastBandwidth(_HeapScheduler):
     """
     The server with the lowest current bytes per second (both directions,
     decaying); between equals, the fewest active connections.
@@ -237,17 +253,8 @@ class LeastBandwidth(SchedulerBase):
     reaches the top is simply pushed again.
     """
 
-    def __init__(self, options: Mapping[str, object] = {}) -> None:
-        noOptions("least_bandwidth", options)
-        super().__init__(options)
-        self._heap = _KeyedHeap(_bandwidthKey)
-
-    def setServers(self, servers: Sequence) -> None:
-        super().setServers(servers)
-        self._heap.reset(self.servers)
-
-    def loadChanged(self, server) -> None:
-        self._heap.update(server)
+    name = "least_bandwidth"
+    key = staticmethod(_bandwidthKey)
 
     def pick(self, context: PickContext, exclude: Collection) -> Optional[Decision]:
         server, key = self._heap.smallest(exclude)
