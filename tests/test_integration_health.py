@@ -1,0 +1,353 @@
+"""
+Active health checks end to end: real backends on loopback whose health the
+test flips, and a small Twisted program in a subprocess that runs a real
+L{Pool} and L{HealthChecks} on the real reactor and prints, as JSON lines,
+every event and the pool's state every few milliseconds.
+
+(The checks are wired into C{twistd txlb} elsewhere; this proves the checks
+themselves, with real sockets and real time.)  Every wait is for a condition,
+with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from tests.support import ROOT, Backend, freePort, sourceEnv, waitFor
+from txlb.health import JITTER
+
+PLUGIN_EXAMPLE = ROOT / "tests" / "health_plugin_example"
+
+PROGRAM = r'''
+import json, sys, time
+from types import MappingProxyType
+
+from twisted.internet import reactor, stdio
+from twisted.internet.task import LoopingCall
+from twisted.logger import globalLogPublisher
+from twisted.protocols.basic import LineReceiver
+
+from txlb.config import HealthConfig
+from txlb.endpoints import EndpointCache, serverAddress
+from txlb.health import HealthChecks, healthCheckFactories
+from txlb.pool import Pool, Server
+from txlb.schedulers.rotation import RoundRobin
+
+spec = json.loads(sys.argv[1])
+
+
+def emit(record):
+    sys.stdout.write(json.dumps(record, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def observe(event):
+    if "event" in event:
+        emit({k: v for k, v in event.items() if not k.startswith("log_")} | {"t": event["log_time"]})
+
+
+globalLogPublisher.addObserver(observe)
+health = dict(spec["health"])
+health["expect_status"] = tuple(health.get("expect_status", (200,)))
+health["expect_json"] = MappingProxyType({k: tuple(v) for k, v in health.get("expect_json", {}).items()})
+health["options"] = MappingProxyType(health.get("options", {}))
+config = HealthConfig(**health)
+servers = [Server(s["name"], serverAddress(s["address"])) for s in spec["servers"]]
+pool = Pool("p", "round_robin", RoundRobin(), servers, reactor)
+checks = HealthChecks(pool, config, EndpointCache(reactor), reactor, healthCheckFactories())
+checks.startService()
+
+
+def state():
+    emit({
+        "event": "pool", "t": time.time(),
+        "states": {s.name: s.state.value for s in pool},
+        "eligible": sorted(s.name for s in pool.eligible()),
+    })
+
+
+class Commands(LineReceiver):
+    delimiter = b"\n"
+
+    def lineReceived(self, line):
+        command = json.loads(line)
+        if "add" in command:
+            pool.add(Server(command["add"]["name"], serverAddress(command["add"]["address"])))
+        elif "remove" in command:
+            pool.remove(pool.server(command["remove"]))
+
+    def connectionLost(self, reason):
+        checks.stopService()
+        emit({"event": "stopped", "timers": len(reactor.getDelayedCalls())})
+        reactor.stop()
+
+
+stdio.StandardIO(Commands())
+LoopingCall(state).start(0.02)
+emit({"event": "ready", "kinds": sorted(healthCheckFactories())})
+reactor.run()
+'''
+
+
+class Checked:
+    """The program above, running; its lines collected by a thread."""
+
+    def __init__(self, tmp: Path, servers, env: Optional[dict] = None, **health) -> None:
+        script = tmp / "checked.py"
+        script.write_text(PROGRAM)
+        spec = {"servers": [{"name": n, "address": a} for n, a in servers], "health": health}
+        self.lines: list[dict] = []
+        self.process = subprocess.Popen(
+            [sys.executable, str(script), json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=env or sourceEnv(), cwd=tmp,
+        )
+        self.other: list[bytes] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        waitFor(lambda: self.events("ready") or self.process.poll() is not None, what="the program")
+        if not self.events("ready"):
+            self.reader.join(5)
+            raise AssertionError(b"".join(self.other).decode())
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            try:
+                self.lines.append(json.loads(line))
+            except ValueError:
+                self.other.append(line)
+
+    def events(self, kind: str, **match) -> list[dict]:
+        return [
+            e for e in list(self.lines)
+            if e.get("event") == kind and all(e.get(k) == v for k, v in match.items())
+        ]
+
+    def waitEvent(self, kind: str, timeout: float = 10.0, after: float = 0.0, **match) -> dict:
+        return waitFor(
+            lambda: [e for e in self.events(kind, **match) if e["t"] >= after],
+            timeout=timeout, what=f"{kind} {match}",
+        )[0]
+
+    def state(self) -> dict:
+        pools = self.events("pool")
+        return pools[-1] if pools else {}
+
+    def send(self, command: dict) -> None:
+        self.process.stdin.write(json.dumps(command).encode() + b"\n")
+        self.process.stdin.flush()
+
+    def stop(self) -> dict:
+        self.process.stdin.close()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError("the program did not stop")
+        self.reader.join(5)
+        return self.events("stopped")[0]
+
+
+class HealthyBackend(Backend):
+    """An HTTP backend whose C{/health} answer the test sets."""
+
+    def __init__(self, name: str, status: int = 200, body: bytes = b'{"status": "ok"}') -> None:
+        self.status, self.body = status, body
+        self.checks = 0
+        super().__init__(name, answerHealth)
+
+
+def answerHealth(sock: socket.socket, backend: HealthyBackend) -> None:
+    request = b""
+    while b"\r\n\r\n" not in request:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return
+        request += chunk
+    assert request.startswith(b"GET /health HTTP/1.1\r\n") and b"\r\nConnection: close\r\n" in request
+    backend.checks += 1
+    status, body = backend.status, backend.body
+    sock.sendall(
+        f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"Connection: close\r\n\r\n".encode() + body
+    )
+
+
+@pytest.fixture
+def programs():
+    started: list[Checked] = []
+    yield started
+    for p in started:
+        if p.process.poll() is None:
+            p.process.kill()
+            p.process.wait()
+
+
+@pytest.fixture
+def backends():
+    made: list[Backend] = []
+    yield made
+    for b in made:
+        b.stop()
+
+
+INTERVAL = 0.2
+SLACK = 0.3  # scheduling and a loaded test machine
+
+
+def test_a_failing_health_endpoint_leaves_rotation_in_time_and_comes_back(tmp_path, programs, backends):
+    one, two = HealthyBackend("server-1"), HealthyBackend("server-2")
+    backends += [one, two]
+    rise, fall = 2, 3
+    p = Checked(tmp_path, [("server-1", one.address), ("server-2", two.address)],
+                kind="http", interval=INTERVAL, timeout=0.15, rise=rise, fall=fall)
+    programs.append(p)
+    waitFor(lambda: one.checks >= 2 and two.checks >= 2, what="checks to run")
+    assert p.state()["eligible"] == ["server-1", "server-2"]
+
+    two.status, two.body = 503, b'{"status": "unhealthy", "database": "timeout"}'
+    flipped = time.time()
+    down = p.waitEvent("server_state", server="server-2", health="unhealthy")
+    assert down["action"] == "removed_from_rotation" and down["pool"] == "p"
+    assert down["reason"] == '3 consecutive failures: HTTP 503 {"status": "unhealthy", "database": "timeout"}'
+    assert down["t"] - flipped <= (fall + 1) * INTERVAL * (1 + JITTER) + SLACK
+    waitFor(lambda: [s for s in p.events("pool") if s["t"] > down["t"]], what="a state after")
+    after = [s for s in p.events("pool") if s["t"] > down["t"]]
+    assert all(s["eligible"] == ["server-1"] and s["states"]["server-2"] == "down" for s in after)
+
+    two.status, two.body = 200, b'{"status": "ok"}'
+    healed = time.time()
+    up = p.waitEvent("server_state", server="server-2", health="healthy")
+    assert (up["action"], up["reason"]) == ("added_to_rotation", "2 consecutive passes")
+    assert up["t"] - healed <= (rise + 1) * INTERVAL * (1 + JITTER) + SLACK
+    waitFor(lambda: p.state()["t"] > up["t"] and p.state()["eligible"] == ["server-1", "server-2"])
+    assert not p.events("server_state", server="server-1")
+
+    stopped = p.stop()
+    assert stopped["timers"] <= 1  # the state printer's own timer only
+
+
+def test_expect_json_keeps_out_a_server_that_is_only_healthy(tmp_path, programs, backends):
+    ready = HealthyBackend("ready", body=b'{"status": "ready"}')
+    healthy = HealthyBackend("healthy", body=b'{"status": "healthy"}')
+    backends += [ready, healthy]
+    p = Checked(tmp_path, [("ready", ready.address), ("healthy", healthy.address)],
+                kind="http", interval=0.1, timeout=0.1, rise=1, fall=2,
+                expect_json={"status": ["ready"]})
+    programs.append(p)
+    down = p.waitEvent("server_state", server="healthy")
+    assert down["reason"] == (
+        '2 consecutive failures: HTTP 200 status = "healthy", expected one of ["ready"]: {"status": "healthy"}'
+    )
+    waitFor(lambda: ready.checks >= 4)
+    assert p.state()["eligible"] == ["ready"]
+    assert not p.events("server_state", server="ready")
+    p.stop()
+
+
+def test_servers_added_at_run_time_join_only_after_passing(tmp_path, programs, backends):
+    base, good, bad = HealthyBackend("base"), HealthyBackend("good"), HealthyBackend("bad", status=500)
+    backends += [base, good, bad]
+    p = Checked(tmp_path, [("base", base.address)], kind="http", interval=0.1, timeout=0.1, rise=2, fall=2)
+    programs.append(p)
+    p.send({"add": {"name": "bad", "address": bad.address}})
+    p.send({"add": {"name": "good", "address": good.address}})
+    added = p.waitEvent("server_added", server="good")
+    assert (added["healthCheck"], added["action"]) == ("passed", "added_to_load_balancer_pool")
+    # Before it passed twice, it was checking and out of rotation.
+    before = [s for s in p.events("pool") if "good" in s["states"] and s["t"] < added["t"]]
+    assert before and all(s["states"]["good"] == "checking" and "good" not in s["eligible"] for s in before)
+    p.waitEvent("server_state", server="bad", health="unhealthy")
+    waitFor(lambda: bad.checks >= 5, what="more checks of bad")
+    assert not p.events("server_added", server="bad")
+    assert all("bad" not in s["eligible"] for s in p.events("pool"))
+    # A removed server is not checked any more.
+    p.send({"remove": "bad"})
+    waitFor(lambda: "bad" not in p.state().get("states", {"bad": 1}), what="bad removed")
+    checked, baseChecked = bad.checks, base.checks
+    waitFor(lambda: base.checks >= baseChecked + 5, what="five more rounds")
+    assert bad.checks <= checked + 1  # at most one that was under way
+    p.stop()
+
+
+def listener(port: int) -> socket.socket:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(64)
+    return s
+
+
+def test_tcp_check_follows_a_port_that_closes_and_opens(tmp_path, programs):
+    port = freePort()
+    sock = listener(port)
+    try:
+        p = Checked(tmp_path, [("db-1", f"127.0.0.1:{port}")], kind="tcp", interval=0.1, timeout=0.1, rise=2, fall=2)
+        programs.append(p)
+        sock.close()
+        down = p.waitEvent("server_state", server="db-1", health="unhealthy")
+        assert down["reason"] == "2 consecutive failures: connection refused"
+        sock = listener(port)
+        up = p.waitEvent("server_state", server="db-1", health="healthy")
+        assert up["reason"] == "2 consecutive passes"
+        p.stop()
+    finally:
+        sock.close()
+
+
+def test_a_server_that_never_answers_times_out(tmp_path, programs):
+    port = freePort()
+    sock = listener(port)  # accepts (the kernel does), never answers
+    try:
+        p = Checked(tmp_path, [("slow", f"127.0.0.1:{port}")], kind="http", interval=0.1, timeout=0.05, rise=1, fall=3)
+        programs.append(p)
+        down = p.waitEvent("server_state", server="slow")
+        assert down["reason"] == "3 consecutive failures: no answer within 50ms"
+        stopped = p.stop()
+        assert stopped["timers"] <= 1
+    finally:
+        sock.close()
+
+
+def test_plugin_kind_from_a_separate_directory(tmp_path, programs, backends):
+    """
+    The example plugin of docs/health.md, copied to a directory of its own
+    and put on PYTHONPATH, is found by its kind and its options reach it.
+    """
+    site = tmp_path / "site"
+    shutil.copytree(PLUGIN_EXAMPLE, site)
+    assert not (site / "twisted" / "__init__.py").exists()
+    assert not (site / "twisted" / "plugins" / "__init__.py").exists()
+    env = sourceEnv()
+    env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
+
+    def redisLike(answer: bytes):
+        def handle(sock: socket.socket, backend: Backend) -> None:
+            if sock.recv(64) == b"PING\r\n":
+                sock.sendall(answer)
+        return handle
+
+    pong = Backend("pong", redisLike(b"+PONG\r\n"))
+    loading = Backend("loading", redisLike(b"-LOADING Redis is loading the dataset in memory\r\n"))
+    backends += [pong, loading]
+    p = Checked(tmp_path, [("pong", pong.address), ("loading", loading.address)], env=env,
+                kind="send_expect", interval=0.1, timeout=0.1, rise=1, fall=2,
+                options={"send": "PING\r\n", "expect": "+PONG"})
+    programs.append(p)
+    assert p.events("ready")[0]["kinds"] == ["http", "send_expect", "tcp"]
+    down = p.waitEvent("server_state", server="loading")
+    assert down["reason"] == "2 consecutive failures: answered '-LOADING Redis is loading the dataset in memory'"
+    waitFor(lambda: pong.connections >= 3)
+    assert p.state()["eligible"] == ["pong"]
+    p.stop()
