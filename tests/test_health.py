@@ -35,6 +35,7 @@ from txlb.health import (
     tcpCheck,
 )
 from txlb.health._checks import excerpt, hostHeader, jsonMismatch
+from txlb.health.testing import CheckHarness, verifyHealthCheckFactory
 from txlb.interfaces import (
     CheckResult,
     HealthCheckOptionsError,
@@ -196,6 +197,30 @@ def test_health_checks_provide_their_interfaces():
     for factory in BUILTINS:
         assert verifyObject(IHealthCheckFactory, factory)
         assert verifyObject(IHealthCheck, factory({}))
+        verifyHealthCheckFactory(factory)
+
+
+def test_verify_health_check_factory_catches_a_bad_factory():
+    @implementer(IHealthCheckFactory)
+    class NoName:
+        name = ""
+        description = "x"
+
+        def __call__(self, options):
+            return tcpCheck(options)
+
+    with pytest.raises(AssertionError, match="name must be"):
+        verifyHealthCheckFactory(NoName())
+
+    @implementer(IHealthCheckFactory)
+    class NotACheck(NoName):
+        name = "x"
+
+        def __call__(self, options):
+            return object()
+
+    with pytest.raises(Exception, match="IHealthCheck|not provide"):
+        verifyHealthCheckFactory(NotACheck())
 
 
 def test_options_reach_the_factory_and_pool_is_marked_checked():
@@ -446,41 +471,17 @@ def httpConfig(**kw) -> HealthConfig:
     return HealthConfig(**kw)
 
 
-class Connection:
-    """A check connected to a StringTransport through a memory reactor."""
+class Connection(CheckHarness):
+    """The harness plugin authors get, with the built-in kinds' defaults."""
 
     def __init__(self, kind=httpCheck, config=None, address="tcp:host=10.0.0.5:port=8080", options=None):
-        self.reactor = MemoryReactorClock()
-        self.server = Server("s", address)
-        self.config = config or httpConfig()
-        self.check = kind(options or {})
-        self.results: list = []
-        self.d = self.check.check(self.server, clientFromString(self.reactor, address), self.config)
-        self.d.addBoth(self.results.append)
-        self.transport = StringTransport()
-        self.protocol = None
-
-    def connect(self):
-        factory = self.reactor.tcpClients[0][2]
-        self.protocol = factory.buildProtocol(None)
-        self.protocol.makeConnection(self.transport)
-        return self
-
-    def refuse(self):
-        factory = self.reactor.tcpClients[0][2]
-        factory.clientConnectionFailed(self.reactor.connectors[0], Failure(error.ConnectionRefusedError()))
-        return self
+        super().__init__(kind(options or {}), config or httpConfig(), address)
 
     def receive(self, data: bytes, close: bool = False):
-        self.protocol.dataReceived(data)
+        super().receive(data)
         if close:
-            self.protocol.connectionLost(Failure(error.ConnectionDone()))
+            self.close()
         return self
-
-    @property
-    def result(self):
-        (result,) = self.results
-        return result
 
 
 def response(status: int, body: bytes = b"", headers: str = "", reason: str = "X") -> bytes:
@@ -491,7 +492,7 @@ def response(status: int, body: bytes = b"", headers: str = "", reason: str = "X
 
 def test_http_sends_one_request_with_host_and_connection_close():
     c = Connection(config=httpConfig(path="/ready?deep=1", method="GET")).connect()
-    assert c.transport.value() == (
+    assert c.sent() == (
         b"GET /ready?deep=1 HTTP/1.1\r\nHost: 10.0.0.5:8080\r\nUser-Agent: txlb-health-check\r\n"
         b"Accept: */*\r\nConnection: close\r\n\r\n"
     )
@@ -634,17 +635,15 @@ def test_connection_refused_fails_the_check():
 
 
 def test_cancel_before_connecting_stops_the_attempt():
-    c = Connection()
-    c.d.cancel()
-    assert c.reactor.connectors[0].stoppedConnecting
+    c = Connection().cancel()
+    assert c.stoppedConnecting
     assert isinstance(c.result, Failure)
 
 
 def test_cancel_while_connected_aborts_the_connection():
-    c = Connection().connect()
-    c.d.cancel()
+    c = Connection().connect().cancel()
     assert isinstance(c.result, Failure)
-    assert c.transport.disconnecting
+    assert c.closed
     c.receive(response(200))  # a late answer is ignored
     assert len(c.results) == 1
 
@@ -725,3 +724,91 @@ def test_unknown_kind_is_a_key_error():
     pool = Pool("p", "round_robin", RoundRobin(), [], clock)
     with pytest.raises(KeyError):
         HealthChecks(pool, HealthConfig(kind="nope"), EndpointCache(clock), clock, healthCheckFactories())
+
+
+# docs/health.md: the example plugin it shows is the file the integration
+# tests install, and the tests it shows pass.
+
+from tests.support import ROOT  # noqa: E402
+
+DOC = ROOT / "docs" / "health.md"
+EXAMPLE = ROOT / "tests" / "health_plugin_example" / "twisted" / "plugins" / "txlb_send_expect.py"
+
+
+def docBlock(marker: str) -> str:
+    import re
+
+    match = re.search(
+        rf"<!-- {re.escape(marker)}[^>]*-->\n```python\n(.*?)```\n<!-- end of {re.escape(marker)} -->",
+        DOC.read_text(),
+        re.S,
+    )
+    assert match, f"no {marker!r} block in {DOC.name}"
+    return match.group(1)
+
+
+def loadExample():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("txlb_send_expect_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_doc_shows_the_tested_plugin_verbatim():
+    assert docBlock("the example plugin") == EXAMPLE.read_text()
+
+
+def test_example_plugin_has_no_package_markers():
+    site = EXAMPLE.parent.parent.parent
+    assert not (site / "twisted" / "__init__.py").exists()
+    assert not (site / "twisted" / "plugins" / "__init__.py").exists()
+
+
+def _docTests():
+    namespace = {"sendExpect": loadExample().sendExpect}
+    exec(compile(docBlock("the example tests"), str(DOC), "exec"), namespace)
+    return sorted((name, f) for name, f in namespace.items() if name.startswith("test_"))
+
+
+@pytest.mark.parametrize("name, test", _docTests(), ids=lambda v: v if isinstance(v, str) else "")
+def test_doc_tests_pass(name, test):
+    test()
+
+
+def test_doc_tests_exist():
+    assert len(_docTests()) == 5
+
+
+def test_example_refuses_bad_options():
+    sendExpect = loadExample().sendExpect
+    with pytest.raises(HealthCheckOptionsError, match="expect must be a non-empty string"):
+        sendExpect({"send": "PING\r\n"})
+    with pytest.raises(HealthCheckOptionsError, match="unknown option port"):
+        sendExpect({"expect": "+PONG", "port": 1})
+
+
+def test_example_runs_under_health_checks():
+    """The plugin's check, driven by HealthChecks on a memory reactor."""
+    reactor = MemoryReactorClock()
+    server = Server("cache-1", "tcp:host=127.0.0.1:port=6379")
+    pool = Pool("cache", "round_robin", RoundRobin(), [server], reactor)
+    config = HealthConfig(kind="send_expect", interval=1.0, timeout=0.5, fall=1, rise=1,
+                          options=MappingProxyType({"send": "PING\r\n", "expect": "+PONG"}))
+    factories = {"send_expect": loadExample().sendExpect}
+    checks = HealthChecks(pool, config, EndpointCache(reactor), reactor, factories)
+    checks.startService()
+    reactor.advance(1.0)
+    protocol = reactor.tcpClients[-1][2].buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    reactor.advance(0.5)  # no answer: timed out, connection aborted
+    assert server.health is DOWN and protocol.transport.disconnecting
+    reactor.advance(0.6)
+    transport = StringTransport()
+    protocol = reactor.tcpClients[-1][2].buildProtocol(None)
+    protocol.makeConnection(transport)
+    assert transport.value() == b"PING\r\n"
+    protocol.dataReceived(b"+PONG\r\n")
+    assert server.health is UP
+    checks.stopService()
