@@ -449,3 +449,144 @@ def test_websocket_upgrade_becomes_a_pipe():
     assert client.disconnecting
     frontend.connectionLost(Failure(ConnectionDone()))
     assert h.servers[0].active == 0
+
+
+def test_backend_timeout_counts_from_the_end_of_a_long_upload():
+    h = Harness(backendTimeout=5.0)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"PUT /u HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+    backend, server = h.answer()
+    for byte in b"0123456789":  # one byte every 4s: 40s of upload, never 5s quiet
+        h.reactor.advance(4)
+        frontend.dataReceived(bytes([byte]))
+    assert client.value() == b""
+    h.reactor.advance(4.9)
+    assert client.value() == b""
+    h.reactor.advance(0.1)
+    assert head(client.value())[0] == b"HTTP/1.1 504 Gateway Timeout"
+
+
+def test_a_stalled_upload_times_out():
+    h = Harness(backendTimeout=5.0)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"PUT /u HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n01")
+    backend, server = h.answer()
+    h.reactor.advance(5)
+    assert head(client.value())[0] == b"HTTP/1.1 504 Gateway Timeout"
+    assert server.aborted
+
+
+def test_bytes_sent_after_an_upgrade_request_wait_for_the_answer():
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    assert client.producerState == "paused"
+    frontend.dataReceived(b"sent-early")  # already on its way before the pause took effect
+    backend, server = h.answer()
+    backend.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    assert client.producerState == "producing"
+    frontend.dataReceived(b"-and-later")
+    assert server.value().endswith(b"\r\n\r\nsent-early-and-later")
+
+
+def test_a_refused_upgrade_closes_the_connection():
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+                          b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    backend.dataReceived(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    assert head(client.value())[0] == b"HTTP/1.1 400 Bad Request"
+    assert client.disconnecting
+    assert b"/next" not in server.value()
+
+
+@pytest.mark.parametrize(
+    "request_, status",
+    [
+        (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 405),
+        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+        (b"GET / HTTP/0.9\r\nHost: a\r\n\r\n", 505),
+        (b"GET http://user@a/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET ftp://a/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ],
+)
+def test_unsupported_requests_are_refused(request_, status):
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(request_)
+    assert h.connects() == 0
+    assert head(client.value())[0].startswith(b"HTTP/1.1 %d " % status)
+    assert client.disconnecting
+
+
+def test_absolute_form_is_forwarded_in_origin_form_and_routed_by_its_host():
+    h = Harness(routes=[Route("q", host="api.example")])
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET http://API.example:8080?x=1 HTTP/1.1\r\nHost: www.example\r\n\r\n")
+    assert h.reactor.tcpClients[-1][0] == "127.0.1.1"
+    backend, server = h.answer()
+    line, fields = head(server.value())
+    assert line == b"GET /?x=1 HTTP/1.1"
+    assert fields[b"host"] == [b"API.example:8080"]
+    assert fields[b"x-forwarded-host"] == [b"API.example:8080"]
+
+
+def test_options_asterisk_is_forwarded():
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    assert server.value().startswith(b"OPTIONS * HTTP/1.1\r\n")
+
+
+def test_http10_request_without_host_gets_an_empty_host():
+    import h11
+
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
+    backend, server = h.answer()
+    parser = h11.Connection(h11.SERVER)
+    parser.receive_data(server.value())
+    request = parser.next_event()
+    assert isinstance(request, h11.Request)
+    assert dict(request.headers)[b"host"] == b""
+    assert b"x-forwarded-host" not in dict(request.headers)
+
+
+def test_endless_trailers_are_refused():
+    h = Harness(maxHeaderBytes=1024)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nX-T: ")
+    backend, server = h.answer()
+    for _ in range(200):
+        if client.disconnecting:
+            break
+        frontend.dataReceived(b"y" * 1024)
+    assert head(client.value())[0].startswith(b"HTTP/1.1 431 ")
+    assert server.aborted
+
+
+def test_long_chunked_bodies_are_not_mistaken_for_trailers():
+    h = Harness(maxHeaderBytes=1024)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    backend, server = h.answer()
+    for _ in range(200):
+        frontend.dataReceived(b"400\r\n" + b"z" * 1024 + b"\r\n")
+    frontend.dataReceived(b"0\r\n\r\n")
+    backend.dataReceived(OK)
+    assert head(client.value())[0] == b"HTTP/1.1 200 OK"
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"gzip, chunked"])
+def test_a_response_transfer_coding_other_than_chunked_is_502(coding):
+    h = Harness()
+    frontend, client = h.accept()
+    frontend.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+    backend, server = h.answer()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n")
+    assert head(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+    assert server.aborted

@@ -30,6 +30,10 @@ MAX_IDLE_PER_SERVER = 64
 IDLE_TIMEOUT = 30.0
 
 
+class _Unsupported(Exception):
+    """Raised in a parser callback: a response we cannot pass on."""
+
+
 class ResponseSink(TypingProtocol):
     """What a backend connection reports to (the exchange)."""
 
@@ -99,6 +103,11 @@ class BackendConnection(Protocol):
             self.piping = True
             exchange.upgraded(data[e.args[0]:])
             return
+        except httptools.HttpParserCallbackError as e:
+            if not isinstance(e.__context__, _Unsupported):
+                raise
+            self._fail(f"unsupported response from {self.server.name}: {e.__context__}")
+            return
         except httptools.HttpParserError as e:
             self._fail(f"invalid response from {self.server.name}: {e}")
             return
@@ -140,12 +149,20 @@ class BackendConnection(Protocol):
             return
         self.inHead = False
         self.keepAlive = self.parser.should_keep_alive()
+        chunked = hasLength = False
+        for n, v in headers:
+            n = n.lower()
+            if n == b"transfer-encoding":
+                if v.strip().lower() != b"chunked":
+                    # A coding we would have to drop or could not re-frame.
+                    raise _Unsupported(f"Transfer-Encoding {v.decode('latin-1')!r}")
+                chunked = True
+            elif n == b"content-length":
+                hasLength = True
         if self.noBody or status in (204, 304):
             self.done = True
         else:
-            self.closeDelimited = not any(
-                n.lower() in (b"content-length", b"transfer-encoding") for n, _ in headers
-            )
+            self.closeDelimited = not chunked and not hasLength
         self.exchange.responseHead(status, reason, headers, self.keepAlive)
 
     def on_body(self, data: bytes) -> None:

@@ -18,6 +18,7 @@ pipelining) without the two fighting over C{resumeProducing}.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from typing import Mapping, Optional
@@ -227,6 +228,7 @@ class Exchange:
         conn = self.conn
         if conn is not None:
             self.bodySent = True
+            self.lastSent = self.frontend.service.clock.seconds()
             conn.transport.write(data)
         else:
             self.pending.append(data)
@@ -235,6 +237,7 @@ class Exchange:
         self.requestDone = True
         conn = self.conn
         if conn is not None:
+            self.lastSent = self.frontend.service.clock.seconds()
             if self.chunked:
                 conn.transport.write(_CHUNK_END)
             if self.hasBody:
@@ -364,8 +367,20 @@ class Exchange:
                 self._timer.cancel()
             self._timer = None
 
+    lastSent = 0.0
+
     def backendTimedOut(self) -> None:
+        """
+        No answer within C{timeouts.backend} of the request's last byte
+        sent: a long upload the backend keeps reading is not timed out.
+        """
         self._timer = None
+        clock = self.frontend.service.clock
+        quiet = clock.seconds() - self.lastSent
+        timeout = self.frontend.service.backendTimeout
+        if quiet < timeout:
+            self._timer = clock.callLater(timeout - quiet, self.backendTimedOut)
+            return
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.exchange = None
@@ -375,6 +390,25 @@ class Exchange:
             self.frontend.transport.unregisterProducer()
         self._release()
         self.frontend._fail(self, 504, f"{self.server.name} did not answer within {self.frontend.service.backendTimeout:g}s")
+
+
+_ABSOLUTE = re.compile(rb"[hH][tT][tT][pP][sS]?://([^/?#@]+)([/?][^#]*)?")
+
+
+def absoluteForm(target: bytes) -> Optional[tuple[bytes, bytes]]:
+    """
+    C{(authority, origin-form target)} of an absolute-form request target
+    (C{http://host:port/path?q}), or L{None} when it is not one we accept.
+    """
+    match = _ABSOLUTE.fullmatch(target)
+    if match is None:
+        return None
+    authority, rest = match.groups()
+    if not rest:
+        rest = b"/"
+    elif rest[:1] == b"?":
+        rest = b"/" + rest
+    return authority, rest
 
 
 def _headerValue(headers: list, name: bytes) -> Optional[bytes]:
@@ -399,6 +433,8 @@ class HTTPFrontend(Protocol):
 
     closing = False
     piping = False
+    #: Bytes after a request that asked for an upgrade, kept until the answer.
+    upgradeData: Optional[bytes] = None
 
     def __init__(self, factory: HTTPProxyFactory, client: str) -> None:
         self.factory = factory
@@ -414,6 +450,8 @@ class HTTPFrontend(Protocol):
         self._url = b""
         self._headers: list = []
         self._dead = False
+        self._progress = False
+        self._stalled = 0
 
     # Connection.
 
@@ -446,13 +484,19 @@ class HTTPFrontend(Protocol):
             self.pipeTo.transport.write(data)
             return
         if self._dead:
+            if self.upgradeData is not None:
+                self.upgradeData += data  # for the tunnel, if there is one
             return
         if self._inHead:
             self._rawHead += len(data)
+        self._progress = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            self._dead = True  # the rest belongs to the tunnel
+            # The rest belongs to the tunnel, if the backend agrees to one:
+            # keep it, and read no more until the answer.
+            self._dead = True
+            self.gate.pause("upgrade")
             self.upgradeData = data[e.args[0]:]
             return
         except httptools.HttpParserCallbackError as e:
@@ -467,10 +511,20 @@ class HTTPFrontend(Protocol):
             return
         if self._inHead and self._rawHead > self.service.maxHeaderBytes + _HEAD_SLACK:
             self._refuse(431, "request header block too large")
+        elif self.reading is not None and self.reading.chunked:
+            # Chunk-size lines and trailers are buffered by the parser until
+            # they end: bound them as the head is bounded.
+            if self._progress:
+                self._stalled = 0
+            else:
+                self._stalled += len(data)
+                if self._stalled > self.service.maxHeaderBytes + _HEAD_SLACK:
+                    self._refuse(431, "chunk header or trailer section too large")
 
     # httptools callbacks: the request being read.
 
     def on_message_begin(self) -> None:
+        self._stalled = 0
         self._inHead = True
         self._headSize = 0
         self._rawHead = 0
@@ -501,9 +555,27 @@ class HTTPFrontend(Protocol):
         version = parser.get_http_version()
         exchange = Exchange(self, parser.get_method(), self._url, self._headers,
                             parser.should_keep_alive(), version)
+        if version != "1.1" and version != "1.0":
+            raise _Refused(505, f"HTTP/{version} is not supported; use HTTP/1.1")
+        if exchange.method == b"CONNECT":
+            raise _Refused(405, "CONNECT is not supported by this reverse proxy")
         hosts = sum(1 for n, _ in self._headers if n.lower() == b"host")
         if hosts > 1 or (version == "1.1" and hosts == 0):
             raise _Refused(400, "an HTTP/1.1 request needs exactly one Host header")
+        target = exchange.target
+        if target[:1] != b"/":
+            if target == b"*" and exchange.method == b"OPTIONS":
+                pass
+            else:
+                absolute = absoluteForm(target)
+                if absolute is None:
+                    raise _Refused(400, "the request target must be a path or an http(s) URL")
+                # RFC 9112 3.2.2: the URL's authority wins over Host.  The
+                # backend gets the usual origin form, so that it and the
+                # router agree on host and path.
+                exchange.host, exchange.target = absolute
+                exchange.headers = [(n, v) for n, v in exchange.headers if n.lower() != b"host"]
+                exchange.headers.append((b"Host", exchange.host))
         maxBody = self.service.maxBody
         if maxBody and exchange.length > maxBody:
             raise _Refused(413, f"request body larger than {maxBody} bytes")
@@ -517,7 +589,11 @@ class HTTPFrontend(Protocol):
         else:
             self.gate.pause("pipeline")
 
+    def on_chunk_header(self) -> None:
+        self._progress = True
+
     def on_body(self, data: bytes) -> None:
+        self._progress = True
         exchange = self.reading
         exchange.received = getattr(exchange, "received", 0) + len(data)
         if self.service.maxBody and exchange.received > self.service.maxBody:
@@ -608,6 +684,7 @@ class HTTPFrontend(Protocol):
             framing=framing, forwarded=service.forwarded, upgrade=exchange.upgrade,
         )
         exchange.dispatched = time.monotonic()
+        exchange.lastSent = service.clock.seconds()
         conn.send(exchange, head, exchange.method == b"HEAD")
         if exchange.pending:
             exchange.bodySent = True
@@ -695,7 +772,7 @@ class HTTPFrontend(Protocol):
             self.transport.resumeProducing()
         if backendData:
             exchange.pipeData(backendData)
-        early = getattr(self, "upgradeData", b"")
+        early, self.upgradeData = self.upgradeData, None
         if early:
             conn.transport.write(early)
 

@@ -47,7 +47,7 @@ REASONS = {
     404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
     413: b"Content Too Large", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable",
-    504: b"Gateway Timeout",
+    504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
 }
 
 
@@ -107,12 +107,14 @@ def requestHead(
         with C{Connection: upgrade}.
     """
     tokens = connectionTokens(headers)
-    xff = [v for n, v in headers if n.lower() == b"x-forwarded-for"]
+    xff = [v for n, v in headers if n.lower() == b"x-forwarded-for" and v.strip(b" \t,")]
     drop = HOP_BY_HOP | _REPLACED | {b"x-forwarded-for"}
     if forwarded:
         drop |= {b"forwarded"}
     kept = _kept(headers, tokens, drop)
     lines = [method + b" " + target + b" HTTP/1.1"]
+    if host is None:
+        lines.append(b"Host: ")  # an HTTP/1.0 client sent none; 1.1 needs one (RFC 9112 3.2)
     lines.extend(n + b": " + v for n, v in kept)
     clientBytes = client.encode("ascii")
     lines.append(b"X-Forwarded-For: " + b", ".join(xff + [clientBytes]))
@@ -122,7 +124,8 @@ def requestHead(
     if forwarded:
         part = f"for={_formatForwardedFor(client)};proto={proto.decode()}"
         if host is not None:
-            part += f";host=\"{host.decode('latin-1')}\""
+            quoted = host.decode("latin-1").replace("\\", "\\\\").replace('"', '\\"')
+            part += f';host="{quoted}"'
         prior = [v for n, v in headers if n.lower() == b"forwarded"]
         lines.append(b"Forwarded: " + b", ".join(prior + [part.encode("latin-1")]))
     lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
