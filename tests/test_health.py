@@ -812,3 +812,24 @@ def test_example_runs_under_health_checks():
     protocol.dataReceived(b"+PONG\r\n")
     assert server.health is UP
     checks.stopService()
+
+
+def test_a_check_answering_something_else_fails_and_checks_go_on():
+    checks, _, servers, clock, check, _ = setUp(n=1, fall=1)
+    check.check = lambda *a: succeed(True)
+    checks.startService()
+    clock.advance(1.0)
+    assert servers[0].health is DOWN and checks.failed == 1
+    clock.advance(1.1)
+    assert checks.failed == 2
+
+
+def test_an_error_while_judging_is_logged_and_checks_go_on(events):
+    checks, pool, servers, clock, check, _ = setUp(n=1, fall=1)
+    check.check = lambda *a: succeed(CheckResult(False, "x"))
+    pool.setHealth = lambda *a: 1 / 0
+    checks.startService()
+    clock.advance(1.0)
+    assert checks.failed == 1 and clock.getDelayedCalls()
+    clock.advance(1.1)
+    assert checks.failed == 2

@@ -61,31 +61,42 @@ class _Checker:
             d.errback()
         self.inFlight = d
         d.addTimeout(config.timeout, owner.clock)
-        d.addCallbacks(self.result, self.failed)
+        d.addBoth(self.done)
 
-    def failed(self, failure: Failure) -> CheckResult:
-        if failure.check(TimeoutError):
-            return self.result(CheckResult(False, f"no answer within {_seconds(self.owner.config.timeout)}"))
-        return self.result(CheckResult(False, describeFailure(failure)))
-
-    def result(self, result: CheckResult) -> CheckResult:
+    def done(self, outcome: object) -> None:
+        """A check ended (passed, failed, timed out or was cancelled)."""
         self.inFlight = None
         if self.stopped:
-            return result
+            return
+        try:
+            ok, detail = self.judge(outcome)
+            owner = self.owner
+            if ok:
+                owner.passed += 1
+            else:
+                owner.failed += 1
+            move = self.machine.observe(self.server.health, ok, detail)
+            if move is not None:
+                owner.pool.setHealth(self.server, *move)
+        except Exception:
+            _log.failure("health check of {server} in pool {pool}", server=self.server.name, pool=self.owner.pool.name)
+        finally:
+            if not self.stopped:
+                self.scheduleNext()
+
+    def judge(self, outcome: object) -> tuple[bool, str]:
+        if isinstance(outcome, Failure):
+            if outcome.check(TimeoutError):
+                return False, f"no answer within {_seconds(self.owner.config.timeout)}"
+            return False, describeFailure(outcome)
+        if isinstance(outcome, CheckResult):
+            return bool(outcome.ok), outcome.detail
+        return False, f"the check answered {outcome!r}, not a CheckResult"
+
+    def scheduleNext(self) -> None:
         owner = self.owner
-        ok = bool(result.ok)
-        if ok:
-            owner.passed += 1
-        else:
-            owner.failed += 1
-        move = self.machine.observe(self.server.health, ok, result.detail)
-        if move is not None:
-            owner.pool.setHealth(self.server, *move)
-        if not self.stopped:
-            interval = owner.config.interval
-            due = self.started + interval * owner.rng.uniform(1 - JITTER, 1 + JITTER)
-            self.start(max(0.0, due - owner.clock.seconds()))
-        return result
+        due = self.started + owner.config.interval * owner.rng.uniform(1 - JITTER, 1 + JITTER)
+        self.start(max(0.0, due - owner.clock.seconds()))
 
     def stop(self) -> None:
         self.stopped = True
