@@ -833,3 +833,22 @@ def test_an_error_while_judging_is_logged_and_checks_go_on(events):
     assert checks.failed == 1 and clock.getDelayedCalls()
     clock.advance(1.1)
     assert checks.failed == 2
+
+
+def test_turning_checks_off_brings_every_server_back(events):
+    """As a reload from kind http to kind none would: stop one, start the other."""
+    checks, pool, servers, clock, check, factory = setUp(n=2, fall=1)
+    checks.startService()
+    late = Server("late", "tcp:host=127.0.0.1:port=9100")
+    pool.add(late)
+    clock.advance(1.0)
+    check.answer("s0", False, "HTTP 500")
+    checks.stopService()
+    assert (servers[0].health, late.health) == (DOWN, CHECKING)
+    off = HealthChecks(pool, HealthConfig(), EndpointCache(MemoryReactorClock()), clock, {})
+    off.startService()
+    assert not pool.checked and pool.eligible() == [*servers, late]
+    assert [e["reason"] for e in events if e["event"] == "server_state" and e["health"] == "healthy"] == [
+        "health checks are off", "health checks are off"
+    ]
+    assert not clock.getDelayedCalls()

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from txlb.interfaces import CheckResult, IHealthCheck, IHealthCheckFactory
 from txlb.health._checks import describeFailure
 from txlb.health._machine import RiseFall
-from txlb.pool import Server
+from txlb.pool import Server, ServerState
 
 _log = Logger(namespace="txlb.health")
 
@@ -113,11 +113,15 @@ class HealthChecks(Service):
     """
     The active health checks of one pool.
 
-    On start (unless C{config.kind} is C{"none"}) it marks the pool as
-    checked, so that servers added at run time start as C{CHECKING}, and
-    checks every server of the pool, following servers as they are added
-    and removed.  Verdicts go to L{txlb.pool.Pool.setHealth}, which logs
-    the C{server_state} events.
+    On start it marks the pool as checked, so that servers added at run
+    time start as C{CHECKING}, and checks every server of the pool,
+    following servers as they are added and removed.  Verdicts go to
+    L{txlb.pool.Pool.setHealth}, which logs the C{server_state} events.
+
+    With C{kind = "none"} it checks nothing, and on start marks the pool
+    unchecked and puts any server that is not C{UP} back up (what a reload
+    that turns checks off needs).  Stopping leaves every server as it is,
+    so that the checks of a reloaded config take over where these ended.
 
     @param pool: the L{txlb.pool.Pool} to check.
     @param config: its L{txlb.config.HealthConfig}.
@@ -164,6 +168,7 @@ class HealthChecks(Service):
     def startService(self) -> None:
         super().startService()
         if self.check is None:
+            self._noChecks()
             return
         self.pool.checked = True
         if not self._watching:
@@ -172,6 +177,17 @@ class HealthChecks(Service):
         interval = self.config.interval
         for server in self.pool:
             self._startChecker(server, self.rng.uniform(0, interval))
+
+    def _noChecks(self) -> None:
+        """
+        C{kind = "none"}: every server is taken as healthy.  This matters
+        after a reload turned checks off: a server they had found down (or
+        were still checking) would otherwise never come back.
+        """
+        self.pool.checked = False
+        for server in list(self.pool):
+            if server.health is not ServerState.UP:
+                self.pool.setHealth(server, ServerState.UP, "health checks are off")
 
     def stopService(self) -> None:
         """Stop every timer and cancel every check in flight (at once)."""
