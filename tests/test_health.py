@@ -852,3 +852,54 @@ def test_turning_checks_off_brings_every_server_back(events):
         "health checks are off", "health checks are off"
     ]
     assert not clock.getDelayedCalls()
+
+
+# TLS options of the built-in kinds (the handshakes themselves are tested on
+# loopback in test_integration_health).
+
+
+def test_tls_options_are_checked(tmp_path):
+    from txlb.health._tls import tlsOptions
+
+    assert tlsOptions("tcp", {}) is None
+    with pytest.raises(HealthCheckOptionsError, match="tls must be true or false"):
+        tcpCheck({"tls": "yes"})
+    with pytest.raises(HealthCheckOptionsError, match="ca, verify only apply with tls = true"):
+        httpCheck({"verify": False, "ca": "x.pem"})
+    with pytest.raises(HealthCheckOptionsError, match="verify must be true or false"):
+        tcpCheck({"tls": True, "verify": 1})
+    with pytest.raises(HealthCheckOptionsError, match="server_name must be a host name"):
+        tcpCheck({"tls": True, "server_name": ""})
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(HealthCheckOptionsError, match="ca: cannot read a PEM certificate from .*missing.pem"):
+        tcpCheck({"tls": True, "ca": str(missing)})
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    with pytest.raises(HealthCheckOptionsError, match="ca: cannot read"):
+        httpCheck({"tls": True, "ca": str(garbage)})
+
+
+def test_tls_connection_creators_are_made_once_per_name():
+    from txlb.health._tls import tlsOptions
+
+    tls = tlsOptions("tcp", {"tls": True, "verify": False})
+    reactor = MemoryReactorClock()
+    endpoint = clientFromString(reactor, "tcp:host=127.0.0.1:port=1")
+    tls.wrap(endpoint, "10.0.0.1")
+    first = tls._creators["10.0.0.1"]
+    tls.wrap(endpoint, "10.0.0.1")
+    assert tls._creators == {"10.0.0.1": first}
+    named = tlsOptions("tcp", {"tls": True, "server_name": "api.internal"})
+    named.wrap(endpoint, "10.0.0.1")
+    named.wrap(endpoint, "10.0.0.2")
+    assert list(named._creators) == ["api.internal"]
+
+
+def test_tls_tcp_check_waits_for_the_handshake():
+    check = tcpCheck({"tls": True, "verify": False})
+    h = CheckHarness(check, address="tcp:host=127.0.0.1:port=1")
+    h.connect()  # TCP is up, the TLS handshake has only begun
+    assert h.result is None
+    assert h.sent()  # a ClientHello
+    h.close()
+    assert h.result == CheckResult(False, "connection closed during the TLS handshake")

@@ -429,3 +429,99 @@ def test_a_thousand_servers_do_not_stall_the_reactor(tmp_path):
     assert summary["failed"] == 0 and summary["up"] == 1000, summary
     assert summary["passed"] >= 3500, summary
     assert summary["medianWorstLagMs"] < 150, summary
+
+
+def selfSigned(directory: Path) -> tuple[Path, Path]:
+    """A certificate for localhost and 127.0.0.1, its own CA."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    certPath, keyPath = directory / "backend.pem", directory / "backend.key"
+    certPath.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyPath.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return certPath, keyPath
+
+
+class TLSBackend(HealthyBackend):
+    """A HealthyBackend behind TLS; C{handshakes} counts completed ones."""
+
+    def __init__(self, name: str, cert: Path, key: Path) -> None:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.handshakes = 0
+
+        def handle(sock: socket.socket, backend: "TLSBackend") -> None:
+            try:
+                tls = context.wrap_socket(sock, server_side=True)
+            except (ssl.SSLError, OSError):
+                return
+            backend.handshakes += 1
+            answerHealth(tls, backend)
+
+        HealthyBackend.__init__(self, name)
+        self.handler = handle
+
+
+def test_tls_checks(tmp_path, programs, backends):
+    """
+    tcp with tls = true passes on a completed handshake and fails on a
+    server that does not speak TLS or whose certificate is not trusted;
+    http with tls = true is an HTTPS check.
+    """
+    cert, key = selfSigned(tmp_path)
+    secure, plain = TLSBackend("secure", cert, key), Backend("plain")  # says its name: not TLS
+    backends += [secure, plain]
+    servers = [("secure", secure.address), ("plain", plain.address)]
+    timing = dict(interval=0.1, timeout=0.1, rise=1, fall=2)
+
+    p = Checked(tmp_path, servers, kind="tcp", options={"tls": True, "ca": str(cert)}, **timing)
+    programs.append(p)
+    down = p.waitEvent("server_state", server="plain")
+    assert down["reason"].startswith("2 consecutive failures: ")
+    assert "TLS" in down["reason"], down["reason"]
+    waitFor(lambda: secure.handshakes >= 3, what="handshakes")
+    assert not p.events("server_state", server="secure")
+    p.stop()
+
+    p = Checked(tmp_path, servers[:1], kind="tcp", options={"tls": True}, **timing)  # the system's CAs
+    programs.append(p)
+    down = p.waitEvent("server_state", server="secure")
+    assert down["reason"] == "2 consecutive failures: TLS failed: certificate verify failed", down["reason"]
+    p.stop()
+
+    p = Checked(tmp_path, servers[:1], kind="tcp", options={"tls": True, "verify": False}, **timing)
+    programs.append(p)
+    seen = secure.handshakes
+    waitFor(lambda: secure.handshakes >= seen + 3, what="handshakes")
+    assert not p.events("server_state")
+    p.stop()
+
+    p = Checked(tmp_path, servers[:1], kind="http", options={"tls": True, "ca": str(cert), "server_name": "localhost"},
+                **timing)
+    programs.append(p)
+    waitFor(lambda: secure.checks >= 2, what="HTTPS checks")
+    secure.status = 500
+    down = p.waitEvent("server_state", server="secure")
+    assert down["reason"].startswith("2 consecutive failures: HTTP 500"), down["reason"]
+    p.stop()

@@ -15,14 +15,17 @@ import re
 from typing import Any, Callable, Mapping, Optional
 
 import httptools
+from OpenSSL import SSL
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txlb.health._tls import TLS_OPTIONS, TLSOptions, tlsOptions
 from txlb.interfaces import (
     CheckResult,
     HealthCheckOptionsError,
@@ -46,6 +49,8 @@ def describeFailure(failure: Failure) -> str:
     """
     if failure.check(error.ConnectionRefusedError):
         return "connection refused"
+    if failure.check(SSL.Error):
+        return f"TLS failed: {_sslMessage(failure.value)}"
     if failure.check(error.DNSLookupError):
         return f"DNS lookup failed: {failure.getErrorMessage()}"
     if failure.check(error.ConnectError):
@@ -55,10 +60,30 @@ def describeFailure(failure: Failure) -> str:
     return failure.getErrorMessage() or failure.type.__name__
 
 
+def _sslMessage(e: Exception) -> str:
+    # pyOpenSSL errors carry [(library, function, reason), ...].
+    reasons = [r[-1] for r in (e.args[0] if e.args and isinstance(e.args[0], list) else []) if r]
+    return "; ".join(str(r) for r in reasons) or str(e) or type(e).__name__
+
+
 def excerpt(body: bytes, limit: int = EXCERPT) -> str:
     """The start of C{body} as one line of text."""
     text = " ".join(body[: limit * 4].decode("utf-8", "replace").split())
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _addressFields(address: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for part in re.split(r"(?<!\\):", address)[1:]:
+        key, eq, value = part.partition("=")
+        if eq:
+            fields[key] = value.replace("\\:", ":").replace("\\=", "=").replace("\\\\", "\\")
+    return fields
+
+
+def hostOf(address: str) -> str:
+    """The host of a TCP-like endpoint string, or C{""}."""
+    return _addressFields(address).get("host", "")
 
 
 def hostHeader(address: str) -> str:
@@ -66,11 +91,7 @@ def hostHeader(address: str) -> str:
     The C{Host} header for a server's endpoint string: C{host:port} for
     TCP-like endpoints (IPv6 in brackets), else C{localhost}.
     """
-    fields: dict[str, str] = {}
-    for part in re.split(r"(?<!\\):", address)[1:]:
-        key, eq, value = part.partition("=")
-        if eq:
-            fields[key] = value.replace("\\:", ":").replace("\\=", "=").replace("\\\\", "\\")
+    fields = _addressFields(address)
     host = fields.get("host")
     if not host:
         return "localhost"
@@ -176,20 +197,44 @@ def _cancellable(make: Callable[[Deferred], _CheckProtocol]) -> tuple[Deferred, 
 # tcp
 
 
+@implementer(IHandshakeListener)
 class _Connected(_CheckProtocol):
+    def __init__(self, done: Deferred, tls: bool) -> None:
+        super().__init__(done)
+        self.tls = tls
+
     def connectionMade(self) -> None:
         if self.aborted:
             self.transport.abortConnection()
+        elif not self.tls:
+            self.conclude(CheckResult(True, "connected"))
+
+    def handshakeCompleted(self) -> None:
+        self.conclude(CheckResult(True, "TLS handshake completed"))
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.done.called:
             return
-        self.conclude(CheckResult(True, "connected"))
+        if reason.check(error.ConnectionDone, error.ConnectionLost):
+            self.done.callback(CheckResult(False, "connection closed during the TLS handshake"))
+        else:
+            self.done.errback(reason)
 
 
 @implementer(IHealthCheck)
 class TCPCheck:
-    """Passes when a connection to the server is made, then closes it."""
+    """
+    Passes when a connection to the server is made (with C{tls}: when the
+    TLS handshake completes), then closes it.
+    """
+
+    def __init__(self, tls: Optional[TLSOptions] = None) -> None:
+        self.tls = tls
 
     def check(self, server, endpoint, config) -> Deferred:
-        done, protocol = _cancellable(_Connected)
+        if self.tls is not None:
+            endpoint = self.tls.wrap(endpoint, hostOf(server.address))
+        done, protocol = _cancellable(lambda d: _Connected(d, self.tls is not None))
         _connect(endpoint, protocol)
         return done
 
@@ -197,11 +242,11 @@ class TCPCheck:
 @implementer(IPlugin, IHealthCheckFactory)
 class TCPCheckFactory:
     name = "tcp"
-    description = "passes when a TCP connection to the server succeeds"
+    description = "passes when a TCP connection (or TLS handshake) to the server succeeds"
 
     def __call__(self, options: Mapping[str, object]) -> IHealthCheck:
-        _noOptions(self.name, options)
-        return TCPCheck()
+        _noOptions(self.name, options, TLS_OPTIONS)
+        return TCPCheck(tlsOptions(self.name, options))
 
 
 # http
@@ -314,10 +359,12 @@ class HTTPCheck:
 
     @param host: the C{Host} header, or L{None} for the server's own
         C{host:port}.
+    @param tls: speak HTTPS (see L{txlb.health._tls}).
     """
 
-    def __init__(self, host: Optional[str] = None) -> None:
+    def __init__(self, host: Optional[str] = None, tls: Optional[TLSOptions] = None) -> None:
         self.host = host
+        self.tls = tls
 
     def request(self, server, config) -> bytes:
         """The request bytes for C{server}."""
@@ -331,6 +378,8 @@ class HTTPCheck:
         ).encode("latin-1")
 
     def check(self, server, endpoint, config) -> Deferred:
+        if self.tls is not None:
+            endpoint = self.tls.wrap(endpoint, hostOf(server.address))
         request = self.request(server, config)
         done, protocol = _cancellable(lambda d: HTTPCheckProtocol(d, request, config))
         _connect(endpoint, protocol)
@@ -343,11 +392,11 @@ class HTTPCheckFactory:
     description = "an HTTP request to path; passes on expect_status (and expect_json)"
 
     def __call__(self, options: Mapping[str, object]) -> IHealthCheck:
-        _noOptions(self.name, options, frozenset({"host"}))
+        _noOptions(self.name, options, frozenset({"host"}) | TLS_OPTIONS)
         host = options.get("host")
         if host is not None and (not isinstance(host, str) or not host or re.search(r"[\s\x00-\x1f]", host)):
             raise HealthCheckOptionsError("host must be a host name (the Host header to send)")
-        return HTTPCheck(host)
+        return HTTPCheck(host, tlsOptions(self.name, options))
 
 
 tcpCheck = TCPCheckFactory()
