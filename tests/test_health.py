@@ -861,7 +861,7 @@ def test_turning_checks_off_brings_every_server_back(events):
 def test_tls_options_are_checked(tmp_path):
     from txlb.health._tls import tlsOptions
 
-    assert tlsOptions("tcp", {}) is None
+    assert tlsOptions({}) is None
     with pytest.raises(HealthCheckOptionsError, match="tls must be true or false"):
         tcpCheck({"tls": "yes"})
     with pytest.raises(HealthCheckOptionsError, match="ca, verify only apply with tls = true"):
@@ -882,14 +882,14 @@ def test_tls_options_are_checked(tmp_path):
 def test_tls_connection_creators_are_made_once_per_name():
     from txlb.health._tls import tlsOptions
 
-    tls = tlsOptions("tcp", {"tls": True, "verify": False})
+    tls = tlsOptions({"tls": True, "verify": False})
     reactor = MemoryReactorClock()
     endpoint = clientFromString(reactor, "tcp:host=127.0.0.1:port=1")
     tls.wrap(endpoint, "10.0.0.1")
     first = tls._creators["10.0.0.1"]
     tls.wrap(endpoint, "10.0.0.1")
     assert tls._creators == {"10.0.0.1": first}
-    named = tlsOptions("tcp", {"tls": True, "server_name": "api.internal"})
+    named = tlsOptions({"tls": True, "server_name": "api.internal"})
     named.wrap(endpoint, "10.0.0.1")
     named.wrap(endpoint, "10.0.0.2")
     assert list(named._creators) == ["api.internal"]

@@ -246,7 +246,7 @@ class TCPCheckFactory:
 
     def __call__(self, options: Mapping[str, object]) -> IHealthCheck:
         _noOptions(self.name, options, TLS_OPTIONS)
-        return TCPCheck(tlsOptions(self.name, options))
+        return TCPCheck(tlsOptions(options))
 
 
 # http
@@ -396,7 +396,7 @@ class HTTPCheckFactory:
         host = options.get("host")
         if host is not None and (not isinstance(host, str) or not host or re.search(r"[\s\x00-\x1f]", host)):
             raise HealthCheckOptionsError("host must be a host name (the Host header to send)")
-        return HTTPCheck(host, tlsOptions(self.name, options))
+        return HTTPCheck(host, tlsOptions(options))
 
 
 tcpCheck = TCPCheckFactory()

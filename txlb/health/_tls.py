@@ -47,7 +47,7 @@ class TLSOptions:
         return wrapClientTLS(creator, endpoint)
 
 
-def tlsOptions(kind: str, options: Mapping[str, object]) -> Optional[TLSOptions]:
+def tlsOptions(options: Mapping[str, object]) -> Optional[TLSOptions]:
     """
     Read the TLS options of a check, or L{None} when C{tls} is not set.
 
