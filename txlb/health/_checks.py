@@ -126,7 +126,7 @@ def jsonMismatch(body: bytes, expect: Mapping[str, tuple[Any, ...]]) -> Optional
     return None
 
 
-def _noOptions(kind: str, options: Mapping[str, object], allowed: frozenset = frozenset()) -> None:
+def _checkOptions(kind: str, options: Mapping[str, object], allowed: frozenset = frozenset()) -> None:
     unknown = set(options) - allowed
     if unknown:
         raise HealthCheckOptionsError(
@@ -245,7 +245,7 @@ class TCPCheckFactory:
     description = "passes when a TCP connection (or TLS handshake) to the server succeeds"
 
     def __call__(self, options: Mapping[str, object]) -> IHealthCheck:
-        _noOptions(self.name, options, TLS_OPTIONS)
+        _checkOptions(self.name, options, TLS_OPTIONS)
         return TCPCheck(tlsOptions(options))
 
 
@@ -392,7 +392,7 @@ class HTTPCheckFactory:
     description = "an HTTP request to path; passes on expect_status (and expect_json)"
 
     def __call__(self, options: Mapping[str, object]) -> IHealthCheck:
-        _noOptions(self.name, options, frozenset({"host"}) | TLS_OPTIONS)
+        _checkOptions(self.name, options, frozenset({"host"}) | TLS_OPTIONS)
         host = options.get("host")
         if host is not None and (not isinstance(host, str) or not host or re.search(r"[\s\x00-\x1f]", host)):
             raise HealthCheckOptionsError("host must be a host name (the Host header to send)")
