@@ -258,7 +258,8 @@ class _Invalid(ValueError):
 
 
 class _Context:
-    #: Installed health-check kinds (plugins included), when known.
+    #: Installed health-check kinds (plugins included), when known; a
+    #: mapping of kind to factory also has each kind's options checked.
     healthKinds: Optional[Collection[str]] = None
     #: Where relative file names in the config are found: its directory.
     baseDir: str = "."
@@ -662,6 +663,12 @@ def _readHealth(t: Optional[_Table]) -> HealthConfig:
     )
     if health.timeout > health.interval:
         t.error("timeout", "must not be longer than interval")
+    factory = known.get(kind) if isinstance(known, Mapping) else None
+    if factory is not None:
+        try:
+            factory(health.options)
+        except ValueError as e:  # HealthCheckOptionsError, or a plugin's own
+            t.error("options", str(e))
     t.finish()
     return health
 

@@ -64,12 +64,12 @@ def summary(config: Config) -> list[str]:
     return lines
 
 
-def readConfig(path: str, factories, err: TextIO) -> Config:
+def readConfig(path: str, factories, healthFactories, err: TextIO) -> Config:
     """
     Load and validate, or print the problems and exit 1.
     """
     try:
-        return load(path, factories)
+        return load(path, factories, healthFactories)
     except ConfigError as e:
         for line in e.lines():
             print(line, file=err)
@@ -81,10 +81,12 @@ def readConfig(path: str, factories, err: TextIO) -> Config:
 def makeService(options: Options, out: TextIO = None, err: TextIO = None):
     out = out or sys.stdout
     err = err or sys.stderr
+    from txlb.health import healthCheckFactories
     from txlb.schedulers import schedulerFactories
 
     factories = schedulerFactories()
-    config = readConfig(options["config"], factories, err)
+    healthFactories = healthCheckFactories()
+    config = readConfig(options["config"], factories, healthFactories, err)
     if options["check"]:
         print(f"{options['config']}: configuration is valid", file=out)
         for line in summary(config):
@@ -95,4 +97,4 @@ def makeService(options: Options, out: TextIO = None, err: TextIO = None):
 
     from txlb.service import TxlbService
 
-    return TxlbService(config, factories, reactor)
+    return TxlbService(config, factories, reactor, healthFactories)
