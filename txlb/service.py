@@ -11,7 +11,7 @@ balancer.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
@@ -29,8 +29,10 @@ from txlb.endpoints import EndpointCache
 from txlb.http.backend import BackendConnections
 from txlb.http.frontend import HTTPProxyFactory, HTTPService
 from txlb.http.routing import Route, Router
-from txlb.interfaces import ISchedulerFactory
-from txlb.logs import makeObserver
+from txlb.health import HealthChecks, healthCheckFactories
+from txlb.interfaces import IHealthCheckFactory, ISchedulerFactory
+from txlb.logs import makeObserver, reopenOnSignal
+from txlb.metrics import Metrics
 from txlb.pool import Pool, Server
 from txlb.tcp import TCPBalancerFactory
 
@@ -66,22 +68,36 @@ class TxlbService(MultiService):
     @ivar ports: the listening ports, once started.
     """
 
-    def __init__(self, config: Config, factories: Mapping[str, ISchedulerFactory], reactor) -> None:
+    def __init__(
+        self,
+        config: Config,
+        factories: Mapping[str, ISchedulerFactory],
+        reactor,
+        healthFactories: Optional[Mapping[str, IHealthCheckFactory]] = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.logObserver = makeObserver(config.log)
         self.endpoints = EndpointCache(reactor)
         self.pools = {name: buildPool(p, factories, reactor) for name, p in config.pools.items()}
+        healthFactories = healthCheckFactories() if healthFactories is None else healthFactories
+        for name, poolConfig in config.pools.items():
+            HealthChecks(self.pools[name], poolConfig.health, self.endpoints, reactor, healthFactories
+                         ).setServiceParent(self)
         self.connections = BackendConnections(self.endpoints, reactor)
+        self.metrics = Metrics(self.pools, reactor)
+        self.metrics.setServiceParent(self)
         self.listeners: list[tuple[str, str, Factory]] = []
         for service in config.services:
             factory = self._factory(service)
+            pools = (service.pool, *(r.pool for r in service.routes if r.pool != service.pool))
+            self.metrics.addService(service.name, service.protocol, tuple(dict.fromkeys(pools)), factory)
             for listen in service.listen:
                 self.listeners.append((service.name, listen, factory))
         if config.admin is not None:
             token = readToken(config.admin.token_file) if config.admin.token_file else None
-            self.listeners.append(("admin", config.admin.listen, adminSite(self.pools, token)))
+            self.listeners.append(("admin", config.admin.listen, adminSite(self.pools, token, self.metrics)))
         if config.demo:
             demoService(reactor, config.demo).setServiceParent(self)
         self.ports: list = []
@@ -95,6 +111,7 @@ class TxlbService(MultiService):
                 self.reactor,
                 idleTimeout=service.timeouts.idle,
                 accessLog=self.config.log.access,
+                metrics=self.metrics,
             )
         routes = [
             Route(
@@ -106,7 +123,7 @@ class TxlbService(MultiService):
             )
             for r in service.routes
         ]
-        return HTTPProxyFactory(
+        factory = HTTPProxyFactory(
             HTTPService(
                 service.name,
                 self.pools,
@@ -122,6 +139,8 @@ class TxlbService(MultiService):
                 accessLog=self.config.log.access,
             )
         )
+        factory.service.metrics = self.metrics
+        return factory
 
     def setServiceParent(self, parent) -> None:
         """
@@ -154,6 +173,8 @@ class TxlbService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if self.config.log.path != "-":
+            reopenOnSignal(self.logObserver, self.reactor)
         for name, listen, _ in self.listeners:
             _log.info("service {service} listening on {listen}", event="listening", service=name, listen=listen)
 
