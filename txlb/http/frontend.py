@@ -104,6 +104,9 @@ class HTTPService:
     What every connection of one HTTP service shares (the factory's state).
     """
 
+    #: A L{txlb.metrics.Metrics} told about every finished exchange, or L{None}.
+    metrics = None
+
     def __init__(
         self,
         name: str,
@@ -580,6 +583,9 @@ class HTTPFrontend(Protocol):
         if maxBody and exchange.length > maxBody:
             raise _Refused(413, f"request body larger than {maxBody} bytes")
         if parser.should_upgrade():
+            if exchange.hasBody:
+                # llhttp would take the body for tunnel bytes; a backend, for a body.
+                raise _Refused(400, "a request asking for an upgrade cannot have a body")
             exchange.upgrade = _headerValue(self._headers, b"upgrade")
         self.reading = exchange
         self.exchanges.append(exchange)
@@ -801,6 +807,9 @@ class HTTPFrontend(Protocol):
         self.exchanges.clear()
 
     def _logRequest(self, exchange: Exchange) -> None:
+        metrics = self.service.metrics
+        if metrics is not None:
+            metrics.httpRequest(self.service.name, exchange)
         if not self.service.accessLog:
             return
         target = exchange.target
