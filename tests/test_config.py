@@ -296,8 +296,6 @@ def test_unknown_top_level_table():
         ('# txlb\n[sessions]\nstore = "memory"\n', 2, "sessions", "sticky-session stores"),
         ('[cluster]\nmode = "standalone"\n', 1, "cluster", "clustering"),
         ('[dns]\nttl = 5\n', 1, "dns", "health-aware DNS"),
-        ('[pools.api]\ntls = { verify = true }\n', 2, "pools.api.tls", "TLS to backends"),
-        (POOL + service('tls = { min_version = "1.2" }\n'), 7, "services[0].tls", "TLS offloading"),
         (POOL + service('sticky = { mode = "ip" }\n'), 7, "services[0].sticky", "sticky sessions"),
         (POOL + service('cache = { max_size = "1MiB" }\n'), 7, "services[0].cache", "response caching"),
         (POOL + service('proxy_protocol = "v2"\n'), 7, "services[0].proxy_protocol", "the PROXY protocol"),

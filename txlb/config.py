@@ -85,6 +85,20 @@ class AdminConfig:
 
 
 @attrs.frozen
+class BackendTLSConfig:
+    """
+    A pool's C{tls}: TLS to every server of the pool.  Without
+    C{server_name}, each server's own host name is verified.
+    """
+
+    verify: bool = True
+    ca: Optional[str] = None
+    server_name: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = None
+
+
+@attrs.frozen
 class PoolConfig:
     """
     A C{[pools.NAME]} table.  C{options} is read-only, so that a scheduler
@@ -103,6 +117,7 @@ class PoolConfig:
     max_connections: int = 0
     queue_timeout: float = 5.0
     slow_start: float = 0.0
+    tls: Optional[BackendTLSConfig] = None
 
 
 @attrs.frozen
@@ -134,6 +149,14 @@ class Limits:
 
 
 @attrs.frozen
+class TLSConfig:
+    """A service's C{tls}: terminate TLS on its listeners."""
+
+    certificates: tuple[tuple[str, str], ...]
+    min_version: str = "1.2"
+
+
+@attrs.frozen
 class ServiceConfig:
     """One C{[[services]]} table."""
 
@@ -145,6 +168,7 @@ class ServiceConfig:
     routes: tuple[RouteConfig, ...] = ()
     limits: Limits = Limits()
     forwarded: bool = False
+    tls: Optional[TLSConfig] = None
 
 
 @attrs.frozen
@@ -234,10 +258,8 @@ PLANNED: Mapping[str, Mapping[str, str]] = {
         "dns": "health-aware DNS",
     },
     "pool": {
-        "tls": "TLS to backends",
     },
     "service": {
-        "tls": "TLS offloading",
         "sticky": "sticky sessions",
         "cache": "response caching",
         "proxy_protocol": "the PROXY protocol",
@@ -608,6 +630,7 @@ def _readPool(t: _Table, name: str, algorithms: Optional[Algorithms]) -> PoolCon
         max_connections=t.get("max_connections", _integer(0, 1_000_000), 0),
         queue_timeout=t.get("queue_timeout", parseDuration, 5.0),
         slow_start=t.get("slow_start", parseDuration, 0.0),
+        tls=_readBackendTLS(t.table("tls", "pool_tls")),
         health=_readHealth(t.table("health", "health")),
         passive=_readPassive(t.table("passive", "passive")),
     )
@@ -682,6 +705,69 @@ def _readPassive(t: Optional[_Table]) -> Optional[PassiveConfig]:
     )
     t.finish()
     return passive
+
+
+def _file(t: _Table, key: str, default: Optional[str] = None) -> Optional[str]:
+    """A file name, relative to the config file, that must be readable."""
+    name = t.get(key, _string, default)
+    if name is None:
+        return None
+    path = os.path.join(t.ctx.baseDir, name)
+    if not os.access(path, os.R_OK):
+        t.error(key, f"cannot read {path}")
+    return path
+
+
+def _readTLS(t: Optional[_Table]) -> Optional[TLSConfig]:
+    from txlb.tls import CertificateError, checkCertificate
+
+    if t is None:
+        return None
+    pairs = []
+    for c in t.tables("certificates", "certificate"):
+        cert, key = _file(c, "cert"), _file(c, "key")
+        c.finish()
+        if cert and key and not _hasProblems(c):
+            try:
+                checkCertificate(cert, key)
+            except CertificateError as e:
+                c.error("cert", str(e))
+        pairs.append((cert, key))
+    if "certificates" in t.data and not pairs:
+        t.error("certificates", "needs at least one { cert = ..., key = ... }")
+    elif "certificates" not in t.data:
+        t.error("certificates", 'is required: [{ cert = "site.pem", key = "site.key" }]')
+    tls = TLSConfig(certificates=tuple(pairs), min_version=t.get("min_version", _oneOf("1.2", "1.3"), "1.2"))
+    t.finish()
+    return tls
+
+
+def _hasProblems(t: _Table) -> bool:
+    """Whether a problem was already found in this table."""
+    return any(p.path.startswith(t.path) for p in t.ctx.problems)
+
+
+def _readBackendTLS(t: Optional[_Table]) -> Optional[BackendTLSConfig]:
+    from txlb.tls import CertificateError, checkCertificate
+
+    if t is None:
+        return None
+    tls = BackendTLSConfig(
+        verify=t.get("verify", _boolean, True),
+        ca=_file(t, "ca"),
+        server_name=t.get("server_name", _string, None),
+        cert=_file(t, "cert"),
+        key=_file(t, "key"),
+    )
+    if (tls.cert is None) != (tls.key is None):
+        t.error("cert" if tls.cert is None else "key", "cert and key go together (mutual TLS)")
+    elif tls.cert and tls.key and not _hasProblems(t):
+        try:
+            checkCertificate(tls.cert, tls.key)
+        except CertificateError as e:
+            t.error("cert", str(e))
+    t.finish()
+    return tls
 
 
 def _readAdmin(t: _Table) -> AdminConfig:
@@ -827,6 +913,7 @@ def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
         listen=t.get("listen", _stringList(_listenEndpoint)),
         pool=pool,
         timeouts=_readTimeouts(t.table("timeouts", "timeouts"), protocol),
+        tls=_readTLS(t.table("tls", "tls")),
     )
     if protocol == "http":
         service = attrs.evolve(
