@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.endpoints import clientFromString, serverFromString, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 
 
@@ -182,16 +182,36 @@ def sameSocket(a: str, b: str) -> bool:
 
 class EndpointCache:
     """
-    Client endpoints by address string, parsed once and reused for every
-    connection: parsing on each connect would be wasted work.
+    Client endpoints by address string (and backend TLS settings), parsed
+    once and reused for every connection: parsing on each connect would be
+    wasted work.
     """
 
     def __init__(self, reactor) -> None:
         self.reactor = reactor
-        self._endpoints: dict[str, IStreamClientEndpoint] = {}
+        self._endpoints: dict[tuple, IStreamClientEndpoint] = {}
 
-    def get(self, address: str) -> IStreamClientEndpoint:
-        endpoint = self._endpoints.get(address)
+    def get(self, address: str, tls=None) -> IStreamClientEndpoint:
+        """
+        @param tls: a pool's L{txlb.config.BackendTLSConfig}, to speak TLS
+            to the server (verified against its C{server_name}, or the
+            server's own host name).
+        """
+        endpoint = self._endpoints.get((address, tls))
         if endpoint is None:
-            endpoint = self._endpoints[address] = clientFromString(self.reactor, address)
+            endpoint = clientFromString(self.reactor, address)
+            if tls is not None:
+                from txlb.tls import clientTLS
+
+                creator = clientTLS(
+                    tls.server_name or hostOf(address), verify=tls.verify, ca=tls.ca, cert=tls.cert, key=tls.key
+                )
+                endpoint = wrapClientTLS(creator, endpoint)
+            self._endpoints[(address, tls)] = endpoint
         return endpoint
+
+
+def hostOf(address: str) -> str:
+    """The host of a C{tcp:host=H:port=P} address (for TLS names), else C{localhost}."""
+    m = re.search(r"host=((?:[^:\\]|\\.)+)", address)
+    return m.group(1).replace("\\:", ":") if m else "localhost"

@@ -152,6 +152,8 @@ class Pool:
     #: Active health checks run for this pool: servers added at run time
     #: start as C{CHECKING} rather than C{UP}.
     checked = False
+    #: TLS to this pool's servers (a L{txlb.config.BackendTLSConfig}), or L{None}.
+    tls = None
 
     def __init__(
         self,

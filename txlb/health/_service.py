@@ -54,7 +54,9 @@ class _Checker:
         config = owner.config
         self.started = owner.clock.seconds()
         try:
-            endpoint = owner.endpoints.get(self.server.address)
+            # The pool's TLS, unless the check brings its own (health options).
+            tls = None if getattr(owner.check, "tls", None) is not None else owner.pool.tls
+            endpoint = owner.endpoints.get(self.server.address, tls)
             d = owner.check.check(self.server, endpoint, config)
         except Exception:
             d = Deferred()
