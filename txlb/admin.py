@@ -7,6 +7,12 @@ It only reads and calls L{txlb.pool.Pool}: the pool owns every state
 change and logs it, so what the API does and what traffic sees never
 disagree.  Changes made here live until the process ends or the config is
 reloaded: write them in the config file to keep them.
+
+The same listener serves what L{txlb.metrics.Metrics} counts
+(C{/metrics}, C{/api/stats}, C{/api/decisions}) and the status page at
+C{/}: one self-contained HTML file (C{txlb/status.html}) that reads the
+JSON API from the browser.  The page itself holds no data, so it is served
+without the token; everything it fetches needs it.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from __future__ import annotations
 import hmac
 import json
 import re
-from typing import Any, Callable, Mapping, Optional
+from importlib.resources import files
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -22,8 +29,32 @@ from twisted.web.server import Request, Site
 from txlb.endpoints import EndpointError, serverAddress
 from txlb.pool import Pool, Server
 
+from txlb.metrics import CONTENT_TYPE_LATEST, Metrics
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _TCP_ADDRESS = re.compile(r"tcp:host=(?P<host>(?:[^:\\]|\\.)+):port=(?P<port>\d+)")
+
+
+#: Decisions C{/api/decisions} returns without C{?limit=}.
+DEFAULT_DECISIONS = 50
+
+
+class Raw(NamedTuple):
+    """A non-JSON answer: the status page, the Prometheus exposition."""
+
+    contentType: bytes
+    data: bytes
+
+
+_statusPage: Optional[bytes] = None
+
+
+def statusPage() -> bytes:
+    """The status page's HTML, read once from the package."""
+    global _statusPage
+    if _statusPage is None:
+        _statusPage = files("txlb").joinpath("status.html").read_bytes()
+    return _statusPage
 
 
 class ApiError(Exception):
@@ -74,10 +105,11 @@ class AdminResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, pools: Mapping[str, Pool], token: Optional[str] = None) -> None:
+    def __init__(self, pools: Mapping[str, Pool], token: Optional[str] = None, metrics: Optional[Metrics] = None) -> None:
         super().__init__()
         self.pools = pools
         self.token = token
+        self.metrics = metrics
 
     def render(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
@@ -90,6 +122,9 @@ class AdminResource(Resource):
         except UnicodeDecodeError:
             status, body = 400, {"error": "the path is not UTF-8"}
         request.setResponseCode(status)
+        if isinstance(body, Raw):
+            request.setHeader(b"content-type", body.contentType)
+            return body.data
         return json.dumps(body).encode() + b"\n"
 
     def _authorize(self, request: Request) -> None:
@@ -104,7 +139,18 @@ class AdminResource(Resource):
     def _dispatch(self, request: Request, method: str, segments: list[str]):
         if segments == ["health"] and method == "GET":
             return 200, {"status": "healthy"}
+        if not segments or segments == ["index.html"]:
+            self._allow(method, "GET", "HEAD")
+            request.setHeader(b"x-content-type-options", b"nosniff")
+            request.setHeader(
+                b"content-security-policy",
+                b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                b"connect-src 'self'; img-src data:; frame-ancestors 'none'",
+            )
+            return 200, Raw(b"text/html; charset=utf-8", statusPage())
         self._authorize(request)
+        if segments in (["metrics"], ["api", "stats"], ["api", "decisions"]):
+            return self._observability(request, method, segments[-1])
         if segments[:2] != ["api", "pools"]:
             raise ApiError(404, f"no such resource: /{'/'.join(segments)}")
         rest = segments[2:]
@@ -141,6 +187,25 @@ class AdminResource(Resource):
                 pool.enable(server)
             return 200, serverJson(pool, server)
         raise ApiError(404, f"no such resource: /{'/'.join(segments)}")
+
+    def _observability(self, request: Request, method: str, what: str):
+        self._allow(method, "GET")
+        metrics = self.metrics
+        if metrics is None:
+            raise ApiError(404, f"/{'api/' if what != 'metrics' else ''}{what}: no metrics are kept here")
+        if what == "metrics":
+            return 200, Raw(CONTENT_TYPE_LATEST.encode("ascii"), metrics.exposition())
+        if what == "stats":
+            history = request.args.get(b"history", [b"1"])[-1] not in (b"0", b"false")
+            return 200, metrics.stats(history=history)
+        raw = request.args.get(b"limit", [b"%d" % DEFAULT_DECISIONS])[-1]
+        try:
+            limit = int(raw)
+        except ValueError:
+            limit = -1
+        if limit < 0:
+            raise ApiError(400, f"limit must be a whole number (at most {metrics.decisions.size} are kept)")
+        return 200, metrics.decisions.last(limit)
 
     @staticmethod
     def _allow(method: str, *allowed: str) -> None:
@@ -209,8 +274,8 @@ class AdminResource(Resource):
         return 200, serverJson(pool, server)
 
 
-def adminSite(pools: Mapping[str, Pool], token: Optional[str] = None) -> Site:
-    site = Site(AdminResource(pools, token))
+def adminSite(pools: Mapping[str, Pool], token: Optional[str] = None, metrics: Optional[Metrics] = None) -> Site:
+    site = Site(AdminResource(pools, token, metrics))
     site.noisy = False
     site.log = lambda request: None
     site.displayTracebacks = False

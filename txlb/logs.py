@@ -7,11 +7,16 @@ C{event} key (C{connection}, C{server_state}, ...) and its fields as keys.
 The JSON observer writes each event as one object per line, with only those
 fields plus C{time}, C{level} and, for everything else Twisted logs, a
 C{message}; so C{jq} and log shippers read it without parsing prose.
+
+With C{path} set to a file, C{SIGUSR1} makes txlb close and reopen it
+(L{reopenOnSignal}), as logrotate's C{postrotate} expects: rename the file,
+send the signal, and new events go to a new file of the old name.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from datetime import datetime, timezone
 from typing import IO, Any, Callable
@@ -22,10 +27,13 @@ from twisted.logger import (
     LogLevel,
     FilteringLogObserver,
     LogLevelFilterPredicate,
+    Logger,
     formatEvent,
 )
 
 from txlb.config import LogConfig
+
+_log = Logger(namespace="txlb")
 
 
 def _fields(event: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +71,63 @@ def textLine(event: dict[str, Any]) -> str:
     return " ".join(x for x in (head, message, rest) if x) + "\n"
 
 
-def makeObserver(config: LogConfig, stdout: IO[str] = None) -> ILogObserver:
+class LogFile:
+    """
+    A log file, appended to line by line, that can be reopened under its
+    name after logrotate has renamed it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = self._open()
+
+    def _open(self) -> IO[str]:
+        return open(self.path, "a", encoding="utf-8", buffering=1)
+
+    def write(self, text: str) -> None:
+        self._file.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def reopen(self) -> None:
+        """
+        Open C{path} again and close the old file.  If it cannot be opened
+        (a directory gone, permissions), keep writing to the old one.
+        """
+        try:
+            new = self._open()
+        except OSError:
+            return
+        old, self._file = self._file, new
+        old.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TxlbLogObserver(FilteringLogObserver):
+    """
+    The observer L{makeObserver} returns: info and above, formatted, to
+    C{stream} (a L{LogFile} when C{[log] path} is a file).
+    """
+
+    def __init__(self, stream, formatter: Callable[[dict], str]) -> None:
+        super().__init__(
+            FileLogObserver(stream, formatter),
+            [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
+        )
+        self.stream = stream
+
+    def reopen(self) -> bool:
+        """Reopen the log file; C{False} when logging to a stream."""
+        if isinstance(self.stream, LogFile):
+            self.stream.reopen()
+            return True
+        return False
+
+
+def makeObserver(config: LogConfig, stdout: IO[str] = None) -> TxlbLogObserver:
     """
     The observer for C{config}: JSON lines or text, to stdout or a file
     (appended to), at level info and above.
@@ -72,8 +136,19 @@ def makeObserver(config: LogConfig, stdout: IO[str] = None) -> ILogObserver:
     if config.path == "-":
         stream = stdout if stdout is not None else sys.stdout
     else:
-        stream = open(config.path, "a", encoding="utf-8", buffering=1)
-    return FilteringLogObserver(
-        FileLogObserver(stream, formatter),
-        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
-    )
+        stream = LogFile(config.path)
+    return TxlbLogObserver(stream, formatter)
+
+
+def reopenOnSignal(observer: TxlbLogObserver, reactor, signum: int = signal.SIGUSR1) -> None:
+    """
+    Reopen C{observer}'s file when C{signum} arrives.  The reopening runs in
+    the reactor, never inside the signal handler, so a line being written
+    is never cut in two.  Logs C{log_reopened} into the new file.
+    """
+
+    def reopen() -> None:
+        if observer.reopen():
+            _log.info("log file reopened", event="log_reopened", path=observer.stream.path)
+
+    signal.signal(signum, lambda *_: reactor.callFromThread(reopen))

@@ -49,6 +49,7 @@ class TCPBalancerFactory(Factory):
         *,
         idleTimeout: float = 0.0,
         accessLog: bool = True,
+        metrics=None,
     ) -> None:
         self.service = service
         self.pool = pool
@@ -56,6 +57,8 @@ class TCPBalancerFactory(Factory):
         self.clock = clock
         self.idleTimeout = idleTimeout
         self.accessLog = accessLog
+        #: A L{txlb.metrics.Metrics} to count connections in, or L{None}.
+        self.metrics = metrics
         self.open: OpenConnections[Frontend] = OpenConnections(
             clock, lambda frontend: frontend.abort("shutdown timeout")
         )
@@ -128,6 +131,8 @@ class Frontend(_Side):
     def connectionMade(self) -> None:
         self.started = self.factory.clock.seconds()
         self.factory.open.add(self)
+        if self.factory.metrics is not None:
+            self.factory.metrics.connectionStarted(self.factory.service)
         self.transport.pauseProducing()
         self._connect()
 
@@ -262,7 +267,14 @@ class Frontend(_Side):
 
     def _finished(self) -> None:
         """Both sides are closed: the connection event."""
-        self.factory.open.remove(self)
+        factory = self.factory
+        factory.open.remove(self)
+        if factory.metrics is not None:
+            retried = min(len(self.tried), factory.pool.retries)
+            server = self.backend.server if self.backend else None
+            factory.metrics.request(
+                factory.service, factory.pool, server, 0, None, self.bytesIn, self.bytesOut, retried, None, self.reason
+            )
         if not self.factory.accessLog:
             return
         fields = dict(
