@@ -8,6 +8,7 @@ objects and defaults the rest of txlb reads.
 
 from __future__ import annotations
 
+import os
 import math
 import textwrap
 from types import MappingProxyType
@@ -124,7 +125,7 @@ def test_full_config():
     )
     assert config.path == "site.toml"
     assert config.txlb == ProcessConfig(shutdown_timeout=10.0, workers=1)
-    assert config.log == LogConfig(format="text", path="txlb.log", access=False)
+    assert config.log == LogConfig(format="text", path=os.path.join(os.getcwd(), "txlb.log"), access=False)
     assert list(config.pools) == ["api"]
     assert config.pools["api"] == PoolConfig(
         name="api",

@@ -569,11 +569,17 @@ def _readProcess(t: _Table) -> ProcessConfig:
 def _readLog(t: _Table) -> LogConfig:
     log = LogConfig(
         format=t.get("format", _oneOf("json", "text"), "json"),
-        path=t.get("path", _string, "-"),
+        path=_logPath(t),
         access=t.get("access", _boolean, True),
     )
     t.finish()
     return log
+
+
+def _logPath(t: _Table) -> str:
+    """C{-} for standard output, else a file relative to the config file."""
+    path = t.get("path", _string, "-")
+    return path if path == "-" else os.path.join(t.ctx.baseDir, path)
 
 
 def _readServers(pool: _Table) -> tuple[ServerConfig, ...]:

@@ -81,13 +81,13 @@ class TxlbService(MultiService):
         self.logObserver = makeObserver(config.log)
         self.endpoints = EndpointCache(reactor)
         self.pools = {name: buildPool(p, factories, reactor) for name, p in config.pools.items()}
-        healthFactories = healthCheckFactories() if healthFactories is None else healthFactories
-        for name, poolConfig in config.pools.items():
-            HealthChecks(self.pools[name], poolConfig.health, self.endpoints, reactor, healthFactories
-                         ).setServiceParent(self)
         self.connections = BackendConnections(self.endpoints, reactor)
         self.metrics = Metrics(self.pools, reactor)
         self.metrics.setServiceParent(self)
+        healthFactories = healthCheckFactories() if healthFactories is None else healthFactories
+        for name, poolConfig in config.pools.items():
+            HealthChecks(self.pools[name], poolConfig.health, self.endpoints, reactor, healthFactories,
+                         metrics=self.metrics).setServiceParent(self)
         self.listeners: list[tuple[str, str, Factory]] = []
         for service in config.services:
             factory = self._factory(service)

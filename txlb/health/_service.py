@@ -77,6 +77,8 @@ class _Checker:
                 owner.passed += 1
             else:
                 owner.failed += 1
+            if owner.metrics is not None:
+                owner.metrics.healthCheck(owner.pool.name, self.server.name, ok)
             move = self.machine.observe(self.server.health, ok, detail)
             if move is not None:
                 owner.pool.setHealth(self.server, *move)
@@ -148,8 +150,10 @@ class HealthChecks(Service):
         clock,
         factories: Mapping[str, IHealthCheckFactory],
         rng: Optional[random.Random] = None,
+        metrics=None,
     ) -> None:
         self.pool = pool
+        self.metrics = metrics
         self.config = config
         self.endpoints = endpoints
         self.clock = clock
