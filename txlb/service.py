@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
@@ -35,6 +36,7 @@ from txlb.logs import makeObserver, reopenOnSignal
 from txlb.metrics import Metrics
 from txlb.pool import Pool, Server
 from txlb.tcp import TCPBalancerFactory
+from txlb.tls import ServerTLS
 
 _log = Logger(namespace="txlb")
 
@@ -44,7 +46,7 @@ class ListenError(SystemExit):
 
 
 def buildPool(config: PoolConfig, factories: Mapping[str, ISchedulerFactory], clock) -> Pool:
-    return Pool(
+    pool = Pool(
         config.name,
         config.algorithm,
         factories[config.algorithm](config.options),
@@ -58,6 +60,13 @@ def buildPool(config: PoolConfig, factories: Mapping[str, ISchedulerFactory], cl
         queueTimeout=config.queue_timeout,
         slowStart=config.slow_start,
     )
+    pool.tls = config.tls
+    if config.tls is not None and not config.tls.verify:
+        _log.warn(
+            "pool {pool}: TLS to its servers is not verified (tls.verify = false)",
+            event="tls_unverified", pool=config.name,
+        )
+    return pool
 
 
 class TxlbService(MultiService):
@@ -94,13 +103,25 @@ class TxlbService(MultiService):
             pools = (service.pool, *(r.pool for r in service.routes if r.pool != service.pool))
             self.metrics.addService(service.name, service.protocol, tuple(dict.fromkeys(pools)), factory)
             for listen in service.listen:
-                self.listeners.append((service.name, listen, factory))
+                self.listeners.append((service.name, listen, self._secure(service, factory)))
         if config.admin is not None:
             token = readToken(config.admin.token_file) if config.admin.token_file else None
             self.listeners.append(("admin", config.admin.listen, adminSite(self.pools, token, self.metrics)))
         if config.demo:
             demoService(reactor, config.demo).setServiceParent(self)
         self.ports: list = []
+
+    def _secure(self, service: ServiceConfig, factory: Factory) -> Factory:
+        """The factory to listen with: C{factory}, behind TLS when the service has C{tls}."""
+        if service.tls is None:
+            return factory
+        alpn = [b"http/1.1"] if service.protocol == "http" else []
+        creator = ServerTLS(service.tls.certificates, service.tls.min_version, alpn)
+        secured = TLSMemoryBIOFactory(creator, False, factory)
+        secured.noisy = False
+        secured.drain = factory.drain
+        secured.open = factory.open
+        return secured
 
     def _factory(self, service: ServiceConfig) -> TCPBalancerFactory | HTTPProxyFactory:
         if service.protocol == "tcp":
@@ -137,6 +158,7 @@ class TxlbService(MultiService):
                 maxBody=service.limits.max_body,
                 forwarded=service.forwarded,
                 accessLog=self.config.log.access,
+                proto=b"https" if service.tls is not None else b"http",
             )
         )
         factory.service.metrics = self.metrics

@@ -166,7 +166,7 @@ class Frontend(_Side):
         self.server = decision.server
         self.reason = decision.reason
         self.connectStarted = self.factory.clock.seconds()
-        d = self.factory.endpoints.get(self.server.address).connect(_BackendFactory(self))
+        d = self.factory.endpoints.get(self.server.address, pool.tls).connect(_BackendFactory(self))
         d.addTimeout(pool.connectTimeout, self.factory.clock)
         self._connecting = d
         d.addCallbacks(self._connected, self._connectFailed)

@@ -221,9 +221,12 @@ class BackendConnections:
         self.idleTimeout = idleTimeout
         self._idle: dict[Server, list[BackendConnection]] = {}
 
-    def connect(self, server: Server, timeout: float) -> Deferred:
-        """A new connection to C{server}, within C{timeout} seconds."""
-        d = self.endpoints.get(server.address).connect(_ConnectionFactory(server, self))
+    def connect(self, server: Server, timeout: float, tls=None) -> Deferred:
+        """
+        A new connection to C{server}, within C{timeout} seconds; over TLS
+        with C{tls} (the pool's L{txlb.config.BackendTLSConfig}).
+        """
+        d = self.endpoints.get(server.address, tls).connect(_ConnectionFactory(server, self))
         return d.addTimeout(timeout, self.clock)
 
     def takeIdle(self, server: Server) -> Optional[BackendConnection]:

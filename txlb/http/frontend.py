@@ -647,7 +647,7 @@ class HTTPFrontend(Protocol):
                 return
         if not exchange.requestDone:
             self.gate.pause("connecting")
-        d = self.service.connections.connect(server, pool.connectTimeout)
+        d = self.service.connections.connect(server, pool.connectTimeout, pool.tls)
         exchange._connecting = d
         d.addCallbacks(self._connected, self._connectFailed, (exchange,), None, (exchange,), None)
 
