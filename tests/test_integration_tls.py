@@ -174,3 +174,35 @@ def test_backend_tls_is_verified(certs):
     finally:
         lb.stop()
         backend.stop()
+
+
+def test_mutual_tls_to_the_backend(certs, ca):
+    client = ca.issue_cert("txlb-client")
+    client.private_key_pem.write_to_path(str(certs / "client.key"))
+    client.cert_chain_pems[0].write_to_path(str(certs / "client.pem"))
+    serverContext = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs / "ca.pem"))
+    serverContext.load_cert_chain(str(certs / "localhost.pem"), str(certs / "localhost.key"))
+    serverContext.verify_mode = ssl.CERT_REQUIRED
+    backend = httpBackend("mtls", serverContext)
+    withCert, without = freePort(), freePort()
+    config = (
+        f'[pools.mtls]\nservers = [{{ name = "mtls", address = "{backend.address}" }}]\nretries = 0\n'
+        'tls = { ca = "ca.pem", server_name = "localhost", cert = "client.pem", key = "client.key" }\n'
+        f'[pools.plain]\nservers = [{{ name = "mtls", address = "{backend.address}" }}]\nretries = 0\n'
+        'tls = { ca = "ca.pem", server_name = "localhost" }\n'
+        f'[[services]]\nname = "a"\nprotocol = "http"\nlisten = "tcp:{withCert}:interface=127.0.0.1"\npool = "mtls"\n'
+        f'[[services]]\nname = "b"\nprotocol = "http"\nlisten = "tcp:{without}:interface=127.0.0.1"\npool = "plain"\n'
+    )
+    lb = Txlb(config, certs).start(listening=2)
+    try:
+        import urllib.error
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{withCert}/", timeout=10) as response:
+            assert json.loads(response.read())["server"] == "mtls"
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"http://127.0.0.1:{without}/", timeout=10)
+        assert info.value.code == 502
+    finally:
+        lb.stop()
+        backend.stop()
