@@ -59,3 +59,34 @@ def test_file_path_is_appended_to(tmp_path):
     Logger(observer=LogPublisher(observer)).info("x", event="one")
     lines = path.read_text().splitlines()
     assert lines[0] == "earlier" and json.loads(lines[1])["event"] == "one"
+
+
+class CountingStream(io.StringIO):
+    flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def test_events_are_flushed_in_batches_but_warnings_at_once():
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    out = CountingStream()
+    log = Logger(observer=LogPublisher(makeObserver(LogConfig(), stdout=out, clock=clock)))
+    for i in range(100):
+        log.info("x", event="request", n=i)
+    assert out.flushes == 0 and out.getvalue().count("\n") == 100
+    clock.advance(0.05)
+    assert out.flushes == 1
+    log.warn("trouble", event="tls_unverified")
+    assert out.flushes == 2
+
+
+def test_timestamps_keep_milliseconds_across_seconds():
+    from txlb.logs import _timestamp
+
+    assert _timestamp(0.5) == "1970-01-01T00:00:00.500+00:00"
+    assert _timestamp(1.25) == "1970-01-01T00:00:01.250+00:00"
+    assert _timestamp(1.999) == "1970-01-01T00:00:01.999+00:00"

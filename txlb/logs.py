@@ -22,7 +22,6 @@ from datetime import datetime, timezone
 from typing import IO, Any, Callable
 
 from twisted.logger import (
-    FileLogObserver,
     ILogObserver,
     LogLevel,
     FilteringLogObserver,
@@ -31,24 +30,38 @@ from twisted.logger import (
     formatEvent,
 )
 
+from zope.interface import implementer
+
 from txlb.config import LogConfig
 
 _log = Logger(namespace="txlb")
 
 
+_SKIPPED = frozenset({"format", "message", "time", "system", "isError", "why", "failure"})
+_second = [-1, ""]
+
+
+def _timestamp(when: float) -> str:
+    """ISO 8601 in UTC to the millisecond; the date part is made once a second."""
+    second = int(when)
+    if second != _second[0]:
+        _second[0] = second
+        _second[1] = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_second[1]}.{int((when - second) * 1000):03d}+00:00"
+
+
 def _fields(event: dict[str, Any]) -> dict[str, Any]:
+    level = event.get("log_level")
     out: dict[str, Any] = {
-        "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(
-            timespec="milliseconds"
-        ),
-        "level": getattr(event.get("log_level"), "name", "info"),
+        "time": _timestamp(event.get("log_time", 0)),
+        "level": level.name if level is not None else "info",
     }
     if "event" not in event:
         out["event"] = "log"
         out["message"] = formatEvent(event)
         out["system"] = event.get("log_namespace", event.get("log_system", "-"))
     for key, value in event.items():
-        if not key.startswith("log_") and key not in ("format", "message", "time", "system", "isError", "why", "failure"):
+        if key not in _SKIPPED and not key.startswith("log_"):
             out[key] = value
     failure = event.get("log_failure")
     if failure is not None:
@@ -57,8 +70,11 @@ def _fields(event: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_encode = json.JSONEncoder(default=str, separators=(",", ":")).encode
+
+
 def jsonLine(event: dict[str, Any]) -> str:
-    return json.dumps(_fields(event), default=str, separators=(",", ":")) + "\n"
+    return _encode(_fields(event)) + "\n"
 
 
 def textLine(event: dict[str, Any]) -> str:
@@ -82,7 +98,7 @@ class LogFile:
         self._file = self._open()
 
     def _open(self) -> IO[str]:
-        return open(self.path, "a", encoding="utf-8", buffering=1)
+        return open(self.path, "a", encoding="utf-8")
 
     def write(self, text: str) -> None:
         self._file.write(text)
@@ -106,38 +122,72 @@ class LogFile:
         self._file.close()
 
 
+@implementer(ILogObserver)
+class _BufferedWriter:
+    """
+    Formats events onto a stream and flushes it at most every C{delay}
+    seconds (at once for warnings and errors, and with no clock): a write
+    system call per access event would cost more than the request itself.
+    """
+
+    def __init__(self, stream, formatter: Callable[[dict], str], clock=None, delay: float = 0.05) -> None:
+        self.stream = stream
+        self.formatter = formatter
+        self.clock = clock
+        self.delay = delay
+        self._pending = None
+
+    def __call__(self, event: dict) -> None:
+        self.stream.write(self.formatter(event))
+        level = event.get("log_level")
+        if self.clock is None or (level is not None and level >= LogLevel.warn):
+            self.flush()
+        elif self._pending is None:
+            self._pending = self.clock.callLater(self.delay, self.flush)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            if self._pending.active():
+                self._pending.cancel()
+            self._pending = None
+        self.stream.flush()
+
+
 class TxlbLogObserver(FilteringLogObserver):
     """
     The observer L{makeObserver} returns: info and above, formatted, to
     C{stream} (a L{LogFile} when C{[log] path} is a file).
     """
 
-    def __init__(self, stream, formatter: Callable[[dict], str]) -> None:
-        super().__init__(
-            FileLogObserver(stream, formatter),
-            [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
-        )
+    def __init__(self, stream, formatter: Callable[[dict], str], clock=None) -> None:
+        self.writer = _BufferedWriter(stream, formatter, clock)
+        super().__init__(self.writer, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)])
         self.stream = stream
+
+    def flush(self) -> None:
+        self.writer.flush()
 
     def reopen(self) -> bool:
         """Reopen the log file; C{False} when logging to a stream."""
         if isinstance(self.stream, LogFile):
+            self.flush()
             self.stream.reopen()
             return True
         return False
 
 
-def makeObserver(config: LogConfig, stdout: IO[str] = None) -> TxlbLogObserver:
+def makeObserver(config: LogConfig, stdout: IO[str] = None, clock=None) -> TxlbLogObserver:
     """
     The observer for C{config}: JSON lines or text, to stdout or a file
-    (appended to), at level info and above.
+    (appended to), at level info and above; with a C{clock}, writes are
+    flushed in batches.
     """
     formatter: Callable[[dict], str] = jsonLine if config.format == "json" else textLine
     if config.path == "-":
         stream = stdout if stdout is not None else sys.stdout
     else:
         stream = LogFile(config.path)
-    return TxlbLogObserver(stream, formatter)
+    return TxlbLogObserver(stream, formatter, clock)
 
 
 def reopenOnSignal(observer: TxlbLogObserver, reactor, signum: int = signal.SIGUSR1) -> None:

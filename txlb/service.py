@@ -87,7 +87,7 @@ class TxlbService(MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.logObserver = makeObserver(config.log)
+        self.logObserver = makeObserver(config.log, clock=reactor)
         self.endpoints = EndpointCache(reactor)
         self.pools = {name: buildPool(p, factories, reactor) for name, p in config.pools.items()}
         self.connections = BackendConnections(self.endpoints, reactor)
@@ -195,6 +195,8 @@ class TxlbService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        # Events are flushed in batches: write out the last ones on the way out.
+        self.reactor.addSystemEventTrigger("after", "shutdown", self.logObserver.flush)
         if self.config.log.path != "-":
             reopenOnSignal(self.logObserver, self.reactor)
         for name, listen, _ in self.listeners:
