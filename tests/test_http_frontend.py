@@ -590,3 +590,53 @@ def test_a_response_transfer_coding_other_than_chunked_is_502(coding):
     backend.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n")
     assert head(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
     assert server.aborted
+
+
+def test_over_max_connections_requests_wait_then_503():
+    h = Harness(servers=1)
+    h.pool.maxConnections = 1
+    h.pool.queueTimeout = 5.0
+    first, firstClient = h.accept()
+    first.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    second, secondClient = h.accept()
+    second.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    third, thirdClient = h.accept()
+    third.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert h.connects() == 1  # both wait
+    backend.dataReceived(OK)  # the first answer frees the server: the second goes, on the same connection
+    assert server.value().count(b"GET / HTTP/1.1") == 2
+    h.reactor.advance(5)
+    assert head(thirdClient.value())[0] == b"HTTP/1.1 503 Service Unavailable"
+    assert b"max_connections" in thirdClient.value()
+
+
+def test_client_leaving_the_queue_is_forgotten():
+    h = Harness(servers=1)
+    h.pool.maxConnections = 1
+    first, _ = h.accept()
+    first.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    second, _ = h.accept()
+    second.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    second.connectionLost(Failure(ConnectionDone()))
+    backend.dataReceived(OK)
+    assert server.value().count(b"GET") == 1
+    assert h.servers[0].active == 0
+
+
+def test_5xx_answers_feed_passive_ejection():
+    h = Harness(servers=1)
+    h.pool.passive = (2, 30.0)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    backend.dataReceived(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n")
+    assert h.servers[0].state.value == "up"
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend.dataReceived(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n")
+    assert h.servers[0].state.value == "ejected"
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert client.value().count(b"HTTP/1.1 503 Service Unavailable") == 1
+    h.reactor.advance(30)
+    assert h.servers[0].state.value == "up"

@@ -261,6 +261,7 @@ class Exchange:
         self.status = status
         self.responseStarted = True
         self.pool.observeResponseTime(self.server, time.monotonic() - self.dispatched)
+        self.pool.reportResult(self.server, status < 500, f"HTTP {status}")
         conn = self.conn
         if status == 101 and self.upgrade is not None:
             head = responseHead(status, reason, headers, requestId=self.requestId, framing=None,
@@ -301,12 +302,14 @@ class Exchange:
         if self.producing:
             self.producing = False
             self.frontend.transport.unregisterProducer()
-        self._release()
         if reusable and self.requestDone and conn is not None:
             conn.reused = False
             self.frontend.service.connections.putIdle(conn)
         elif conn is not None and not conn.closed:
             conn.transport.loseConnection()
+        # After the connection is idle, so that work queued for this server
+        # (max_connections) can take it.
+        self._release()
         self.finished = True
         if not self.requestDone:
             # The answer came before the whole request: nothing more can be
@@ -363,6 +366,14 @@ class Exchange:
             self.pool.release(self.server)
 
     released = True
+
+    _waiter = None
+
+    def _stopWaiting(self) -> None:
+        """Leave the pool's max_connections queue, if waiting there."""
+        if self._waiter is not None:
+            self.pool.cancel(self._waiter)
+            self._waiter = None
 
     def _cancelTimer(self) -> None:
         if self._timer is not None:
@@ -460,6 +471,8 @@ class HTTPFrontend(Protocol):
 
     def connectionMade(self) -> None:
         self.factory.open.add(self)
+        if self.service.metrics is not None:
+            self.service.metrics.connectionStarted(self.service.name)
         self.gate = ReadGate(self.transport)
         self._arm(self.service.idleTimeout, self._idle)
 
@@ -629,7 +642,28 @@ class HTTPFrontend(Protocol):
         """
         pool = exchange.pool
         key = None if pool.hashKey == "client_ip" else hashKeyOf(pool.hashKey, exchange.target, exchange.headers)
-        decision = pool.pick(PickContext(self.client, key), exchange.tried)
+        context = PickContext(self.client, key)
+        decision = pool.pick(context, exchange.tried)
+        if decision is None and pool.saturated(exchange.tried):
+            # Every free server is at max_connections: wait for one.
+            if not exchange.requestDone:
+                self.gate.pause("connecting")
+            exchange._waiter = pool.enqueue(context, exchange.tried,
+                                            lambda decision: self._dequeued(exchange, decision, fresh))
+            return
+        self._use(exchange, decision, fresh)
+
+    def _dequeued(self, exchange: Exchange, decision, fresh: bool) -> None:
+        exchange._waiter = None
+        if decision is None:
+            self.gate.resume("connecting")
+            self._fail(exchange, 503, f"every server of pool {exchange.pool.name} stayed at max_connections "
+                                      f"for {exchange.pool.queueTimeout:g}s")
+            return
+        self._use(exchange, decision, fresh)
+
+    def _use(self, exchange: Exchange, decision, fresh: bool) -> None:
+        pool = exchange.pool
         if decision is None:
             if exchange.tried:
                 names = ", ".join(s.name for s in exchange.tried)
@@ -755,6 +789,7 @@ class HTTPFrontend(Protocol):
             return
         exchange._cancelTimer()
         exchange.finished = True
+        exchange._stopWaiting()
         if exchange._connecting is not None:
             exchange._connecting.cancel()
         conn, exchange.conn = exchange.conn, None
@@ -789,6 +824,7 @@ class HTTPFrontend(Protocol):
         for exchange in self.exchanges:
             wasFinished, exchange.finished = exchange.finished, True
             exchange._cancelTimer()
+            exchange._stopWaiting()
             if exchange._connecting is not None:
                 exchange._connecting.cancel()
             conn, exchange.conn = exchange.conn, None
