@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 
@@ -132,3 +133,43 @@ def test_expect_json_keeps_out_a_server_that_is_only_healthy(tmp_path):
         lb.stop()
         for b in backends:
             b.stop()
+
+
+def test_a_server_failing_live_traffic_is_ejected_while_its_health_passes(tmp_path):
+    def failing(sock, backend):
+        buffer = b""
+        while True:
+            while b"\r\n\r\n" not in buffer:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            healthy = head.split(b" ", 2)[1] == b"/health"
+            status, body = (200, b'{"status": "healthy"}') if healthy else (500, b'{"error": "broken"}')
+            sock.sendall(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
+
+    good = flippable("good", {"status": 200})
+    bad = Backend("bad", failing)
+    web, admin = freePort(), freePort()
+    health = 'kind = "http"\ninterval = "200ms"\ntimeout = "150ms"\n[pools.api.passive]\nconsecutive_failures = 3\neject_for = "60s"'
+    lb = Txlb(config(web, admin, [good, bad], health), tmp_path).start(listening=2)
+    try:
+        statuses = []
+        for _ in range(6):
+            try:
+                get(web)
+                statuses.append(200)
+            except urllib.error.HTTPError as e:
+                statuses.append(e.code)
+        assert statuses.count(500) == 3  # round robin: every other one, until the third
+        [ejected] = waitFor(lambda: lb.events("server_ejected"))
+        assert (ejected["server"], ejected["ejectFor"]) == ("bad", 60.0)
+        assert ejected["reason"] == "3 consecutive failures: HTTP 500"
+        assert all(get(web) == "good" for _ in range(20))
+        assert state(admin, "bad") == "ejected"
+        assert lb.events("server_state") == []  # health checks kept passing
+    finally:
+        lb.stop()
+        good.stop()
+        bad.stop()
