@@ -294,10 +294,6 @@ def test_unknown_top_level_table():
 @pytest.mark.parametrize(
     "text, line, path, feature",
     [
-        ('# txlb\n[sessions]\nstore = "memory"\n', 2, "sessions", "sticky-session stores"),
-        ('[cluster]\nmode = "standalone"\n', 1, "cluster", "clustering"),
-        ('[dns]\nttl = 5\n', 1, "dns", "health-aware DNS"),
-        (POOL + service('sticky = { mode = "ip" }\n'), 7, "services[0].sticky", "sticky sessions"),
         (POOL + service('cache = { max_size = "1MiB" }\n'), 7, "services[0].cache", "response caching"),
         (POOL + service('proxy_protocol = "v2"\n'), 7, "services[0].proxy_protocol", "the PROXY protocol"),
     ],
@@ -961,9 +957,9 @@ def test_two_mistakes_are_both_reported_in_file_order():
 
 
 def test_problems_are_sorted_even_when_found_out_of_order():
-    """[cluster] is checked last (unknown keys of the root) but written first."""
-    text = '[cluster]\nmode = "x"\n[pools.api]\nretries = -1\n'
-    assert [(line, path) for line, path, _ in problems(text)] == [(1, "cluster"), (4, "pools.api.retries")]
+    """[frontend] is checked last (unknown keys of the root) but written first."""
+    text = '[frontend]\nmode = "x"\n[pools.api]\nretries = -1\n'
+    assert [(line, path) for line, path, _ in problems(text)] == [(1, "frontend"), (4, "pools.api.retries")]
 
 
 def test_problem_format():
@@ -1133,3 +1129,36 @@ def test_an_unknown_key_anywhere_is_found_at_its_path_and_line(case):
     with pytest.raises(ConfigError) as info:
         parse(text)
     assert [(p.line, p.path) for p in info.value.problems] == [(line, path)], text
+
+
+
+def test_sticky_sessions_and_cluster():
+    config = parse(toml(
+        POOL + service('protocol = "http"\nsticky = { mode = "key", key = "cookie:SESSIONID" }\n')
+        + '[sessions]\nstore = "redis"\nredis = "127.0.0.1:6390"\nttl = "10m"\n'
+        + '[cluster]\nmode = "active-passive"\nnode = "lb-1"\nheartbeat = "500ms"\nfailover_after = "2s"\n'
+        + '[dns]\nlisten = "udp:5353:interface=127.0.0.1"\nname = "app.example.com"\nttl = 5\n'
+    ))
+    [svc] = config.services
+    assert (svc.sticky.mode, svc.sticky.key) == ("key", "cookie:SESSIONID")
+    assert (config.sessions.store, config.sessions.redis, config.sessions.ttl) == (
+        "redis", "tcp:host=127.0.0.1:port=6390", 600.0)
+    assert (config.cluster.mode, config.cluster.node, config.cluster.failover_after) == ("active-passive", "lb-1", 2.0)
+    assert (config.dns.name, config.dns.ttl) == ("app.example.com", 5)
+    assert parse("").cluster.mode == "standalone" and parse("").sessions.store == "memory"
+
+
+@pytest.mark.parametrize(
+    "text, path",
+    [
+        (POOL + service('sticky = { mode = "cookie" }\n'), "services[0].sticky.mode"),  # TCP: ip only
+        (POOL + service('protocol = "http"\nsticky = { mode = "key" }\n'), "services[0].sticky.key"),
+        (POOL + service('protocol = "http"\nsticky = { mode = "key", key = "body:x" }\n'), "services[0].sticky.key"),
+        ('[cluster]\nmode = "active-passive"\nheartbeat = "5s"\nfailover_after = "1s"\n', "cluster.failover_after"),
+        ('[cluster]\nmode = "active-active"\naddress = "lb-1.example"\n', "cluster.address"),
+        ('[cluster]\nmode = "active-active"\n[dns]\nlisten = "tcp:53"\nname = "a"\n', "dns.listen"),
+        ('[dns]\nname = "a"\n', "dns.name"),
+    ],
+)
+def test_bad_sticky_and_cluster(text, path):
+    assert [p for _, p, _ in problems(text)] == [path]

@@ -15,6 +15,8 @@ A later feature adds its keys by adding C{table.get(...)} lines and fields.
 from __future__ import annotations
 
 import difflib
+import ipaddress
+import socket
 import os
 import re
 import tomllib
@@ -169,6 +171,7 @@ class ServiceConfig:
     limits: Limits = Limits()
     forwarded: bool = False
     tls: Optional[TLSConfig] = None
+    sticky: Optional[StickyConfig] = None
 
 
 @attrs.frozen
@@ -210,6 +213,54 @@ class Config:
     services: tuple[ServiceConfig, ...] = ()
     demo: tuple[DemoServer, ...] = ()
     admin: Optional[AdminConfig] = None
+    sessions: "SessionsConfig" = attrs.field(factory=lambda: SessionsConfig())
+    cluster: "ClusterConfig" = attrs.field(factory=lambda: ClusterConfig())
+    dns: Optional["DNSConfig"] = None
+
+
+@attrs.frozen
+class StickyConfig:
+    """
+    A service's C{sticky}: C{cookie} (txlb's own cookie names the server),
+    C{ip} (the client address) or C{key} (the application's session id,
+    C{cookie:NAME} or C{header:NAME}).
+    """
+
+    mode: str
+    cookie: str = "LB_SERVER"
+    key: Optional[str] = None
+
+
+@attrs.frozen
+class SessionsConfig:
+    """C{[sessions]}: where C{ip} and C{key} affinities are kept."""
+
+    store: str = "memory"
+    redis: str = "tcp:host=127.0.0.1:port=6379"
+    ttl: float = 3600.0
+    max_entries: int = 100_000
+
+
+@attrs.frozen
+class ClusterConfig:
+    """C{[cluster]}: txlb's own high availability."""
+
+    mode: str = "standalone"
+    node: str = attrs.field(factory=lambda: socket.gethostname())
+    redis: str = "tcp:host=127.0.0.1:port=6379"
+    heartbeat: float = 1.0
+    failover_after: float = 3.0
+    address: str = "127.0.0.1"
+    on_active: str = ""
+
+
+@attrs.frozen
+class DNSConfig:
+    """C{[dns]}: an authoritative answer for C{name} with the live nodes."""
+
+    listen: str
+    name: str
+    ttl: int = 5
 
 
 # Errors.
@@ -253,14 +304,10 @@ class ConfigError(Exception):
 #: are refused with this explanation rather than as unknown keys.
 PLANNED: Mapping[str, Mapping[str, str]] = {
     "": {
-        "sessions": "sticky-session stores",
-        "cluster": "clustering",
-        "dns": "health-aware DNS",
     },
     "pool": {
     },
     "service": {
-        "sticky": "sticky sessions",
         "cache": "response caching",
         "proxy_protocol": "the PROXY protocol",
     },
@@ -776,6 +823,87 @@ def _readBackendTLS(t: Optional[_Table]) -> Optional[BackendTLSConfig]:
     return tls
 
 
+_STICKY_KEY = re.compile(r"(cookie|header):[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _readSticky(t: Optional[_Table], protocol: str) -> Optional[StickyConfig]:
+    if t is None:
+        return None
+    modes = ("cookie", "ip", "key") if protocol == "http" else ("ip",)
+    mode = t.get("mode", _oneOf(*modes))
+    cookie = t.get("cookie", _headerToken, "LB_SERVER")
+    key = t.get("key", _string, None)
+    if mode == "key":
+        if key is None:
+            t.error("key", 'is required in key mode: "cookie:SESSIONID" or "header:X-Session"')
+        elif not _STICKY_KEY.fullmatch(key):
+            t.error("key", f'{key!r} is not "cookie:NAME" or "header:NAME"')
+    elif key is not None:
+        t.error("key", 'applies to mode = "key" only')
+    t.finish()
+    return StickyConfig(mode=mode, cookie=cookie, key=key)
+
+
+def _headerToken(value: Any) -> str:
+    text = _string(value)
+    if not _TOKEN.fullmatch(text):
+        raise _Invalid(f"{text!r} is not a valid cookie name")
+    return text
+
+
+def _readSessions(t: _Table) -> SessionsConfig:
+    sessions = SessionsConfig(
+        store=t.get("store", _oneOf("memory", "redis"), "memory"),
+        redis=t.get("redis", _connectAddress, "tcp:host=127.0.0.1:port=6379"),
+        ttl=t.get("ttl", _positiveDuration, 3600.0),
+        max_entries=t.get("max_entries", _integer(1, 100_000_000), 100_000),
+    )
+    t.finish()
+    return sessions
+
+
+def _readCluster(t: _Table) -> ClusterConfig:
+    defaults = ClusterConfig()
+    cluster = ClusterConfig(
+        mode=t.get("mode", _oneOf("standalone", "active-passive", "active-active"), "standalone"),
+        node=t.get("node", _name, defaults.node),
+        redis=t.get("redis", _connectAddress, defaults.redis),
+        heartbeat=t.get("heartbeat", _positiveDuration, 1.0),
+        failover_after=t.get("failover_after", _positiveDuration, 3.0),
+        address=t.get("address", _string, "127.0.0.1"),
+        on_active=t.get("on_active", _string, ""),
+    )
+    if cluster.failover_after <= cluster.heartbeat:
+        t.error("failover_after", "must be longer than heartbeat (several heartbeats, typically 3)")
+    try:
+        ipaddress.ip_address(cluster.address)
+    except ValueError:
+        t.error("address", f"{cluster.address!r} is not an IP address")
+    t.finish()
+    return cluster
+
+
+_UDP = re.compile(r"udp:(?:port=)?(\d+)(?::interface=(.+))?")
+
+
+def _udpListen(value: Any) -> str:
+    text = _string(value)
+    m = _UDP.fullmatch(text)
+    if m is None or not 0 < int(m.group(1)) < 65536:
+        raise _Invalid(f'{text!r} is not a UDP listen address (write it like "udp:5353:interface=127.0.0.1")')
+    return text
+
+
+def _readDNS(t: _Table) -> DNSConfig:
+    dns = DNSConfig(
+        listen=t.get("listen", _udpListen, "udp:5353:interface=127.0.0.1"),
+        name=t.get("name", _string),
+        ttl=t.get("ttl", _integer(0, 86400), 5),
+    )
+    t.finish()
+    return dns
+
+
 def _readAdmin(t: _Table) -> AdminConfig:
     tokenFile = t.get("token_file", _string, None)
     if tokenFile is not None:
@@ -920,6 +1048,7 @@ def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
         pool=pool,
         timeouts=_readTimeouts(t.table("timeouts", "timeouts"), protocol),
         tls=_readTLS(t.table("tls", "tls")),
+        sticky=_readSticky(t.table("sticky", "sticky"), protocol),
     )
     if protocol == "http":
         service = attrs.evolve(
@@ -990,13 +1119,22 @@ def _readConfig(root: _Table, path: str, algorithms: Optional[Algorithms]) -> Co
     admin = _readAdmin(adminTable) if adminTable else None
     if admin is not None and admin.listen is not None:
         claim(admin.listen, "admin.listen")
+    sessionsTable = root.table("sessions", "sessions")
+    sessions = _readSessions(sessionsTable) if sessionsTable else SessionsConfig()
+    clusterTable = root.table("cluster", "cluster")
+    cluster = _readCluster(clusterTable) if clusterTable else ClusterConfig()
+    dnsTable = root.table("dns", "dns")
+    dns = _readDNS(dnsTable) if dnsTable else None
+    if dns is not None and cluster.mode == "standalone":
+        dnsTable.error("name", '[dns] answers with the cluster\'s nodes: set [cluster] mode')
     demoTable = root.table("demo", "demo")
     demo = _readDemo(demoTable) if demoTable else ()
     for i, server in enumerate(demo):
         if server.listen is not None:
             claim(server.listen, f"demo.servers[{i}].listen")
     root.finish()
-    return Config(path, process, log, MappingProxyType(pools), tuple(services), demo, admin)
+    return Config(path, process, log, MappingProxyType(pools), tuple(services), demo, admin,
+                  sessions, cluster, dns)
 
 
 def parse(
