@@ -332,6 +332,42 @@ class Pool:
         """
         self._watchers.append(watcher)
 
+    def unwatch(self, watcher) -> None:
+        """Undo L{watch} (health checks a reload replaced)."""
+        if watcher in self._watchers:
+            self._watchers.remove(watcher)
+
+    # What a config reload calls: servers keep their state and counters.
+
+    def setScheduler(self, algorithm: str, scheduler: IScheduler) -> None:
+        """A new algorithm or new options: C{scheduler} takes over from the next pick."""
+        self.algorithm = algorithm
+        self.scheduler = scheduler
+        self._refresh()
+
+    def configure(
+        self,
+        *,
+        retries: int,
+        connectTimeout: float,
+        hashKey: str,
+        passive: Optional[tuple[int, float]],
+        maxConnections: int,
+        queueTimeout: float,
+        slowStart: float,
+    ) -> None:
+        """New settings, for the picks and connections that follow."""
+        self.retries = retries
+        self.connectTimeout = connectTimeout
+        self.hashKey = hashKey
+        self.passive = passive
+        self.queueTimeout = queueTimeout
+        self.slowStart = slowStart
+        if maxConnections != self.maxConnections:
+            self.maxConnections = maxConnections
+            self._full = {s for s in self._servers.values() if maxConnections and s.active >= maxConnections}
+            self._refresh()
+
     def setHealth(self, server: Server, health: ServerState, reason: str = "") -> None:
         """What the health checks concluded (after rise or fall)."""
         old = server.health
