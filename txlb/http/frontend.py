@@ -138,6 +138,18 @@ class HTTPService:
         self.accessLog = accessLog
         self.proto = proto
 
+    def update(self, **settings) -> None:
+        """
+        New settings from a reloaded config (C{router}, C{clientTimeout},
+        C{maxBody}, ... as the constructor names them).  Connections read
+        them afresh for each request, so requests in flight keep going and
+        the next ones see the change.
+        """
+        for name, value in settings.items():
+            if name in ("name", "pools", "connections", "clock") or not hasattr(self, name):
+                raise TypeError(f"HTTPService.update: {name!r} cannot be changed")
+            setattr(self, name, value)
+
 
 class HTTPProxyFactory(Factory):
     noisy = False
@@ -153,11 +165,19 @@ class HTTPProxyFactory(Factory):
         Close idle keep-alive connections now; let the others finish the
         request in hand (answered with C{Connection: close}).
         """
+        self.finish()
+        return self.open.drain(timeout)
+
+    def finish(self) -> None:
+        """
+        What L{drain} does without a deadline (a service a reload removed
+        or rebuilt): idle keep-alive connections close now, the others
+        after the request in hand.
+        """
         for frontend in list(self.open.open):
             frontend.closing = True
             if not frontend.exchanges and not frontend.piping:
                 frontend.transport.loseConnection()
-        return self.open.drain(timeout)
 
     def buildProtocol(self, addr) -> "HTTPFrontend":
         return HTTPFrontend(self, getattr(addr, "host", str(addr)))
