@@ -185,3 +185,41 @@ class IHealthCheckFactory(Interface):
         C{health.options} table.  Raise L{HealthCheckOptionsError} when it
         is unusable.
         """
+
+
+# Sticky sessions.
+
+
+class ISessionStore(Interface):
+    """
+    Where C{ip} and C{key} sticky affinities are kept: a map from a
+    namespaced key (C{txlb:sticky:SERVICE:KEY}) to a server name, whose
+    entries expire C{ttl} seconds after they were last used.
+
+    A store never fails a request: an unreachable backend (Redis) answers
+    from a fallback instead, within a short bound.  A synchronous store
+    (C{synchronous} true, the in-memory one) answers L{get} with a plain
+    value so that the hot path never touches a Deferred.
+    """
+
+    synchronous = Attribute(
+        "True when L{get} always returns a plain value, never a Deferred."
+    )
+    ttl = Attribute("Seconds an entry lives after it was last used.")
+
+    def get(key: str) -> "Optional[str] | Deferred[Optional[str]]":
+        """
+        The server pinned for C{key}, or L{None}; using an entry refreshes
+        its TTL.  A Deferred, when returned, fires (never errbacks) within
+        the store's own timeout.
+        """
+
+    def set(key: str, server: str, replace: bool = True) -> None:
+        """
+        Pin C{key} to C{server} for C{ttl} seconds.  With C{replace} false,
+        an existing pin (perhaps made by another balancer meanwhile) wins.
+        Fire and forget: nothing waits for it.
+        """
+
+    def delete(key: str) -> None:
+        """Forget C{key}."""

@@ -35,6 +35,8 @@ from txlb.interfaces import IHealthCheckFactory, ISchedulerFactory
 from txlb.logs import makeObserver, reopenOnSignal
 from txlb.metrics import Metrics
 from txlb.pool import Pool, Server
+from txlb.sessions import makeStore
+from txlb.sticky import Sticky
 from txlb.tcp import TCPBalancerFactory
 from txlb.tls import ServerTLS
 
@@ -93,6 +95,12 @@ class TxlbService(MultiService):
         self.connections = BackendConnections(self.endpoints, reactor)
         self.metrics = Metrics(self.pools, reactor)
         self.metrics.setServiceParent(self)
+        #: The sticky-session store, made only when some service needs one.
+        self.sessions = None
+        if any(s.sticky is not None and s.sticky.mode != "cookie" for s in config.services):
+            self.sessions = makeStore(config.sessions, reactor)
+            if hasattr(self.sessions, "setServiceParent"):
+                self.sessions.setServiceParent(self)
         healthFactories = healthCheckFactories() if healthFactories is None else healthFactories
         for name, poolConfig in config.pools.items():
             HealthChecks(self.pools[name], poolConfig.health, self.endpoints, reactor, healthFactories,
@@ -133,6 +141,7 @@ class TxlbService(MultiService):
                 idleTimeout=service.timeouts.idle,
                 accessLog=self.config.log.access,
                 metrics=self.metrics,
+                sticky=self._sticky(service),
             )
         routes = [
             Route(
@@ -159,10 +168,16 @@ class TxlbService(MultiService):
                 forwarded=service.forwarded,
                 accessLog=self.config.log.access,
                 proto=b"https" if service.tls is not None else b"http",
+                sticky=self._sticky(service),
             )
         )
         factory.service.metrics = self.metrics
         return factory
+
+    def _sticky(self, service: ServiceConfig) -> Optional[Sticky]:
+        if service.sticky is None:
+            return None
+        return Sticky(service.name, service.sticky, self.sessions, secure=service.tls is not None)
 
     def setServiceParent(self, parent) -> None:
         """

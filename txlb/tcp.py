@@ -50,6 +50,7 @@ class TCPBalancerFactory(Factory):
         idleTimeout: float = 0.0,
         accessLog: bool = True,
         metrics=None,
+        sticky=None,
     ) -> None:
         self.service = service
         self.pool = pool
@@ -59,6 +60,8 @@ class TCPBalancerFactory(Factory):
         self.accessLog = accessLog
         #: A L{txlb.metrics.Metrics} to count connections in, or L{None}.
         self.metrics = metrics
+        #: A L{txlb.sticky.Sticky} (C{ip} mode), or L{None}.
+        self.sticky = sticky
         self.open: OpenConnections[Frontend] = OpenConnections(
             clock, lambda frontend: frontend.abort("shutdown timeout")
         )
@@ -111,6 +114,8 @@ class Frontend(_Side):
 
     backend: Optional["Backend"] = None
     server: Optional[Server] = None
+    #: The connection's sticky state (a L{txlb.sticky.Affinity}), if any.
+    affinity = None
 
     def __init__(self, factory: TCPBalancerFactory, client: str) -> None:
         self.factory = factory
@@ -138,12 +143,28 @@ class Frontend(_Side):
 
     def _connect(self) -> None:
         pool = self.factory.pool
+        sticky = self.factory.sticky
+        if sticky is not None:
+            affinity = self.affinity
+            if affinity is None:
+                affinity = self.affinity = sticky.affinity(self.client)
+                if affinity.pending is not None:
+                    affinity.pending.addCallback(self._stickyFound)
+                    return
+            decision = sticky.choose(pool, affinity, self.tried)
+            if decision is not None:
+                self._use(decision)
+                return
         context = PickContext(self.client)
         decision = pool.pick(context, self.tried)
         if decision is None and pool.saturated(self.tried):
             self._waiter = pool.enqueue(context, self.tried, self._dequeued)
             return
         self._use(decision)
+
+    def _stickyFound(self, _) -> None:
+        if not self.closed:
+            self._connect()
 
     def _dequeued(self, decision) -> None:
         self._waiter = None
@@ -174,6 +195,8 @@ class Frontend(_Side):
     def _connected(self, backend: "Backend") -> None:
         self._connecting = None
         self.factory.pool.reportResult(backend.server, True)
+        if self.affinity is not None:
+            self.factory.sticky.answered(self.affinity, backend.server, self.client)
 
     def _connectFailed(self, failure: Failure) -> None:
         self._connecting = None

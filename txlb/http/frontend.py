@@ -123,6 +123,7 @@ class HTTPService:
         forwarded: bool = False,
         accessLog: bool = True,
         proto: bytes = b"http",
+        sticky=None,
     ) -> None:
         self.name = name
         self.pools = pools
@@ -137,6 +138,8 @@ class HTTPService:
         self.forwarded = forwarded
         self.accessLog = accessLog
         self.proto = proto
+        #: A L{txlb.sticky.Sticky}, or L{None}.
+        self.sticky = sticky
 
     def update(self, **settings) -> None:
         """
@@ -205,6 +208,9 @@ class Exchange:
     pool: Optional[Pool] = None
     error: Optional[str] = None
     finished = False
+    #: The request's sticky state (a L{txlb.sticky.Affinity}) when the
+    #: service is sticky.
+    affinity = None
 
     def __init__(self, frontend: "HTTPFrontend", method: bytes, target: bytes, headers: list,
                  keepAlive: bool, version: str) -> None:
@@ -283,9 +289,13 @@ class Exchange:
         self.pool.observeResponseTime(self.server, time.monotonic() - self.dispatched)
         self.pool.reportResult(self.server, status < 500, f"HTTP {status}")
         conn = self.conn
+        affinity = self.affinity
+        extra = () if affinity is None else frontend.service.sticky.answered(affinity, self.server, frontend.client,
+                                                                             headers)
         if status == 101 and self.upgrade is not None:
             head = responseHead(status, reason, headers, requestId=self.requestId, framing=None,
-                                close=False, upgrade=_headerValue(headers, b"upgrade") or self.upgrade)
+                                close=False, upgrade=_headerValue(headers, b"upgrade") or self.upgrade,
+                                extra=extra)
             self._write(head)
             return
         if self.upgrade is not None:
@@ -302,7 +312,7 @@ class Exchange:
             self.closeAfter = True
         head = responseHead(status, reason, headers, requestId=self.requestId, framing=framing,
                             close=self.closeAfter or frontend.closing,
-                            keepAliveHeader=self.version == "1.0" and not self.closeAfter)
+                            keepAliveHeader=self.version == "1.0" and not self.closeAfter, extra=extra)
         self._write(head)
         if not conn.done:
             frontend.transport.registerProducer(conn.transport, True)
@@ -661,6 +671,22 @@ class HTTPFrontend(Protocol):
         one unless C{fresh}, else a new one.
         """
         pool = exchange.pool
+        sticky = self.service.sticky
+        if sticky is not None:
+            affinity = exchange.affinity
+            if affinity is None:
+                affinity = exchange.affinity = sticky.affinity(self.client, exchange.headers)
+                if affinity.pending is not None:
+                    # The shared store is looking the key up (bounded by its
+                    # timeout): read no more of the request meanwhile.
+                    if not exchange.requestDone:
+                        self.gate.pause("connecting")
+                    affinity.pending.addCallback(self._stickyFound, exchange, fresh)
+                    return
+            decision = sticky.choose(pool, affinity, exchange.tried)
+            if decision is not None:
+                self._use(exchange, decision, fresh)
+                return
         key = None if pool.hashKey == "client_ip" else hashKeyOf(pool.hashKey, exchange.target, exchange.headers)
         context = PickContext(self.client, key)
         decision = pool.pick(context, exchange.tried)
@@ -672,6 +698,11 @@ class HTTPFrontend(Protocol):
                                             lambda decision: self._dequeued(exchange, decision, fresh))
             return
         self._use(exchange, decision, fresh)
+
+    def _stickyFound(self, _, exchange: Exchange, fresh: bool) -> None:
+        self.gate.resume("connecting")
+        if not exchange.finished:
+            self._dispatch(exchange, fresh)
 
     def _dequeued(self, exchange: Exchange, decision, fresh: bool) -> None:
         exchange._waiter = None
