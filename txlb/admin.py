@@ -23,8 +23,9 @@ import re
 from importlib.resources import files
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from txlb.endpoints import EndpointError, serverAddress
 from txlb.pool import Pool, Server
@@ -105,11 +106,20 @@ class AdminResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, pools: Mapping[str, Pool], token: Optional[str] = None, metrics: Optional[Metrics] = None) -> None:
+    #: This node's L{txlb.cluster.Cluster} (or L{txlb.cluster.Standalone}):
+    #: answers C{GET /api/cluster} and shares admin changes with the other
+    #: nodes of an active-active cluster.
+    cluster = None
+
+    def __init__(self, pools: Mapping[str, Pool], token: Optional[str] = None, metrics: Optional[Metrics] = None,
+                 reload: Optional[Callable[[], Deferred]] = None) -> None:
         super().__init__()
         self.pools = pools
         self.token = token
         self.metrics = metrics
+        #: Reloads the config file (what C{SIGHUP} does): a L{Deferred}
+        #: firing with a L{txlb.service.Reloaded}.
+        self.reload = reload
 
     def render(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
@@ -121,6 +131,11 @@ class AdminResource(Resource):
             status, body = e.status, {"error": e.message}
         except UnicodeDecodeError:
             status, body = 400, {"error": "the path is not UTF-8"}
+        if isinstance(body, Deferred):
+            gone: list = []
+            request.notifyFinish().addErrback(gone.append)
+            body.addCallback(self._reloaded, request, gone)
+            return NOT_DONE_YET
         request.setResponseCode(status)
         if isinstance(body, Raw):
             request.setHeader(b"content-type", body.contentType)
@@ -151,6 +166,16 @@ class AdminResource(Resource):
         self._authorize(request)
         if segments in (["metrics"], ["api", "stats"], ["api", "decisions"]):
             return self._observability(request, method, segments[-1])
+        if segments == ["api", "reload"]:
+            self._allow(method, "POST")
+            if self.reload is None:
+                raise ApiError(404, "/api/reload: this admin API has no config file to reload")
+            return 200, self.reload()
+        if segments == ["api", "cluster"]:
+            self._allow(method, "GET")
+            if self.cluster is None:
+                raise ApiError(404, "/api/cluster: this admin API has no cluster")
+            return 200, self.cluster.status()
         if segments[:2] != ["api", "pools"]:
             raise ApiError(404, f"no such resource: /{'/'.join(segments)}")
         rest = segments[2:]
@@ -176,6 +201,7 @@ class AdminResource(Resource):
             if method == "PATCH":
                 return self._patch(pool, server, self._body(request))
             pool.delete(server)
+            self._share("delete", pool, server)
             return 202, serverJson(pool, server)
         if len(rest) == 4 and rest[3] in ("drain", "enable"):
             self._allow(method, "POST")
@@ -185,8 +211,14 @@ class AdminResource(Resource):
                 if server.removing:
                     raise ApiError(409, f"server {server.name} is being removed")
                 pool.enable(server)
+            self._share(rest[3], pool, server)
             return 200, serverJson(pool, server)
         raise ApiError(404, f"no such resource: /{'/'.join(segments)}")
+
+    def _share(self, op: str, pool: Pool, server: Server, **details: Any) -> None:
+        """An admin change made here, for the other nodes of the cluster."""
+        if self.cluster is not None:
+            self.cluster.publishChange({"op": op, "pool": pool.name, "server": server.name, **details})
 
     def _observability(self, request: Request, method: str, what: str):
         self._allow(method, "GET")
@@ -206,6 +238,20 @@ class AdminResource(Resource):
         if limit < 0:
             raise ApiError(400, f"limit must be a whole number (at most {metrics.decisions.size} are kept)")
         return 200, metrics.decisions.last(limit)
+
+    @staticmethod
+    def _reloaded(result, request: Request, gone: list) -> None:
+        """C{POST /api/reload} answered: 200 and what changed, or 400 and why not."""
+        if result.errors:
+            status = 400
+            body = {"error": "the config file was rejected; the running config stays",
+                    "path": result.path, "errors": list(result.errors)}
+        else:
+            status, body = 200, {"path": result.path, "errors": [], "changes": list(result.changes)}
+        if not gone:
+            request.setResponseCode(status)
+            request.write(json.dumps(body).encode() + b"\n")
+            request.finish()
 
     @staticmethod
     def _allow(method: str, *allowed: str) -> None:
@@ -264,6 +310,7 @@ class AdminResource(Resource):
             raise ApiError(409, f"pool {pool.name} already has a server named {name!r}")
         server = Server(name, address, weight)
         pool.add(server)
+        self._share("add", pool, server, address=address, weight=weight)
         return 201, serverJson(pool, server)
 
     def _patch(self, pool: Pool, server: Server, body: dict[str, Any]):
@@ -271,11 +318,13 @@ class AdminResource(Resource):
         if unknown or "weight" not in body:
             raise ApiError(400, 'only {"weight": N} can be changed')
         pool.setWeight(server, self._weight(body, None))
+        self._share("weight", pool, server, weight=server.configuredWeight)
         return 200, serverJson(pool, server)
 
 
-def adminSite(pools: Mapping[str, Pool], token: Optional[str] = None, metrics: Optional[Metrics] = None) -> Site:
-    site = Site(AdminResource(pools, token, metrics))
+def adminSite(pools: Mapping[str, Pool], token: Optional[str] = None, metrics: Optional[Metrics] = None,
+              reload: Optional[Callable[[], Deferred]] = None) -> Site:
+    site = Site(AdminResource(pools, token, metrics, reload))
     site.noisy = False
     site.log = lambda request: None
     site.displayTracebacks = False

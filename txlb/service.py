@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.test_reload -*-
 """
 The service tree built from a config: pools, listeners, demo backends and
 the log observer.
@@ -7,14 +7,23 @@ Listening happens in L{TxlbService.privilegedStartService}, before twistd
 drops privileges and before the reactor runs, so that a port that cannot be
 bound stops txlb at once with a one-line error instead of a half-started
 balancer.
+
+L{TxlbService.reload} (C{SIGHUP}, C{POST /api/reload}) reads the file
+again and applies what changed in place: see L{txlb.reload}.  Each port
+accepts through an L{_Entry} that a reload points at the service's current
+factory, so that a port is never closed and reopened for a change of
+settings or certificates.
 """
 
 from __future__ import annotations
 
+import signal
 from typing import Mapping, Optional
 
+import attrs
+
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
@@ -24,9 +33,9 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from txlb.admin import adminSite, readToken
-from txlb.config import Config, PoolConfig, ServiceConfig
+from txlb.config import Config, ConfigError, PoolConfig, ServerConfig, ServiceConfig, load
 from txlb.demo import demoService
-from txlb.endpoints import EndpointCache
+from txlb.endpoints import EndpointCache, sameSocket
 from txlb.http.backend import BackendConnections
 from txlb.http.frontend import HTTPProxyFactory, HTTPService
 from txlb.http.routing import Route, Router
@@ -35,6 +44,7 @@ from txlb.interfaces import IHealthCheckFactory, ISchedulerFactory
 from txlb.logs import makeObserver, reopenOnSignal
 from txlb.metrics import Metrics
 from txlb.pool import Pool, Server
+from txlb.reload import ConfigDiff, ServerDiff, describe, diffConfigs, diffServers
 from txlb.sessions import makeStore
 from txlb.sticky import Sticky
 from txlb.tcp import TCPBalancerFactory
@@ -47,6 +57,30 @@ class ListenError(SystemExit):
     """A listening endpoint could not be opened: txlb does not start."""
 
 
+class _Refused(Exception):
+    """A reload that validated cannot be applied (a port, a certificate)."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+
+@attrs.frozen
+class Reloaded:
+    """
+    What a reload did.  C{errors} is empty when it was applied, else the
+    problems (one line each) and nothing changed.
+    """
+
+    path: str
+    errors: tuple[str, ...] = ()
+    changes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
 def buildPool(config: PoolConfig, factories: Mapping[str, ISchedulerFactory], clock) -> Pool:
     pool = Pool(
         config.name,
@@ -54,6 +88,15 @@ def buildPool(config: PoolConfig, factories: Mapping[str, ISchedulerFactory], cl
         factories[config.algorithm](config.options),
         [Server(s.name, s.address, s.weight) for s in config.servers],
         clock,
+        **_poolSettings(config),
+    )
+    pool.tls = config.tls
+    _warnUnverified(config)
+    return pool
+
+
+def _poolSettings(config: PoolConfig) -> dict:
+    return dict(
         retries=config.retries,
         connectTimeout=config.connect_timeout,
         hashKey=config.hash_key,
@@ -62,21 +105,70 @@ def buildPool(config: PoolConfig, factories: Mapping[str, ISchedulerFactory], cl
         queueTimeout=config.queue_timeout,
         slowStart=config.slow_start,
     )
-    pool.tls = config.tls
+
+
+def _warnUnverified(config: PoolConfig) -> None:
     if config.tls is not None and not config.tls.verify:
         _log.warn(
             "pool {pool}: TLS to its servers is not verified (tls.verify = false)",
             event="tls_unverified", pool=config.name,
         )
-    return pool
+
+
+class _Entry(Factory):
+    """
+    What one listening port accepts connections with: the factory of the
+    service that owns the port now.  A reload points it elsewhere (new
+    certificates, a rebuilt service) without closing the port.
+    """
+
+    noisy = False
+
+    def __init__(self, factory: Optional[Factory] = None) -> None:
+        self.factory = factory
+
+    def switch(self, factory: Factory) -> None:
+        old, self.factory = self.factory, factory
+        if self.numPorts and old is not factory:
+            factory.doStart()
+            if old is not None:
+                old.doStop()
+
+    def startFactory(self) -> None:
+        if self.factory is not None:
+            self.factory.doStart()
+
+    def stopFactory(self) -> None:
+        if self.factory is not None:
+            self.factory.doStop()
+
+    def buildProtocol(self, addr):
+        return None if self.factory is None else self.factory.buildProtocol(addr)
+
+
+@attrs.define
+class _Balancer:
+    """
+    One running service: C{factory} balances and counts its connections;
+    C{entry} is what its ports accept with (C{factory}, behind TLS when the
+    service has C{tls}).
+    """
+
+    config: ServiceConfig
+    factory: Factory
+    entry: Factory
 
 
 class TxlbService(MultiService):
     """
     The root of txlb's service tree.
 
-    @ivar pools: the live L{Pool}s by name.
-    @ivar ports: the listening ports, once started.
+    @ivar pools: the live L{Pool}s by name (one dict for the life of the
+        process: the admin API, metrics and HTTP services hold it).
+    @ivar balancers: the running services by name.
+    @ivar ports: the open listening ports of the services, by endpoint.
+    @ivar signals: install the handlers of C{SIGHUP} (reload), C{SIGTERM}
+        and C{SIGINT} (stop, exit status 0) once the reactor runs.
     """
 
     def __init__(
@@ -85,10 +177,14 @@ class TxlbService(MultiService):
         factories: Mapping[str, ISchedulerFactory],
         reactor,
         healthFactories: Optional[Mapping[str, IHealthCheckFactory]] = None,
+        *,
+        signals: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.factories = factories
+        self.signals = signals
         self.logObserver = makeObserver(config.log, clock=reactor)
         self.endpoints = EndpointCache(reactor)
         self.pools = {name: buildPool(p, factories, reactor) for name, p in config.pools.items()}
@@ -97,34 +193,79 @@ class TxlbService(MultiService):
         self.metrics.setServiceParent(self)
         #: The sticky-session store, made only when some service needs one.
         self.sessions = None
-        if any(s.sticky is not None and s.sticky.mode != "cookie" for s in config.services):
-            self.sessions = makeStore(config.sessions, reactor)
-            if hasattr(self.sessions, "setServiceParent"):
-                self.sessions.setServiceParent(self)
-        healthFactories = healthCheckFactories() if healthFactories is None else healthFactories
+        self._sessionsFor(config)
+        self.healthFactories = healthCheckFactories() if healthFactories is None else healthFactories
+        self.healthChecks: dict[str, HealthChecks] = {}
         for name, poolConfig in config.pools.items():
-            HealthChecks(self.pools[name], poolConfig.health, self.endpoints, reactor, healthFactories,
-                         metrics=self.metrics).setServiceParent(self)
-        self.listeners: list[tuple[str, str, Factory]] = []
+            self._startHealth(self._healthChecks(self.pools[name], poolConfig))
+        self.balancers: dict[str, _Balancer] = {}
         for service in config.services:
-            factory = self._factory(service)
-            pools = (service.pool, *(r.pool for r in service.routes if r.pool != service.pool))
-            self.metrics.addService(service.name, service.protocol, tuple(dict.fromkeys(pools)), factory)
-            for listen in service.listen:
-                self.listeners.append((service.name, listen, self._secure(service, factory)))
+            self._addBalancer(service, self._factory(service), self._tls(service))
+        self._entries: dict[str, _Entry] = {}
+        self._pointEntries()
+        self.admin = None
         if config.admin is not None:
             token = readToken(config.admin.token_file) if config.admin.token_file else None
-            self.listeners.append(("admin", config.admin.listen, adminSite(self.pools, token, self.metrics)))
+            self.admin = adminSite(self.pools, token, self.metrics, reload=self.reload)
         if config.demo:
             demoService(reactor, config.demo).setServiceParent(self)
-        self.ports: list = []
+        self.ports: dict[str, object] = {}
+        self.adminPort = None
+        #: Whether the services' listeners should be open (see L{openListeners}).
+        self.listening = False
+        #: Factories of services a reload removed or rebuilt, whose
+        #: connections are still open: drained with the others at shutdown.
+        self.retired: set[Factory] = set()
+        self._reloading = DeferredLock()
+        self._stopping = False
 
-    def _secure(self, service: ServiceConfig, factory: Factory) -> Factory:
+    # Building.
+
+    def _healthChecks(self, pool: Pool, config: PoolConfig) -> HealthChecks:
+        return HealthChecks(pool, config.health, self.endpoints, self.reactor, self.healthFactories,
+                            metrics=self.metrics)
+
+    def _startHealth(self, checks: HealthChecks) -> None:
+        self.healthChecks[checks.pool.name] = checks
+        checks.setServiceParent(self)
+
+    def _stopHealth(self, name: str) -> None:
+        checks = self.healthChecks.pop(name, None)
+        if checks is not None:
+            checks.disownServiceParent()
+            checks.pool.unwatch(checks)
+
+    def _addBalancer(self, service: ServiceConfig, factory: Factory, tls) -> None:
+        self.balancers[service.name] = _Balancer(service, factory, self._secure(service, factory, tls))
+        pools = (service.pool, *(r.pool for r in service.routes if r.pool != service.pool))
+        self.metrics.addService(service.name, service.protocol, tuple(dict.fromkeys(pools)), factory)
+
+    @property
+    def listeners(self) -> list[tuple[str, str, Factory]]:
+        """C{(service name, listen endpoint, factory)} of every service listener."""
+        return [(name, listen, b.entry) for name, b in self.balancers.items() for listen in b.config.listen]
+
+    def _pointEntries(self) -> None:
+        """Point each listen endpoint's L{_Entry} at its service's factory."""
+        for _, listen, factory in self.listeners:
+            entry = self._entries.get(listen)
+            if entry is None:
+                entry = self._entries[listen] = _Entry()
+            entry.switch(factory)
+
+    def _tls(self, service: ServiceConfig) -> Optional[ServerTLS]:
+        """A service's certificates, read from their files now, or L{None}."""
+        if service.tls is None:
+            return None
+        alpn = [b"http/1.1"] if service.protocol == "http" else []
+        return ServerTLS(service.tls.certificates, service.tls.min_version, alpn)
+
+    def _secure(self, service: ServiceConfig, factory: Factory, creator: Optional[ServerTLS] = None) -> Factory:
         """The factory to listen with: C{factory}, behind TLS when the service has C{tls}."""
         if service.tls is None:
             return factory
-        alpn = [b"http/1.1"] if service.protocol == "http" else []
-        creator = ServerTLS(service.tls.certificates, service.tls.min_version, alpn)
+        if creator is None:
+            creator = self._tls(service)
         secured = TLSMemoryBIOFactory(creator, False, factory)
         secured.noisy = False
         secured.drain = factory.drain
@@ -143,6 +284,28 @@ class TxlbService(MultiService):
                 metrics=self.metrics,
                 sticky=self._sticky(service),
             )
+        settings = self._httpSettings(service)
+        factory = HTTPProxyFactory(
+            HTTPService(service.name, self.pools, settings.pop("router"), self.connections, self.reactor,
+                        sticky=self._sticky(service), **settings)
+        )
+        factory.service.metrics = self.metrics
+        return factory
+
+    def _sticky(self, service: ServiceConfig) -> Optional[Sticky]:
+        if service.sticky is None:
+            return None
+        return Sticky(service.name, service.sticky, self.sessions, secure=service.tls is not None)
+
+    def _sessionsFor(self, config: Config) -> None:
+        """Make the session store when a service of C{config} first needs one."""
+        if self.sessions is None and any(s.sticky is not None and s.sticky.mode != "cookie" for s in config.services):
+            self.sessions = makeStore(config.sessions, self.reactor)
+            if hasattr(self.sessions, "setServiceParent"):
+                self.sessions.setServiceParent(self)
+
+    def _httpSettings(self, service: ServiceConfig) -> dict:
+        """What an L{HTTPService} takes from its config (and a reload updates)."""
         routes = [
             Route(
                 r.pool,
@@ -153,31 +316,19 @@ class TxlbService(MultiService):
             )
             for r in service.routes
         ]
-        factory = HTTPProxyFactory(
-            HTTPService(
-                service.name,
-                self.pools,
-                Router(service.pool, routes),
-                self.connections,
-                self.reactor,
-                clientTimeout=service.timeouts.client,
-                backendTimeout=service.timeouts.backend,
-                idleTimeout=service.timeouts.idle,
-                maxHeaderBytes=service.limits.max_header_bytes,
-                maxBody=service.limits.max_body,
-                forwarded=service.forwarded,
-                accessLog=self.config.log.access,
-                proto=b"https" if service.tls is not None else b"http",
-                sticky=self._sticky(service),
-            )
+        return dict(
+            router=Router(service.pool, routes),
+            clientTimeout=service.timeouts.client,
+            backendTimeout=service.timeouts.backend,
+            idleTimeout=service.timeouts.idle,
+            maxHeaderBytes=service.limits.max_header_bytes,
+            maxBody=service.limits.max_body,
+            forwarded=service.forwarded,
+            accessLog=self.config.log.access,
+            proto=b"https" if service.tls is not None else b"http",
         )
-        factory.service.metrics = self.metrics
-        return factory
 
-    def _sticky(self, service: ServiceConfig) -> Optional[Sticky]:
-        if service.sticky is None:
-            return None
-        return Sticky(service.name, service.sticky, self.sessions, secure=service.tls is not None)
+    # Starting and stopping.
 
     def setServiceParent(self, parent) -> None:
         """
@@ -188,16 +339,76 @@ class TxlbService(MultiService):
             parent.setComponent(ILogObserver, self.logObserver)
         super().setServiceParent(parent)
 
+    def _listen(self, name: str, listen: str, factory: Factory, late):
+        """
+        Listen on C{listen} now, or raise L{ListenError}.  Endpoints that
+        answer later (not TCP) report a late failure to C{late}.
+        """
+        d = serverFromString(self.reactor, listen).listen(factory)
+        result: list = []
+        d.addBoth(result.append)
+        if result:
+            if isinstance(result[0], Failure):
+                raise ListenError(
+                    f"txlb: service {name}: cannot listen on {listen!r}: {result[0].getErrorMessage()}"
+                )
+            return result[0]
+        d.addCallbacks(lambda port: port, late, errbackArgs=(name, listen))
+        return d
+
+    def openListeners(self) -> None:
+        """
+        Listen on every service's endpoints (not the admin API's; those
+        already open stay as they are).
+
+        @raise ListenError: one cannot be opened; those this call opened
+            are closed again.
+        """
+        self.listening = True
+        opened = []
+        try:
+            for name, listen, _ in self.listeners:
+                if listen not in self.ports:
+                    self.ports[listen] = self._listen(name, listen, self._entries[listen], self._lateListenFailure)
+                    opened.append(listen)
+        except ListenError:
+            for listen in opened:
+                self._stopListening(self.ports.pop(listen))
+            raise
+        if self.running:
+            for listen in opened:
+                _log.info("service {service} listening on {listen}", event="listening",
+                          service=self._owner(listen), listen=listen)
+
+    def closeListeners(self) -> Deferred:
+        """
+        Stop listening on the services' endpoints (open connections go on);
+        fires when every port is closed.
+        """
+        self.listening = False
+        ports, self.ports = self.ports, {}
+        return gatherResults([self._stopListening(p) for p in ports.values()])
+
+    def _owner(self, listen: str) -> str:
+        for name, l, _ in self.listeners:
+            if l == listen:
+                return name
+        return ""
+
+    @staticmethod
+    def _stopListening(port) -> Deferred:
+        if isinstance(port, Deferred):
+            return port.addCallback(lambda p: p.stopListening() if p is not None else None)
+        return maybeDeferred(port.stopListening)
+
     def privilegedStartService(self) -> None:
-        for name, listen, factory in self.listeners:
-            d = serverFromString(self.reactor, listen).listen(factory)
-            failure: list[Failure] = []
-            d.addCallbacks(self.ports.append, failure.append)
-            if failure:
-                self._closePorts()
-                raise ListenError(f"txlb: service {name}: cannot listen on {listen!r}: {failure[0].getErrorMessage()}")
-            if isinstance(d, Deferred) and not d.called:
-                d.addErrback(self._lateListenFailure, name, listen)
+        try:
+            self.openListeners()
+            if self.admin is not None:
+                self.adminPort = self._listen("admin", self.config.admin.listen, self.admin, self._lateListenFailure)
+        except ListenError:
+            self._closePorts()
+            raise
         try:
             super().privilegedStartService()
         except CannotListenError as e:
@@ -215,18 +426,49 @@ class TxlbService(MultiService):
         if self.config.log.path != "-":
             reopenOnSignal(self.logObserver, self.reactor)
         for name, listen, _ in self.listeners:
-            _log.info("service {service} listening on {listen}", event="listening", service=name, listen=listen)
+            if listen in self.ports:
+                _log.info("service {service} listening on {listen}", event="listening", service=name, listen=listen)
+        if self.adminPort is not None:
+            _log.info("service {service} listening on {listen}", event="listening",
+                      service="admin", listen=self.config.admin.listen)
+        if self.signals:
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+            # After the reactor's own handlers, which it installs as it starts.
+            self.reactor.callWhenRunning(self._handleStopSignals)
+
+    def _handleStopSignals(self) -> None:
+        """
+        C{SIGTERM} and C{SIGINT} stop the reactor, and so this service
+        (gracefully: L{stopService}).  Unlike the reactor's own handlers,
+        these do not leave the signal for twistd to raise again at exit: a
+        stop that an operator asked for and that went well exits with 0.
+        """
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda n, frame: self.reactor.callFromThread(self._stopOnSignal, n))
+
+    def _stopOnSignal(self, signum: int) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        _log.info("{signal}: stopping", event="signal", signal=signal.Signals(signum).name)
+        self.reactor.stop()
 
     def _closePorts(self) -> Deferred:
-        ports, self.ports = self.ports, []
-        return gatherResults([maybeDeferred(p.stopListening) for p in ports])
+        ports = list(self.ports.values())
+        self.ports = {}
+        if self.adminPort is not None:
+            ports.append(self.adminPort)
+            self.adminPort = None
+        return gatherResults([self._stopListening(p) for p in ports])
 
     def stopService(self) -> Deferred:
         """
         Stop accepting, then let open connections finish for up to
         C{txlb.shutdown_timeout} before closing the rest.
         """
-        factories = {id(f): f for _, _, f in self.listeners if hasattr(f, "drain")}.values()
+        self._stopping = True
+        factories = [b.factory for b in self.balancers.values() if hasattr(b.factory, "drain")]
+        factories += [f for f in self.retired if f not in factories]
         inFlight = sum(len(f.open) for f in factories)
         _log.info(
             "stopping: {inFlight} connections may finish within {timeout}s",
@@ -241,3 +483,238 @@ class TxlbService(MultiService):
         d.addCallback(lambda _: self.connections.closeIdle())
         d.addCallback(lambda _: super(TxlbService, self).stopService())
         return d
+
+    # Reloading.
+
+    def reload(self) -> Deferred:
+        """
+        Read the config file again; when it validates (as at startup,
+        plugins included) apply the difference in place, else keep the
+        running config.  Logs C{config_reloaded} or C{config_rejected}.
+
+        @return: a L{Deferred} firing with a L{Reloaded} (never failing).
+            Reloads are applied one at a time.
+        """
+        return self._reloading.run(self._reload)
+
+    def _reload(self) -> Reloaded:
+        path = self.config.path
+        try:
+            new = load(path, self.factories, self.healthFactories)
+            changes = self.apply(new)
+        except ConfigError as e:
+            return self._rejected(path, e.lines())
+        except _Refused as e:
+            return self._rejected(path, e.errors)
+        except Exception:
+            _log.failure("reloading {path}", path=path, event="config_reload_failed")
+            return self._rejected(path, ["internal error while applying the config (see the log)"])
+        _log.info(
+            "config {path} reloaded: {count} changes", event="config_reloaded",
+            path=path, errors=[], changes=changes, count=len(changes),
+        )
+        return Reloaded(path, (), tuple(changes))
+
+    @staticmethod
+    def _rejected(path: str, errors: list[str]) -> Reloaded:
+        _log.warn(
+            "config {path} rejected, the running config stays: {errors}", event="config_rejected",
+            path=path, errors=list(errors),
+        )
+        return Reloaded(path, tuple(errors))
+
+    def apply(self, new: Config) -> list[str]:
+        """
+        Make the running service what C{new} (validated) says, in place;
+        return a line per change.  Everything that can fail (certificates,
+        the admin token, schedulers, health-check kinds, new ports) is done
+        first: when one fails, L{_Refused} is raised and nothing changed.
+        """
+        old = self.config
+        diff = diffConfigs(old, new)
+        prepared = self._prepare(new, diff)
+        servers = self._commit(new, diff, prepared)
+        return describe(diff, servers)
+
+    def _prepare(self, new: Config, diff: ConfigDiff) -> dict:
+        errors: list[str] = []
+        tls, schedulers, checks, pools = {}, {}, {}, {}
+        for i, service in enumerate(new.services):
+            try:
+                tls[service.name] = self._tls(service)
+            except Exception as e:
+                errors.append(f"services[{i}].tls: {e}")
+        for p in diff.poolsChanged:
+            config = new.pools[p.name]
+            try:
+                if p.scheduler:
+                    schedulers[p.name] = self.factories[config.algorithm](config.options)
+                if p.health:
+                    checks[p.name] = self._healthChecks(self.pools[p.name], config)
+            except Exception as e:
+                errors.append(f"pools.{p.name}: {e}")
+        for name in diff.poolsAdded:
+            try:
+                pools[name] = buildPool(new.pools[name], self.factories, self.reactor)
+                checks[name] = self._healthChecks(pools[name], new.pools[name])
+            except Exception as e:
+                errors.append(f"pools.{name}: {e}")
+        token = None
+        if new.admin is not None and new.admin.token_file:
+            try:
+                token = readToken(new.admin.token_file)
+            except ValueError as e:
+                errors.append(f"admin.token_file: {e}")
+        if errors:
+            raise _Refused(errors)
+        opened: dict[str, object] = {}
+        adminPort = site = None
+        try:
+            if self.listening:
+                for listen in diff.listenAdded:
+                    for running in list(self.ports):
+                        if running in diff.listenRemoved and sameSocket(listen, running):
+                            raise _Refused([
+                                f"{listen!r} is the socket {running!r} listens on, written differently: "
+                                "write it the same way, or move it in two reloads"
+                            ])
+                    entry = self._entries[listen] = self._entries.get(listen) or _Entry()
+                    opened[listen] = self._listen(self._ownerIn(new, listen), listen, entry, self._reloadListenFailure)
+            if new.admin is not None and new.admin.listen != _adminListen(self.config):
+                site = self.admin or adminSite(self.pools, token, self.metrics, reload=self.reload)
+                adminPort = self._listen("admin", new.admin.listen, site, self._reloadListenFailure)
+        except (ListenError, _Refused) as e:
+            for port in opened.values():
+                self._stopListening(port)
+            for listen in opened:
+                self._entries.pop(listen, None)
+            raise _Refused(e.errors if isinstance(e, _Refused) else [str(e.code).removeprefix("txlb: ")])
+        return dict(tls=tls, schedulers=schedulers, checks=checks, pools=pools, token=token,
+                    opened=opened, adminPort=adminPort, adminSite=site)
+
+    def _commit(self, new: Config, diff: ConfigDiff, prepared: dict) -> list[tuple[str, ServerDiff]]:
+        old, self.config = self.config, new
+        # Pools first: services point at them.
+        for name in diff.poolsRemoved:
+            self._stopHealth(name)
+        live = {name: prepared["pools"].get(name) or self.pools[name] for name in new.pools}
+        self.pools.clear()
+        self.pools.update(live)  # in the file's order, for the admin API
+        for p in diff.poolsChanged:
+            pool, config = self.pools[p.name], new.pools[p.name]
+            pool.configure(**_poolSettings(config))
+            if pool.tls != config.tls:
+                pool.tls = config.tls
+                _warnUnverified(config)
+            if p.scheduler:
+                pool.setScheduler(config.algorithm, prepared["schedulers"][p.name])
+        for name, checks in prepared["checks"].items():
+            self._stopHealth(name)
+            self._startHealth(checks)
+        servers = []
+        for name, config in new.pools.items():
+            if name not in diff.poolsAdded:
+                changed = _applyServers(self.pools[name], config.servers)
+                if changed:
+                    servers.append((name, changed))
+        # Services.
+        self._sessionsFor(new)
+        for name in diff.servicesRemoved:
+            self._retire(self.balancers.pop(name).factory)
+            self.metrics.services.pop(name, None)
+        rebuilt = {s.name for s in diff.servicesChanged if s.rebuild}
+        balancers = {}
+        for service in new.services:
+            current = self.balancers.get(service.name)
+            if current is None or service.name in rebuilt:
+                if current is not None:
+                    self._retire(current.factory)
+                factory = self._factory(service)
+            else:
+                factory = current.factory
+                self._update(factory, service)
+            self._addBalancer(service, factory, prepared["tls"][service.name])
+            balancers[service.name] = self.balancers.pop(service.name)
+        self.balancers.clear()
+        self.balancers.update(balancers)
+        # Listeners: new ones are open; point every port at its service,
+        # then close the ones no longer wanted.
+        self._pointEntries()
+        self.ports.update(prepared["opened"])
+        for listen in prepared["opened"]:
+            _log.info("service {service} listening on {listen}", event="listening",
+                      service=self._owner(listen), listen=listen)
+        for listen in diff.listenRemoved:
+            entry = self._entries.pop(listen, None)
+            port = self.ports.pop(listen, None)
+            if port is not None:
+                self._stopListening(port)
+                _log.info("no longer listening on {listen}", event="stopped_listening", listen=listen)
+        # The admin API.
+        if prepared["adminPort"] is not None:
+            self.admin = prepared["adminSite"]
+            oldPort, self.adminPort = self.adminPort, prepared["adminPort"]
+            if oldPort is not None:
+                self._stopListening(oldPort)
+            _log.info("service {service} listening on {listen}", event="listening",
+                      service="admin", listen=new.admin.listen)
+        elif new.admin is None and self.adminPort is not None:
+            self._stopListening(self.adminPort)
+            self.adminPort = None
+            _log.info("no longer listening on {listen}", event="stopped_listening", listen=_adminListen(old))
+        if self.admin is not None:
+            self.admin.resource.token = prepared["token"]
+        return servers
+
+    def _ownerIn(self, config: Config, listen: str) -> str:
+        for service in config.services:
+            if listen in service.listen:
+                return service.name
+        return ""
+
+    def _reloadListenFailure(self, failure: Failure, name: str, listen: str) -> None:
+        _log.failure("service {name}: cannot listen on {listen}", failure, name=name, listen=listen,
+                     event="listen_failed")
+
+    def _update(self, factory: Factory, service: ServiceConfig) -> None:
+        """New settings for a running service's next requests and connections."""
+        if isinstance(factory, HTTPProxyFactory):
+            factory.service.update(**self._httpSettings(service))
+        else:
+            factory.pool = self.pools[service.pool]
+            factory.idleTimeout = service.timeouts.idle
+            factory.accessLog = self.config.log.access
+
+    def _retire(self, factory: Factory) -> None:
+        """
+        A service removed or rebuilt: its connections finish on their own
+        (HTTP: after the request in hand), and are drained at shutdown.
+        """
+        if isinstance(factory, HTTPProxyFactory):
+            factory.finish()
+        if len(factory.open):
+            self.retired.add(factory)
+
+
+def _adminListen(config: Config) -> Optional[str]:
+    return config.admin.listen if config.admin is not None else None
+
+
+def _applyServers(pool: Pool, wanted) -> ServerDiff:
+    """Make C{pool}'s servers the file's (see L{diffServers})."""
+    live = [ServerConfig(s.name, s.address, s.configuredWeight) for s in pool]
+    diff = diffServers(live, {s.name for s in pool if s.removing}, wanted)
+    for name in diff.removed:
+        pool.delete(pool.server(name))
+    for name in diff.restored:
+        pool.enable(pool.server(name))
+    for config in diff.moved:
+        server = pool.server(config.name)
+        pool.remove(server)
+        server.address = config.address
+        pool.add(server)
+    for name, weight in diff.reweighted:
+        pool.setWeight(pool.server(name), weight)
+    for config in diff.added:
+        pool.add(Server(config.name, config.address, config.weight))
+    return diff

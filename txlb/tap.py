@@ -97,4 +97,4 @@ def makeService(options: Options, out: TextIO = None, err: TextIO = None):
 
     from txlb.service import TxlbService
 
-    return TxlbService(config, factories, reactor, healthFactories)
+    return TxlbService(config, factories, reactor, healthFactories, signals=True)
