@@ -11,10 +11,11 @@ clock.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 from twisted.internet import defer
@@ -23,7 +24,7 @@ from twisted.logger import globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from txlb.cluster import (
-    Cluster, IClusterStore, RedisConnection, RedisStore, applyChange, spawnCommand,
+    Cluster, IClusterStore, RedisConnection, RedisStore, Standalone, applyChange, spawnCommand,
 )
 from txlb.config import ClusterConfig
 from txlb.pool import Pool, Server, ServerState
@@ -407,3 +408,63 @@ def test_on_active_runs_without_blocking(events):
     assert [(e["command"], e["exitCode"]) for e in events if e.get("event") == "on_active"] == [
         ("exit 3", 3), ("true", 0),
     ]
+
+
+class Recorder:
+    """A cluster as the admin API sees it: a status, and changes to share."""
+
+    def __init__(self) -> None:
+        self.changes: list[dict] = []
+
+    def status(self) -> dict:
+        return {"mode": "active-active", "node": "a", "active": True, "nodes": []}
+
+    def publishChange(self, change) -> None:
+        self.changes.append(dict(change))
+
+
+def adminCall(resource, method: bytes, path: bytes, body: Optional[dict] = None):
+    from twisted.web.test.requesthelper import DummyRequest
+
+    request = DummyRequest(path.strip(b"/").split(b"/"))
+    request.method, request.path = method, path
+    if body is not None:
+        from io import BytesIO
+
+        request.content = BytesIO(json.dumps(body).encode())
+    data = resource.render(request)
+    return request.responseCode or 200, json.loads(data)
+
+
+def test_admin_changes_are_shared():
+    from txlb.admin import AdminResource
+
+    pool = makePool()
+    resource = AdminResource({"api": pool})
+    resource.cluster = cluster = Recorder()
+    assert adminCall(resource, b"GET", b"/api/cluster") == (200, cluster.status())
+    adminCall(resource, b"POST", b"/api/pools/api/servers/s0/drain")
+    adminCall(resource, b"POST", b"/api/pools/api/servers/s0/enable")
+    adminCall(resource, b"PATCH", b"/api/pools/api/servers/s1", {"weight": 4})
+    adminCall(resource, b"POST", b"/api/pools/api/servers", {"name": "s9", "address": "127.0.0.1:9009"})
+    adminCall(resource, b"DELETE", b"/api/pools/api/servers/s9")
+    adminCall(resource, b"POST", b"/api/pools/api/servers/nope/drain")  # 404: nothing shared
+    assert cluster.changes == [
+        {"op": "drain", "pool": "api", "server": "s0"},
+        {"op": "enable", "pool": "api", "server": "s0"},
+        {"op": "weight", "pool": "api", "server": "s1", "weight": 4},
+        {"op": "add", "pool": "api", "server": "s9", "address": "tcp:host=127.0.0.1:port=9009", "weight": 1},
+        {"op": "delete", "pool": "api", "server": "s9"},
+    ]
+    # What is shared applies on another node as the API applied it here.
+    other = makePool()
+    for change in cluster.changes:
+        assert applyChange({"api": other}, change)
+    assert [(s.name, s.configuredWeight) for s in other] == [(s.name, s.configuredWeight) for s in pool]
+
+
+def test_standalone_status():
+    clock = Clock()
+    status = Standalone(ClusterConfig(node="solo", address="127.0.0.9"), clock).status()
+    assert (status["mode"], status["node"], status["active"]) == ("standalone", "solo", True)
+    assert [n["address"] for n in status["nodes"]] == ["127.0.0.9"]

@@ -664,6 +664,26 @@ class Cluster(Service):
         )
 
 
+class Standalone:
+    """What C{GET /api/cluster} says of a node that is in no cluster."""
+
+    def __init__(self, config: ClusterConfig, clock, version: str = __version__) -> None:
+        self.config = config
+        self.clock = clock
+        self.version = version
+
+    def status(self) -> dict[str, Any]:
+        me = {"node": self.config.node, "address": self.config.address, "version": self.version,
+              "time": self.clock.seconds(), "mode": "standalone", "active": True}
+        return {"mode": "standalone", "node": self.config.node, "active": True, "leader": None, "nodes": [me]}
+
+    def addresses(self) -> list[str]:
+        return [self.config.address]
+
+    def publishChange(self, change: Mapping[str, Any]) -> None:
+        pass
+
+
 class ClusterService(Service):
     """
     A non-standalone node's cluster part: its Redis connection and its
@@ -683,6 +703,9 @@ class ClusterService(Service):
         self.cluster.startService()
 
     def stopService(self) -> Deferred:
+        """Leave the cluster; calling it again (as a parent does) is harmless."""
+        if not self.running:
+            return defer.succeed(None)
         super().stopService()
         d = self.cluster.stopService()
         d.addCallback(lambda _: self.connection.stopService())
