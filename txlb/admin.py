@@ -23,8 +23,9 @@ import re
 from importlib.resources import files
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from txlb.endpoints import EndpointError, serverAddress
 from txlb.pool import Pool, Server
@@ -110,11 +111,15 @@ class AdminResource(Resource):
     #: nodes of an active-active cluster.
     cluster = None
 
-    def __init__(self, pools: Mapping[str, Pool], token: Optional[str] = None, metrics: Optional[Metrics] = None) -> None:
+    def __init__(self, pools: Mapping[str, Pool], token: Optional[str] = None, metrics: Optional[Metrics] = None,
+                 reload: Optional[Callable[[], Deferred]] = None) -> None:
         super().__init__()
         self.pools = pools
         self.token = token
         self.metrics = metrics
+        #: Reloads the config file (what C{SIGHUP} does): a L{Deferred}
+        #: firing with a L{txlb.service.Reloaded}.
+        self.reload = reload
 
     def render(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
@@ -126,6 +131,11 @@ class AdminResource(Resource):
             status, body = e.status, {"error": e.message}
         except UnicodeDecodeError:
             status, body = 400, {"error": "the path is not UTF-8"}
+        if isinstance(body, Deferred):
+            gone: list = []
+            request.notifyFinish().addErrback(gone.append)
+            body.addCallback(self._reloaded, request, gone)
+            return NOT_DONE_YET
         request.setResponseCode(status)
         if isinstance(body, Raw):
             request.setHeader(b"content-type", body.contentType)
@@ -156,6 +166,11 @@ class AdminResource(Resource):
         self._authorize(request)
         if segments in (["metrics"], ["api", "stats"], ["api", "decisions"]):
             return self._observability(request, method, segments[-1])
+        if segments == ["api", "reload"]:
+            self._allow(method, "POST")
+            if self.reload is None:
+                raise ApiError(404, "/api/reload: this admin API has no config file to reload")
+            return 200, self.reload()
         if segments == ["api", "cluster"]:
             self._allow(method, "GET")
             if self.cluster is None:
@@ -223,6 +238,20 @@ class AdminResource(Resource):
         if limit < 0:
             raise ApiError(400, f"limit must be a whole number (at most {metrics.decisions.size} are kept)")
         return 200, metrics.decisions.last(limit)
+
+    @staticmethod
+    def _reloaded(result, request: Request, gone: list) -> None:
+        """C{POST /api/reload} answered: 200 and what changed, or 400 and why not."""
+        if result.errors:
+            status = 400
+            body = {"error": "the config file was rejected; the running config stays",
+                    "path": result.path, "errors": list(result.errors)}
+        else:
+            status, body = 200, {"path": result.path, "errors": [], "changes": list(result.changes)}
+        if not gone:
+            request.setResponseCode(status)
+            request.write(json.dumps(body).encode() + b"\n")
+            request.finish()
 
     @staticmethod
     def _allow(method: str, *allowed: str) -> None:
@@ -293,8 +322,9 @@ class AdminResource(Resource):
         return 200, serverJson(pool, server)
 
 
-def adminSite(pools: Mapping[str, Pool], token: Optional[str] = None, metrics: Optional[Metrics] = None) -> Site:
-    site = Site(AdminResource(pools, token, metrics))
+def adminSite(pools: Mapping[str, Pool], token: Optional[str] = None, metrics: Optional[Metrics] = None,
+              reload: Optional[Callable[[], Deferred]] = None) -> Site:
+    site = Site(AdminResource(pools, token, metrics, reload))
     site.noisy = False
     site.log = lambda request: None
     site.displayTracebacks = False
