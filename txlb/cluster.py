@@ -696,6 +696,7 @@ class ClusterService(Service):
         self.connection = RedisConnection(reactor, config.redis, timeout=min(1.0, config.heartbeat))
         self.store = RedisStore(self.connection.execute, self.connection.subscribe)
         self.cluster = Cluster(config, self.store, reactor, listeners, pools)
+        self._stopped: Optional[Deferred] = None
 
     def startService(self) -> None:
         super().startService()
@@ -703,10 +704,15 @@ class ClusterService(Service):
         self.cluster.startService()
 
     def stopService(self) -> Deferred:
-        """Leave the cluster; calling it again (as a parent does) is harmless."""
-        if not self.running:
-            return defer.succeed(None)
-        super().stopService()
-        d = self.cluster.stopService()
-        d.addCallback(lambda _: self.connection.stopService())
-        return d
+        """
+        Leave the cluster.  Calling it again (as a parent does after an
+        early call) waits for the same leaving.
+        """
+        if self._stopped is None:
+            super().stopService()
+            d = self._stopped = self.cluster.stopService()
+            d.addCallback(lambda _: self.connection.stopService())
+            d.addCallback(lambda _: None)
+        done: Deferred = Deferred()
+        self._stopped.addBoth(lambda result: (done.callback(None), result)[1])
+        return done

@@ -33,8 +33,10 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from txlb.admin import adminSite, readToken
+from txlb.cluster import ClusterService, Standalone
 from txlb.config import Config, ConfigError, PoolConfig, ServerConfig, ServiceConfig, load
 from txlb.demo import demoService
+from txlb.dns import DNSService, Responder
 from txlb.endpoints import EndpointCache, sameSocket
 from txlb.http.backend import BackendConnections
 from txlb.http.frontend import HTTPProxyFactory, HTTPService
@@ -207,6 +209,21 @@ class TxlbService(MultiService):
         if config.admin is not None:
             token = readToken(config.admin.token_file) if config.admin.token_file else None
             self.admin = adminSite(self.pools, token, self.metrics, reload=self.reload)
+        #: This node's part in a cluster (L{txlb.cluster}); in an
+        #: active-passive one, it opens the services' listeners when this
+        #: node becomes active and closes them when it must stop.
+        self.clusterService: Optional[ClusterService] = None
+        if config.cluster.mode == "standalone":
+            self.cluster = Standalone(config.cluster, reactor)
+        else:
+            self.clusterService = ClusterService(config.cluster, reactor, self, lambda: self.pools)
+            self.clusterService.setServiceParent(self)
+            self.cluster = self.clusterService.cluster
+        if self.admin is not None:
+            self.admin.resource.cluster = self.cluster
+        if config.dns is not None:
+            responder = Responder(config.dns.name, config.dns.ttl, self.cluster.addresses)
+            DNSService(config.dns.listen, responder, reactor).setServiceParent(self)
         if config.demo:
             demoService(reactor, config.demo).setServiceParent(self)
         self.ports: dict[str, object] = {}
@@ -403,7 +420,8 @@ class TxlbService(MultiService):
 
     def privilegedStartService(self) -> None:
         try:
-            self.openListeners()
+            if self.config.cluster.mode != "active-passive":
+                self.openListeners()
             if self.admin is not None:
                 self.adminPort = self._listen("admin", self.config.admin.listen, self.admin, self._lateListenFailure)
         except ListenError:
@@ -467,6 +485,10 @@ class TxlbService(MultiService):
         C{txlb.shutdown_timeout} before closing the rest.
         """
         self._stopping = True
+        if self.clusterService is not None:
+            # Leave the cluster first: another node takes the lease while
+            # this one drains.
+            self.clusterService.stopService()
         factories = [b.factory for b in self.balancers.values() if hasattr(b.factory, "drain")]
         factories += [f for f in self.retired if f not in factories]
         inFlight = sum(len(f.open) for f in factories)
@@ -653,6 +675,7 @@ class TxlbService(MultiService):
         # The admin API.
         if prepared["adminPort"] is not None:
             self.admin = prepared["adminSite"]
+            self.admin.resource.cluster = self.cluster
             oldPort, self.adminPort = self.adminPort, prepared["adminPort"]
             if oldPort is not None:
                 self._stopListening(oldPort)
