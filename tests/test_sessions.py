@@ -128,6 +128,7 @@ class FakeRedis:
 
 def connected(clock, ttl=60.0):
     store = RedisStore(clock, "tcp:host=127.0.0.1:port=6379", MemoryStore(clock, ttl))
+    store.running = True  # as if started, without connecting
     conn = FakeRedis()
     store._up(conn)
     assert conn.sent == [("PING",)]
@@ -214,6 +215,7 @@ def test_redis_down_means_memory_then_redis_again_when_it_answers(events):
 def test_a_connection_that_does_not_answer_its_ping_is_dropped(events):
     clock = Clock()
     store = RedisStore(clock, "tcp:host=127.0.0.1:port=6379", MemoryStore(clock, 60))
+    store.running = True
     conn = FakeRedis()
     store._up(conn)
     clock.advance(1)
@@ -241,3 +243,12 @@ def test_redis_without_getex_gets_get_and_pexpire():
     assert conn.sent == [("GET", "k"), ("PEXPIRE", "k", 60000)]
     conn.reply("s1")
     assert got == ["s1"]
+
+
+def test_stopping_is_no_outage(events):
+    clock = Clock()
+    store, conn = connected(clock)
+    store.stopService()
+    store._down(conn)
+    assert store.get("k") is None
+    assert not kinds(events, "sessions_degraded")

@@ -103,6 +103,9 @@ class _WatchedEndpoint:
 
         return self.endpoint.connect(factory).addErrback(failed)
 
+    def __repr__(self) -> str:
+        return f"<session store {self.store.address}>"
+
 
 def _redisFactory(store: "RedisStore"):
     import txredisapi
@@ -174,6 +177,7 @@ class RedisStore(Service):
 
     def stopService(self):
         super().stopService()
+        self._conn = self._candidate = None
         if self._factory is not None:
             factory, self._factory = self._factory, None
             return factory.disconnect()
@@ -292,6 +296,8 @@ class RedisStore(Service):
         is back.
         """
         conn, self._conn = self._conn, None
+        if not self.running:
+            return  # stopping: our own disconnect is no outage
         if not self.degraded:
             self.degraded = True
             _log.warn(
