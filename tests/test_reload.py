@@ -349,3 +349,39 @@ def test_closed_listeners_stay_closed_across_a_reload(running):
     assert running.reactor.listening == {}
     running.service.openListeners()
     assert set(running.reactor.listening) == {8084}
+
+
+def test_certificates_are_read_again_for_new_connections(tmp_path):
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("site.test")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "site.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "site.key"))
+    text = BASE + 'tls = { certificates = [{ cert = "site.pem", key = "site.key" }] }\n'
+    r = Running(tmp_path, text)
+    entry = r.service._entries["tcp:8080:interface=127.0.0.1"]
+    before = entry.factory
+    assert r.reactor.listening[8080] is entry
+    renewed = ca.issue_cert("site.test", "www.site.test")
+    renewed.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "site.pem"))
+    renewed.private_key_pem.write_to_path(str(tmp_path / "site.key"))
+    assert r.reload(text).ok
+    assert entry.factory is not before and r.reactor.listening[8080] is entry
+    assert entry.factory.wrappedFactory is before.wrappedFactory  # the same HTTP service
+    assert r.service.balancers["web"].entry is entry.factory
+    (tmp_path / "site.key").write_text("not a key")
+    result = r.reload(text)
+    assert not result.ok and "services[0].tls" in result.errors[0]
+    assert r.service.balancers["web"].entry is entry.factory
+
+
+def test_admin_listen_moves(tmp_path):
+    text = BASE + '[admin]\nlisten = "tcp:8181:interface=127.0.0.1"\n'
+    r = Running(tmp_path, text)
+    assert set(r.reactor.listening) == {8080, 8181}
+    site = r.reactor.listening[8181]
+    assert r.reload(text.replace("8181", "8182")).ok
+    assert set(r.reactor.listening) == {8080, 8182} and r.reactor.listening[8182] is site
+    assert r.reload(BASE).ok
+    assert set(r.reactor.listening) == {8080}
