@@ -23,7 +23,7 @@ from typing import Mapping, Optional
 import attrs
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredLock, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
