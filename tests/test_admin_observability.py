@@ -85,7 +85,7 @@ servers = [{servers}]
 retries = 2
 
 [pools.api.passive]
-consecutive_failures = 1
+consecutive_failures = 3
 eject_for = "60s"
 
 [[services]]
@@ -188,4 +188,5 @@ def test_observability_end_to_end(lb):
     found = scrape(admin)
     assert {s.labels["server"]: s.value for s in found["txlb_server_up"]} == {"a": 1, "b": 1, "c": 0}
     assert [(s.labels["server"], s.value) for s in found["txlb_ejections_total"]] == [("c", 1)]
-    assert sum(s.value for s in found["txlb_retries_total"]) == 1
+    retries = sum(s.value for s in found["txlb_retries_total"])
+    assert retries >= 1 and retries == len(txlb.events("connect_failed"))
