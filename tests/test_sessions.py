@@ -252,3 +252,18 @@ def test_stopping_is_no_outage(events):
     store._down(conn)
     assert store.get("k") is None
     assert not kinds(events, "sessions_degraded")
+
+
+def test_a_connection_dead_under_our_feet_falls_back(events):
+    clock = Clock()
+    store, conn = connected(clock)
+    store.set("k", "s1")
+
+    def dead(*args):
+        raise ConnectionError("Not connected")
+
+    conn.execute_command = dead
+    assert store.get("k") == "s1"
+    store.set("k", "s2")
+    assert store.get("k") == "s2"
+    assert len(kinds(events, "sessions_degraded")) == 1

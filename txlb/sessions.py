@@ -189,11 +189,15 @@ class RedisStore(Service):
         conn = self._conn
         if conn is None:
             return self.fallback.get(key)
-        if self._legacy:
-            command = conn.execute_command("GET", key)
-            conn.execute_command("PEXPIRE", key, self._ms).addErrback(lambda _: None)
-        else:
-            command = conn.execute_command("GETEX", key, "PX", self._ms)
+        try:
+            if self._legacy:
+                command = conn.execute_command("GET", key)
+                conn.execute_command("PEXPIRE", key, self._ms).addErrback(lambda _: None)
+            else:
+                command = conn.execute_command("GETEX", key, "PX", self._ms)
+        except Exception as e:  # the connection died a moment ago
+            self._failed(f"lookup failed: {e}")
+            return self.fallback.get(key)
         answer: Deferred = Deferred()
 
         def answered(value) -> None:
@@ -241,7 +245,12 @@ class RedisStore(Service):
         conn = self._conn
         if conn is None:
             return
-        conn.execute_command(*command).addErrback(
+        try:
+            sent = conn.execute_command(*command)
+        except Exception as e:
+            self._failed(f"write failed: {e}")
+            return
+        sent.addErrback(
             lambda f: self._failed(f"write failed: {f.getErrorMessage()}") if conn is self._conn else None
         )
 
