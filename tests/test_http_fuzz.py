@@ -260,6 +260,11 @@ def strictReading(data: bytes) -> list[tuple[bytes, bytes, bytes]]:
             conn.send(h11.EndOfMessage())
             if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                 conn.start_next_cycle()
+                rest = bytes(conn.trailing_data[0])
+                if rest[:1] in (b"\r", b"\n"):
+                    # The empty lines llhttp skips before the next request line.
+                    conn = h11.Connection(h11.SERVER)
+                    conn.receive_data(_BEFORE_REQUEST.sub(b"", rest))
             elif current[0].http_version == b"1.0" and _keepAlive10(current[0].headers):
                 # h11 does not keep HTTP/1.0 connections; a server may (RFC 9112 9.3).
                 rest = bytes(conn.trailing_data[0])
