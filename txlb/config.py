@@ -985,7 +985,7 @@ def _pathPrefix(value: Any) -> str:
 
 def _headerMatches(value: Any) -> Mapping[str, str]:
     if not isinstance(value, dict):
-        raise _Invalid(f'must be a table of header name to value, like {{ "X-Tenant" = "blue" }}')
+        raise _Invalid('must be a table of header name to value, like {{ "X-Tenant" = "blue" }}')
     for name, v in value.items():
         if not _TOKEN.fullmatch(name):
             raise _Invalid(f"{name!r} is not a header name")

@@ -227,13 +227,24 @@ class Pool:
             exclude = self._full.union(exclude)
         decision = self.scheduler.pick(context, exclude)
         if decision is not None:
-            server = decision.server
-            server.active += 1
-            server.total += 1
-            if self.maxConnections and server.active >= self.maxConnections:
-                self._full.add(server)
-            self.scheduler.loadChanged(server)
+            self._inFlight(decision.server)
         return decision
+
+    def take(self, server: Server, reason: str) -> Decision:
+        """
+        Count C{server} in flight for work placed without the scheduler
+        (a sticky session's pinned server), as L{pick} counts its choice;
+        the caller releases it the same way.
+        """
+        self._inFlight(server)
+        return Decision(server, reason)
+
+    def _inFlight(self, server: Server) -> None:
+        server.active += 1
+        server.total += 1
+        if self.maxConnections and server.active >= self.maxConnections:
+            self._full.add(server)
+        self.scheduler.loadChanged(server)
 
     def release(self, server: Server) -> None:
         """

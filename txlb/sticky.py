@@ -93,19 +93,6 @@ def usable(pool: Pool, name: str, exclude: Collection[Server] = ()) -> tuple[Opt
     return server, ""
 
 
-def take(pool: Pool, server: Server, reason: str) -> Decision:
-    """
-    Count C{server} in flight as L{Pool.pick} does for the scheduler's
-    choice; the caller releases it the same way.
-    """
-    server.active += 1
-    server.total += 1
-    if pool.maxConnections and server.active >= pool.maxConnections:
-        pool._full.add(server)
-    pool.scheduler.loadChanged(server)
-    return Decision(server, reason)
-
-
 def storeKey(prefix: str, value: str) -> str:
     """C{prefix + value}, with a long or unusual C{value} replaced by its digest."""
     if len(value) > _LONGEST_KEY or not _PLAIN.fullmatch(value):
@@ -205,7 +192,7 @@ class Sticky:
             return None
         server, why = usable(pool, name, exclude)
         if server is not None:
-            return take(pool, server, self.reason)
+            return pool.take(server, self.reason)
         if why is not FULL:
             affinity.previous = None
             affinity.moved = (name, why)

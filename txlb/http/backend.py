@@ -13,7 +13,7 @@ not ask to close.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol as TypingProtocol
+from typing import Optional, Protocol as TypingProtocol
 
 import httptools
 from twisted.internet.defer import Deferred

@@ -34,7 +34,7 @@ from zope.interface import implementer
 from txlb.drain import OpenConnections
 from txlb.http.backend import BackendConnection, BackendConnections
 from txlb.http.errors import errorResponse
-from txlb.http.headers import newRequestId, requestHead, requestId, responseHead
+from txlb.http.headers import requestHead, requestId, responseHead
 from txlb.http.routing import Router
 from txlb.hashkey import hashKeyOf
 from txlb.interfaces import PickContext
