@@ -107,6 +107,27 @@ def nameThenEcho(sock: socket.socket, backend: Backend) -> None:
         sock.sendall(data)
 
 
+def httpRequests(sock: socket.socket):
+    """
+    Each request head (without its blank line) read from C{sock}, for
+    backends of HTTP tests; request bodies are not expected.
+    """
+    buffer = b""
+    while True:
+        while b"\r\n\r\n" not in buffer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            buffer += chunk
+        head, _, buffer = buffer.partition(b"\r\n\r\n")
+        yield head
+
+
+def httpAnswer(sock: socket.socket, status: int, body: bytes) -> None:
+    """Send one HTTP/1.1 response with a Content-Length body."""
+    sock.sendall(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
+
+
 def recvLine(sock: socket.socket) -> bytes:
     out = b""
     while not out.endswith(b"\n"):

@@ -14,7 +14,7 @@ from typing import Optional
 
 import pytest
 
-from tests.support import Backend, Txlb, freePort, poolToml, waitFor
+from tests.support import Backend, httpRequests, Txlb, freePort, poolToml, waitFor
 
 
 def httpBackend(name: str, gate: Optional[threading.Event] = None) -> Backend:
@@ -24,14 +24,7 @@ def httpBackend(name: str, gate: Optional[threading.Event] = None) -> Backend:
     """
 
     def serve(sock, backend):
-        buffer = b""
-        while True:
-            while b"\r\n\r\n" not in buffer:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return
-                buffer += chunk
-            _, _, buffer = buffer.partition(b"\r\n\r\n")
+        for head in httpRequests(sock):
             if gate is not None:
                 backend.waiting += 1
                 gate.wait(30)

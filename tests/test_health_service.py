@@ -14,28 +14,21 @@ from collections import Counter
 
 import pytest
 
-from tests.support import Backend, Txlb, freePort, waitFor
+from tests.support import Backend, httpAnswer, httpRequests, Txlb, freePort, waitFor
 
 
 def flippable(name: str, health: dict) -> Backend:
     """An HTTP backend whose /health answers health["status"] (and body)."""
 
     def serve(sock, backend):
-        buffer = b""
-        while True:
-            while b"\r\n\r\n" not in buffer:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return
-                buffer += chunk
-            head, _, buffer = buffer.partition(b"\r\n\r\n")
+        for head in httpRequests(sock):
             path = head.split(b" ", 2)[1]
             if path == b"/health":
                 status = health["status"]
                 body = json.dumps(health.get("body", {"status": "healthy"})).encode()
             else:
                 status, body = 200, json.dumps({"server": name}).encode()
-            sock.sendall(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
+            httpAnswer(sock, status, body)
 
     return Backend(name, serve)
 
@@ -137,17 +130,10 @@ def test_expect_json_keeps_out_a_server_that_is_only_healthy(tmp_path):
 
 def test_a_server_failing_live_traffic_is_ejected_while_its_health_passes(tmp_path):
     def failing(sock, backend):
-        buffer = b""
-        while True:
-            while b"\r\n\r\n" not in buffer:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return
-                buffer += chunk
-            head, _, buffer = buffer.partition(b"\r\n\r\n")
+        for head in httpRequests(sock):
             healthy = head.split(b" ", 2)[1] == b"/health"
             status, body = (200, b'{"status": "healthy"}') if healthy else (500, b'{"error": "broken"}')
-            sock.sendall(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
+            httpAnswer(sock, status, body)
 
     good = flippable("good", {"status": 200})
     bad = Backend("bad", failing)

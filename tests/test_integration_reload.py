@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.support import Backend, Txlb, freePort, waitFor
+from tests.support import Backend, httpRequests, Txlb, freePort, waitFor
 
 
 def httpBackend(name: str, gate: threading.Event) -> Backend:
@@ -25,14 +25,7 @@ def httpBackend(name: str, gate: threading.Event) -> Backend:
     """
 
     def serve(sock, backend):
-        buffer = b""
-        while True:
-            while b"\r\n\r\n" not in buffer:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return
-                buffer += chunk
-            head, _, buffer = buffer.partition(b"\r\n\r\n")
+        for head in httpRequests(sock):
             if head.split(b" ")[1].startswith(b"/slow"):
                 with backend.lock:
                     backend.held += 1

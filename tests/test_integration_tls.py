@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import trustme
 
-from tests.support import Backend, Txlb, freePort, poolToml, recvAll, recvLine
+from tests.support import Backend, httpRequests, Txlb, freePort, poolToml, recvAll, recvLine
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +39,7 @@ def httpBackend(name: str, tlsContext: ssl.SSLContext | None = None) -> Backend:
                 sock = tlsContext.wrap_socket(sock, server_side=True)
             except (ssl.SSLError, OSError):
                 return
-        buffer = b""
-        while True:
-            while b"\r\n\r\n" not in buffer:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return
-                buffer += chunk
-            head, _, buffer = buffer.partition(b"\r\n\r\n")
+        for head in httpRequests(sock):
             proto = [l.split(b": ", 1)[1] for l in head.split(b"\r\n") if l.lower().startswith(b"x-forwarded-proto")]
             body = json.dumps({"server": name, "proto": proto[0].decode() if proto else None}).encode()
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
