@@ -232,3 +232,49 @@ def tcpServiceToml(name: str, port: int, pool: str, extra: str = "") -> str:
 
 def connect(port: int, timeout: float = 10.0) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+class DocExample:
+    """
+    A plugin example shown in a doc page: the doc must show the very file
+    the tests install, and the tests it shows must pass.  Blocks are marked
+    in the doc with C{<!-- NAME -->} before and C{<!-- end of NAME -->} after.
+    """
+
+    def __init__(self, doc: Path, example: Path) -> None:
+        self.doc = doc
+        self.example = example
+
+    def block(self, marker: str) -> str:
+        import re
+
+        match = re.search(
+            rf"<!-- {re.escape(marker)}[^>]*-->\n```python\n(.*?)```\n<!-- end of {re.escape(marker)} -->",
+            self.doc.read_text(),
+            re.S,
+        )
+        assert match, f"no {marker!r} block in {self.doc.name}"
+        return match.group(1)
+
+    def load(self):
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(f"{self.example.stem}_example", self.example)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    def tests(self, name: str) -> list[tuple[str, Callable]]:
+        """The doc's test functions, run with the example's C{name} in scope."""
+        namespace = {name: getattr(self.load(), name)}
+        exec(compile(self.block("the example tests"), str(self.doc), "exec"), namespace)
+        return sorted((n, f) for n, f in namespace.items() if n.startswith("test_"))
+
+    def checkShownVerbatim(self) -> None:
+        assert self.block("the example plugin") == self.example.read_text()
+
+    def checkNamespaceDirectories(self) -> None:
+        """twisted/ and twisted/plugins/ must stay namespace directories."""
+        site = self.example.parent.parent.parent
+        assert not (site / "twisted" / "__init__.py").exists()
+        assert not (site / "twisted" / "plugins" / "__init__.py").exists()

@@ -6,7 +6,6 @@ the plugin registry.  Nothing here sleeps or opens a socket.
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from types import MappingProxyType
@@ -14,7 +13,7 @@ from types import MappingProxyType
 import pytest
 from hypothesis import given, strategies as st
 from twisted.internet import error
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -729,60 +728,33 @@ def test_unknown_kind_is_a_key_error():
 # docs/health.md: the example plugin it shows is the file the integration
 # tests install, and the tests it shows pass.
 
-from tests.support import ROOT  # noqa: E402
+from tests.support import ROOT, DocExample  # noqa: E402
 
-DOC = ROOT / "docs" / "health.md"
-EXAMPLE = ROOT / "tests" / "health_plugin_example" / "twisted" / "plugins" / "txlb_send_expect.py"
-
-
-def docBlock(marker: str) -> str:
-    import re
-
-    match = re.search(
-        rf"<!-- {re.escape(marker)}[^>]*-->\n```python\n(.*?)```\n<!-- end of {re.escape(marker)} -->",
-        DOC.read_text(),
-        re.S,
-    )
-    assert match, f"no {marker!r} block in {DOC.name}"
-    return match.group(1)
-
-
-def loadExample():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("txlb_send_expect_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+EXAMPLE = DocExample(
+    ROOT / "docs" / "health.md",
+    ROOT / "tests" / "health_plugin_example" / "twisted" / "plugins" / "txlb_send_expect.py",
+)
 
 
 def test_doc_shows_the_tested_plugin_verbatim():
-    assert docBlock("the example plugin") == EXAMPLE.read_text()
+    EXAMPLE.checkShownVerbatim()
 
 
 def test_example_plugin_has_no_package_markers():
-    site = EXAMPLE.parent.parent.parent
-    assert not (site / "twisted" / "__init__.py").exists()
-    assert not (site / "twisted" / "plugins" / "__init__.py").exists()
+    EXAMPLE.checkNamespaceDirectories()
 
 
-def _docTests():
-    namespace = {"sendExpect": loadExample().sendExpect}
-    exec(compile(docBlock("the example tests"), str(DOC), "exec"), namespace)
-    return sorted((name, f) for name, f in namespace.items() if name.startswith("test_"))
-
-
-@pytest.mark.parametrize("name, test", _docTests(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name, test", EXAMPLE.tests("sendExpect"), ids=lambda v: v if isinstance(v, str) else "")
 def test_doc_tests_pass(name, test):
     test()
 
 
 def test_doc_tests_exist():
-    assert len(_docTests()) == 5
+    assert len(EXAMPLE.tests("sendExpect")) == 5
 
 
 def test_example_refuses_bad_options():
-    sendExpect = loadExample().sendExpect
+    sendExpect = EXAMPLE.load().sendExpect
     with pytest.raises(HealthCheckOptionsError, match="expect must be a non-empty string"):
         sendExpect({"send": "PING\r\n"})
     with pytest.raises(HealthCheckOptionsError, match="unknown option port"):
@@ -796,7 +768,7 @@ def test_example_runs_under_health_checks():
     pool = Pool("cache", "round_robin", RoundRobin(), [server], reactor)
     config = HealthConfig(kind="send_expect", interval=1.0, timeout=0.5, fall=1, rise=1,
                           options=MappingProxyType({"send": "PING\r\n", "expect": "+PONG"}))
-    factories = {"send_expect": loadExample().sendExpect}
+    factories = {"send_expect": EXAMPLE.load().sendExpect}
     checks = HealthChecks(pool, config, EndpointCache(reactor), reactor, factories)
     checks.startService()
     reactor.advance(1.0)
