@@ -322,7 +322,7 @@ def txlbConfig(port: int, backends: list[int], access: bool, logPath: str) -> st
         log
         + f'[pools.bench]\nalgorithm = "round_robin"\nservers = [\n{servers}\n]\n\n'
         + '[pools.bench.health]\nkind = "none"\n\n'
-        + f'[[services]]\nname = "bench"\nprotocol = "http"\n'
+        + '[[services]]\nname = "bench"\nprotocol = "http"\n'
         + f'listen = ["tcp:{port}:interface=127.0.0.1"]\npool = "bench"\n'
     )
 

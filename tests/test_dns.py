@@ -122,8 +122,6 @@ def test_twisted_names_client(live):
 
 
 def dig(port: int, *args: str) -> str:
-    from twisted.internet import reactor
-
     process = subprocess.Popen(
         ["dig", "@127.0.0.1", "-p", str(port), "+tries=1", "+time=3", *args],
         stdout=subprocess.PIPE, text=True,

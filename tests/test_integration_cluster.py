@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from twisted.names import dns
 
-from tests.support import Backend, Txlb, connect, freePort, poolToml, recvLine, waitFor
+from tests.support import Backend, Txlb, freePort, poolToml, recvLine, waitFor
 from tests.test_cluster import RedisServer
 
 pytestmark = [

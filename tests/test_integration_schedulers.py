@@ -186,7 +186,7 @@ def test_least_response_time_prefers_the_fast_server():
         with Txlb(config(servers, "least_response_time", port=port)) as lb:
             with ThreadPoolExecutor(4) as pool:
                 landed = Counter(pool.map(lambda _: whoAnswers(port), range(48)))
-            events = waitFor(lambda: len(lb.events("connection")) == 48 and lb.events("connection"))
+            waitFor(lambda: len(lb.events("connection")) == 48 and lb.events("connection"))
     finally:
         for s in servers:
             s.stop()

@@ -78,7 +78,7 @@ def test_a_dead_server_costs_no_client_a_connection(backends):
 def test_100_mib_passes_intact(backends):
     port = freePort()
     payload = bytes(range(256)) * (4 * 1024)  # 1 MiB with a pattern
-    with balancer(backends, port) as lb:
+    with balancer(backends, port):
         with connect(port, timeout=60) as s:
             assert recvLine(s).startswith(b"server-")
             received = bytearray()

@@ -326,6 +326,7 @@ def test_a_service_changing_protocol_gets_a_new_balancer(running):
     protocol, transport = running.connect(8080)
     running.reload(BASE.replace('protocol = "http"', 'protocol = "tcp"'))
     new = running.service.balancers["web"].factory
+    assert new is not old
     assert isinstance(new, TCPBalancerFactory)
     assert transport.disconnecting  # idle keep-alive connection of the old one closed
     assert running.service._entries["tcp:8080:interface=127.0.0.1"].factory is new

@@ -5,7 +5,7 @@ the contract check catches the mistakes a plugin author can make.
 
 from __future__ import annotations
 
-from typing import Collection, Mapping, Optional
+from typing import Collection, Optional
 
 import pytest
 

@@ -667,7 +667,7 @@ class TxlbService(MultiService):
             _log.info("service {service} listening on {listen}", event="listening",
                       service=self._owner(listen), listen=listen)
         for listen in diff.listenRemoved:
-            entry = self._entries.pop(listen, None)
+            self._entries.pop(listen, None)
             port = self.ports.pop(listen, None)
             if port is not None:
                 self._stopListening(port)
