@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from txlb.config import (
     PLANNED,
+    CacheConfig,
     Config,
     ConfigError,
     DemoServer,
@@ -294,7 +295,6 @@ def test_unknown_top_level_table():
 @pytest.mark.parametrize(
     "text, line, path, feature",
     [
-        (POOL + service('cache = { max_size = "1MiB" }\n'), 7, "services[0].cache", "response caching"),
         (POOL + service('proxy_protocol = "v2"\n'), 7, "services[0].proxy_protocol", "the PROXY protocol"),
     ],
 )
@@ -449,11 +449,39 @@ def test_bad_http_service_keys(extra, path, message):
     assert [(p, m) for _, p, m in found] == [(path, message)]
 
 
-@pytest.mark.parametrize("key, value", [("routes", "[]"), ("limits", "{}"), ("forwarded", "true")])
+@pytest.mark.parametrize("key, value", [("routes", "[]"), ("limits", "{}"), ("forwarded", "true"), ("cache", "{}")])
 def test_http_keys_on_a_tcp_service(key, value):
     [(_, path, message)] = problems(POOL + service(f"{key} = {value}\n"))
     assert path == f"services[0].{key}"
     assert message == 'applies to HTTP services only (protocol = "http")'
+
+
+def test_http_service_cache():
+    [svc] = parse(toml(POOL + service('protocol = "http"\ncache = { max_size = "10MiB", max_object = "64KiB" }\n'))).services
+    assert svc.cache == CacheConfig(max_size=10 * 1024 * 1024, max_object=64 * 1024)
+
+
+def test_http_service_cache_defaults_and_absence():
+    [svc] = parse(toml(POOL + service('protocol = "http"\ncache = {}\n'))).services
+    assert (svc.cache.max_size, svc.cache.max_object) == (64 * 1024 * 1024, 1024 * 1024)
+    [svc] = parse(toml(POOL + service('protocol = "http"\n'))).services
+    assert svc.cache is None
+
+
+@pytest.mark.parametrize(
+    "value, path, message",
+    [
+        ('{ max_size = "lots" }', "services[0].cache.max_size", "'lots' is not a size"),
+        ('{ max_size = "0" }', "services[0].cache.max_size", "must be more than 0"),
+        ('{ max_size = "1MiB", max_object = "2MiB" }', "services[0].cache.max_object",
+         "must not be larger than max_size"),
+        ('{ max_sise = "1MiB" }', "services[0].cache.max_sise", "unknown key (did you mean 'max_size'?)"),
+        ('"64MiB"', "services[0].cache", "must be a table"),
+    ],
+)
+def test_bad_http_service_cache(value, path, message):
+    [(_, where, text)] = problems(POOL + service(f'protocol = "http"\ncache = {value}\n'))
+    assert where == path and message in text
 
 
 def test_tcp_service_refuses_http_timeouts():

@@ -151,6 +151,14 @@ class Limits:
 
 
 @attrs.frozen
+class CacheConfig:
+    """An HTTP service's C{cache}: the store's bounds in bytes."""
+
+    max_size: int = 64 * 1024 * 1024
+    max_object: int = 1024 * 1024
+
+
+@attrs.frozen
 class TLSConfig:
     """A service's C{tls}: terminate TLS on its listeners."""
 
@@ -172,6 +180,7 @@ class ServiceConfig:
     forwarded: bool = False
     tls: Optional[TLSConfig] = None
     sticky: Optional[StickyConfig] = None
+    cache: Optional[CacheConfig] = None
 
 
 @attrs.frozen
@@ -308,7 +317,6 @@ PLANNED: Mapping[str, Mapping[str, str]] = {
     "pool": {
     },
     "service": {
-        "cache": "response caching",
         "proxy_protocol": "the PROXY protocol",
     },
 }
@@ -1023,8 +1031,23 @@ def _readLimits(t: Optional[_Table]) -> Limits:
     return limits
 
 
+def _readCache(t: Optional[_Table]) -> Optional[CacheConfig]:
+    if t is None:
+        return None
+    cache = CacheConfig(
+        max_size=t.get("max_size", parseSize, 64 * 1024 * 1024),
+        max_object=t.get("max_object", parseSize, 1024 * 1024),
+    )
+    if not cache.max_size:
+        t.error("max_size", "must be more than 0 (leave cache out to cache nothing)")
+    elif cache.max_object > cache.max_size:
+        t.error("max_object", "must not be larger than max_size")
+    t.finish()
+    return cache
+
+
 #: Keys of a service that only mean something for HTTP.
-_HTTP_ONLY = ("routes", "limits", "forwarded")
+_HTTP_ONLY = ("routes", "limits", "forwarded", "cache")
 
 
 def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
@@ -1056,6 +1079,7 @@ def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
             routes=_readRoutes(t, pools),
             limits=_readLimits(t.table("limits", "limits")),
             forwarded=t.get("forwarded", _boolean, False),
+            cache=_readCache(t.table("cache", "cache")),
         )
     t.finish()
     return service

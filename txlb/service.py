@@ -343,6 +343,7 @@ class TxlbService(MultiService):
             forwarded=service.forwarded,
             accessLog=self.config.log.access,
             proto=b"https" if service.tls is not None else b"http",
+            cacheConfig=service.cache,
         )
 
     # Starting and stopping.

@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txlb.cache import ResponseCache, storedResponse
 from txlb.drain import OpenConnections
 from txlb.http.backend import BackendConnection, BackendConnections
 from txlb.http.errors import errorResponse
@@ -124,6 +125,7 @@ class HTTPService:
         accessLog: bool = True,
         proto: bytes = b"http",
         sticky=None,
+        cacheConfig=None,
     ) -> None:
         self.name = name
         self.pools = pools
@@ -140,6 +142,26 @@ class HTTPService:
         self.proto = proto
         #: A L{txlb.sticky.Sticky}, or L{None}.
         self.sticky = sticky
+        self.cacheConfig = cacheConfig
+
+    #: The service's L{txlb.cache.ResponseCache}, or L{None}: made from
+    #: C{cacheConfig} (a L{txlb.config.CacheConfig}).
+    cache: Optional[ResponseCache] = None
+
+    @property
+    def cacheConfig(self):
+        return self._cacheConfig
+
+    @cacheConfig.setter
+    def cacheConfig(self, config) -> None:
+        # A reload keeps what is stored: only the bounds change.
+        self._cacheConfig = config
+        if config is None:
+            self.cache = None
+        elif self.cache is None:
+            self.cache = ResponseCache(config.max_size, config.max_object, self.clock)
+        else:
+            self.cache.configure(config.max_size, config.max_object)
 
     def update(self, **settings) -> None:
         """
@@ -211,6 +233,12 @@ class Exchange:
     #: The request's sticky state (a L{txlb.sticky.Affinity}) when the
     #: service is sticky.
     affinity = None
+    #: When the service caches: C{HIT}, C{MISS}, C{STALE} or C{BYPASS}; the
+    #: L{txlb.cache.Fill} the response goes into; the wait for another
+    #: request's response.
+    cacheResult: Optional[str] = None
+    cacheFill = None
+    cacheWait = None
 
     def __init__(self, frontend: "HTTPFrontend", method: bytes, target: bytes, headers: list,
                  keepAlive: bool, version: str) -> None:
@@ -300,6 +328,10 @@ class Exchange:
             return
         if self.upgrade is not None:
             self.closeAfter = True  # the client's parser is past the upgrade request
+        if self.cacheResult is not None:
+            headers, extra = self._cacheHead(status, reason, headers, extra)
+            if headers is None:
+                return
         if conn.done:  # no body: HEAD, 204, 304
             framing = _lengthLine(headers) if status != 204 else None
         elif not conn.closeDelimited and not _isChunked(headers):
@@ -320,12 +352,45 @@ class Exchange:
 
     producing = False
 
+    def _cacheHead(self, status: int, reason: bytes, headers: list, extra):
+        """
+        A cached service's response head: into the fill, with C{X-Cache}.
+        C{(None, None)} when it was answered here instead: a 304 to the
+        cache's own revalidation, for which the client gets the stored
+        response.
+        """
+        frontend = self.frontend
+        fill = self.cacheFill
+        if fill is not None:
+            entry = fill.head(status, reason, headers, frontend.service.clock.seconds())
+            if not fill.storing:
+                self.cacheFill = None
+            if entry is not None:
+                self.status, data = storedResponse(
+                    entry, frontend.service.clock.seconds(), self.method, self.headers,
+                    requestId=self.requestId, close=self.closeAfter or frontend.closing,
+                    keepAliveHeader=self.version == "1.0" and not self.closeAfter, result=self.cacheResult,
+                    extra=extra)
+                self._write(data)
+                return None, None
+        elif status < 400 and self.method not in (b"GET", b"HEAD", b"OPTIONS", b"TRACE"):
+            frontend.service.cache.remove(((self.host or b"").lower(), self.target))  # RFC 9111 4.4
+        headers = [(n, v) for n, v in headers if n.lower() != b"x-cache"]
+        return headers, (*extra, b"X-Cache: " + self.cacheResult.encode("ascii"))
+
     def responseBody(self, data: bytes) -> None:
+        fill = self.cacheFill
+        if fill is not None and not fill.add(data):
+            self.cacheFill = None
         if self.toClientChunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
         self._write(data)
 
     def responseEnd(self, reusable: bool) -> None:
+        fill = self.cacheFill
+        if fill is not None:
+            self.cacheFill = None
+            fill.end()
         conn, self.conn = self.conn, None
         if self.toClientChunked:
             self._write(_CHUNK_END)
@@ -400,10 +465,23 @@ class Exchange:
     _waiter = None
 
     def _stopWaiting(self) -> None:
-        """Leave the pool's max_connections queue, if waiting there."""
+        """
+        Leave the pool's max_connections queue, if waiting there (and the
+        wait for another request's response, or the response being cached).
+        """
         if self._waiter is not None:
             self.pool.cancel(self._waiter)
             self._waiter = None
+        if self.cacheResult is not None:
+            self._stopCaching()
+
+    def _stopCaching(self) -> None:
+        if self.cacheWait is not None:
+            self.frontend.service.cache.cancel(*self.cacheWait)
+            self.cacheWait = None
+        if self.cacheFill is not None:
+            self.cacheFill.abandon()
+            self.cacheFill = None
 
     def _cancelTimer(self) -> None:
         if self._timer is not None:
@@ -663,7 +741,48 @@ class HTTPFrontend(Protocol):
         service = self.service
         poolName = service.router.pool(exchange.host, exchange.target, exchange.method, exchange.headers)
         exchange.pool = service.pools[poolName]
+        if service.cache is not None and self._fromCache(exchange, service.cache):
+            return
         self._dispatch(exchange)
+
+    def _fromCache(self, exchange: Exchange, cache: ResponseCache, collapse: bool = True) -> bool:
+        """
+        Consult the service's cache: true when the request is answered from
+        it, or waits for another request's response; otherwise the backend's
+        response may be stored.
+        """
+        plan = cache.consult(exchange.method, exchange.host, exchange.target, exchange.headers,
+                             exchange.hasBody or exchange.upgrade is not None, collapse=collapse,
+                             wake=lambda: self._cacheWoken(exchange), timeout=self.service.backendTimeout or 30.0)
+        exchange.cacheResult = plan.result
+        if plan.entry is not None:
+            exchange.status, data = storedResponse(
+                plan.entry, cache.clock.seconds(), exchange.method, exchange.headers,
+                requestId=exchange.requestId, close=exchange.closeAfter or self.closing,
+                keepAliveHeader=exchange.version == "1.0" and not exchange.closeAfter, result=plan.result)
+            exchange.finished = True
+            exchange._write(data)
+            self._exchangeDone(exchange)
+            return True
+        if plan.waiting is not None:
+            exchange.cacheWait = plan.key, plan.waiting
+            return True
+        if plan.onlyIfCached:
+            self._fail(exchange, 504, "only-if-cached: no stored response")
+            return True
+        exchange.cacheFill = plan.fill
+        if plan.validators:
+            exchange.headers = exchange.headers + plan.validators
+        return False
+
+    def _cacheWoken(self, exchange: Exchange) -> None:
+        """The response this request waited for is in (or the wait is over)."""
+        exchange.cacheWait = None
+        cache = self.service.cache
+        if exchange.finished or cache is None:
+            return
+        if not self._fromCache(exchange, cache, collapse=False):
+            self._dispatch(exchange)
 
     def _dispatch(self, exchange: Exchange, fresh: bool = False) -> None:
         """
@@ -788,6 +907,8 @@ class HTTPFrontend(Protocol):
 
     def _fail(self, exchange: Exchange, status: int, message: str) -> None:
         """Answer with txlb's own error response."""
+        if exchange.cacheResult is not None:
+            exchange._stopCaching()
         exchange.status = status
         exchange.error = message
         exchange.closeAfter = exchange.closeAfter or not exchange.requestDone
@@ -912,7 +1033,7 @@ class HTTPFrontend(Protocol):
             responseTimeMs=round((time.monotonic() - exchange.started) * 1000, 3),
             bytesSent=exchange.bytesSent,
             client=self.client,
-            cache=None,
+            cache=exchange.cacheResult,
             reason=exchange.reason,
         )
         if exchange.error:
