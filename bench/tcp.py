@@ -39,16 +39,20 @@ import json
 import multiprocessing
 import os
 import shlex
-import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
+
+from _lab import Lab as _Lab
+from _lab import cpuSeconds as _cpuSeconds
+from _lab import freePort as _freePort
+from _lab import median as _median
+from _lab import rssMiB as _rssMiB
+from _lab import twistd as _twistd
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -145,23 +149,6 @@ def _listen() -> socket.socket:
     return sock
 
 
-def _freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _waitPort(port: int, alive: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and alive():
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
 # ---- the clients ----------------------------------------------------------
 
 
@@ -233,40 +220,10 @@ def _client(workload: str, ports: list[int], index: int, count: int, size: int,
 # ---- processes and CPU time -----------------------------------------------
 
 
-def _cpuSeconds(pid: int) -> float:
-    """user+system CPU time of C{pid} and its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo.extend(children.get(p, ()))
-        with contextlib.suppress(OSError, IndexError):
-            fields = (Path("/proc") / str(p) / "stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+class Lab(_Lab):
+    """The shared lab, with this benchmark's line-protocol backends."""
 
-
-def _rssMiB(pid: int) -> Optional[float]:
-    with contextlib.suppress(OSError):
-        for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return None
-
-
-class Lab:
-    """Owns every process it starts, and stops them all."""
-
-    def __init__(self, keep: bool) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="txlb-bench-tcp-"))
-        self.keep = keep
-        self.backendProcesses: list = []
-        self.procs: list[subprocess.Popen] = []
+    prefix = "txlb-bench-tcp-"
 
     def startBackends(self, n: int) -> list[int]:
         ports = []
@@ -279,47 +236,8 @@ class Lab:
             self.backendProcesses.append(p)
         return ports
 
-    def start(self, argv: list[str], name: str, port: int, env=None) -> subprocess.Popen:
-        log = open(self.dir / f"{name}.log", "wb")
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, env=env,
-                             start_new_session=True)
-        log.close()
-        self.procs.append(p)
-        if not _waitPort(port, lambda: p.poll() is None):
-            self.stop(p)
-            tail = (self.dir / f"{name}.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{name} did not listen on 127.0.0.1:{port}:\n{tail}")
-        return p
-
-    def stop(self, p: subprocess.Popen) -> None:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
-
-    def close(self) -> None:
-        for p in reversed(self.procs):
-            self.stop(p)
-        for p in self.backendProcesses:
-            p.terminate()
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        if not self.keep:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
 
 # ---- targets: each returns (process or None, ports to load) ---------------
-
-
-def _twistd(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", *args]
 
 
 def targetDirect(lab: Lab, backends: list[int], opts) -> tuple[None, list[int]]:
@@ -444,11 +362,6 @@ def run(workload: str, ports: list[int], proc: Optional[subprocess.Popen], opts)
             result["cpu_us_per_mib"] = cpu / (nbytes / MiB) * 1e6
         result["rss_mib"] = _rssMiB(proc.pid)
     return result
-
-
-def _median(results: list[dict], key: str) -> Optional[float]:
-    values = [r[key] for r in results if r.get(key) is not None]
-    return statistics.median(values) if values else None
 
 
 def report(results: dict, opts) -> str:
