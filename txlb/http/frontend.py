@@ -367,7 +367,7 @@ class Exchange:
                 self.cacheFill = None
             if entry is not None:
                 self.status, data = storedResponse(
-                    entry, frontend.service.clock.seconds(), self.method, self.headers,
+                    entry, frontend.service.clock.seconds(), self.method, fill.requestHeaders,
                     requestId=self.requestId, close=self.closeAfter or frontend.closing,
                     keepAliveHeader=self.version == "1.0" and not self.closeAfter, result=self.cacheResult,
                     extra=extra)
