@@ -26,7 +26,7 @@ from txlb.endpoints import EndpointCache
 from txlb.pool import Server
 
 #: Idle connections kept per server, and how long one may stay idle.
-MAX_IDLE_PER_SERVER = 64
+MAX_IDLE_PER_SERVER = 256
 IDLE_TIMEOUT = 30.0
 
 
@@ -66,6 +66,10 @@ class BackendConnection(Protocol):
         self.server = server
         self.owner = owner
         self._idleCall = None
+        self.parser = None
+        #: The parser ended its last message where llhttp thinks it ended,
+        #: so it can read the next response (not after HEAD, say).
+        self._clean = False
 
     # Serving an exchange.
 
@@ -75,7 +79,9 @@ class BackendConnection(Protocol):
         the response has no body whatever its headers say (HEAD).
         """
         self.exchange = exchange
-        self.parser = httptools.HttpResponseParser(self)
+        if not self._clean:
+            self.parser = httptools.HttpResponseParser(self)
+        self._clean = False
         self.headers: list = []
         self.reason = b""
         self.noBody = noBody
@@ -172,6 +178,7 @@ class BackendConnection(Protocol):
     def on_message_complete(self) -> None:
         if not self.inHead:
             self.done = True
+            self._clean = not self.noBody
 
     # Connection events.
 

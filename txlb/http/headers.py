@@ -75,6 +75,12 @@ def connectionTokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     return tokens
 
 
+#: What never goes on as it came: made once, not per request.
+_REQUEST_DROP = HOP_BY_HOP | _REPLACED | {b"x-forwarded-for"}
+_REQUEST_DROP_FORWARDED = _REQUEST_DROP | {b"forwarded"}
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"x-request-id"}
+
+
 def _kept(headers: Sequence[tuple[bytes, bytes]], tokens: set[bytes], drop: frozenset[bytes]) -> Headers:
     if tokens:
         return [(n, v) for n, v in headers if (l := n.lower()) not in drop and l not in tokens]
@@ -108,10 +114,7 @@ def requestHead(
     """
     tokens = connectionTokens(headers)
     xff = [v for n, v in headers if n.lower() == b"x-forwarded-for" and v.strip(b" \t,")]
-    drop = HOP_BY_HOP | _REPLACED | {b"x-forwarded-for"}
-    if forwarded:
-        drop |= {b"forwarded"}
-    kept = _kept(headers, tokens, drop)
+    kept = _kept(headers, tokens, _REQUEST_DROP_FORWARDED if forwarded else _REQUEST_DROP)
     lines = [method + b" " + target + b" HTTP/1.1"]
     if host is None:
         lines.append(b"Host: ")  # an HTTP/1.0 client sent none; 1.1 needs one (RFC 9112 3.2)
@@ -159,7 +162,7 @@ def responseHead(
         client that asked for it).
     """
     tokens = connectionTokens(headers)
-    kept = _kept(headers, tokens, HOP_BY_HOP | {b"content-length", b"x-request-id"})
+    kept = _kept(headers, tokens, _RESPONSE_DROP)
     lines = [b"HTTP/1.1 %d %s" % (status, reason or REASONS.get(status, b"Unknown"))]
     lines.extend(n + b": " + v for n, v in kept)
     lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
