@@ -171,6 +171,8 @@ class AdminResource(Resource):
             if self.reload is None:
                 raise ApiError(404, "/api/reload: this admin API has no config file to reload")
             return 200, self.reload()
+        if segments == ["api", "cache"]:
+            return self._purge(request, method)
         if segments == ["api", "cluster"]:
             self._allow(method, "GET")
             if self.cluster is None:
@@ -238,6 +240,21 @@ class AdminResource(Resource):
         if limit < 0:
             raise ApiError(400, f"limit must be a whole number (at most {metrics.decisions.size} are kept)")
         return 200, metrics.decisions.last(limit)
+
+    def _purge(self, request: Request, method: str):
+        """C{DELETE /api/cache?service=S&prefix=P}: forget stored responses."""
+        self._allow(method, "DELETE")
+        caches = self.metrics.caches() if self.metrics is not None else {}
+        service = request.args.get(b"service", [b""])[-1].decode("utf-8")
+        prefix = request.args.get(b"prefix", [b""])[-1]
+        if prefix and prefix[:1] != b"/":
+            raise ApiError(400, "prefix must be a path starting with '/'")
+        if service:
+            if service not in caches:
+                raise ApiError(404, f"no service named {service!r} caches responses")
+            caches = {service: caches[service]}
+        purged = {name: cache.purge(prefix or None) for name, cache in caches.items()}
+        return 200, {"purged": sum(purged.values()), "services": purged}
 
     @staticmethod
     def _reloaded(result, request: Request, gone: list) -> None:

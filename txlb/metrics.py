@@ -91,6 +91,7 @@ class Metrics(Service):
         self.retries: dict[tuple, int] = {}
         self.healthChecks: dict[tuple, int] = {}
         self.ejections: dict[tuple, int] = {}
+        self.cacheRequests: dict[tuple, int] = {}
 
     # Setting up.
 
@@ -124,12 +125,16 @@ class Metrics(Service):
         One HTTP exchange is over (answered, refused or abandoned).  Reads
         the exchange's C{pool}, C{server}, C{status}, C{started} (a
         C{time.monotonic()} stamp), C{bytesSent}, C{received}, C{tried},
-        C{requestId} and C{reason}.
+        C{requestId}, C{reason} and, when the service caches, C{cacheResult}.
         """
         pool = exchange.pool
         retried = len(exchange.tried)
         if retried and pool is not None and retried > pool.retries:
             retried = pool.retries
+        cached = getattr(exchange, "cacheResult", None)
+        if cached is not None:
+            key = (service, cached)
+            self.cacheRequests[key] = self.cacheRequests.get(key, 0) + 1
         self.request(
             service, pool, exchange.server, exchange.status,
             time.monotonic() - exchange.started,
@@ -223,6 +228,20 @@ class Metrics(Service):
         open_ = getattr(factory, "open", None)
         return len(open_) if open_ is not None else 0
 
+    def caches(self) -> dict[str, Any]:
+        """The response caches (L{txlb.cache.ResponseCache}) of the services that cache, by name."""
+        out = {}
+        for name, info in list(self.services.items()):
+            cache = getattr(getattr(info.factory, "service", None), "cache", None)
+            if cache is not None:
+                out[name] = cache
+        return out
+
+    def _cacheStats(self, name: str, cache: Any) -> dict[str, Any]:
+        results = {r: self.cacheRequests.get((name, r), 0) for r in ("HIT", "MISS", "STALE", "BYPASS")}
+        return {"entries": len(cache), "bytes": cache.size, "maxBytes": cache.maxSize,
+                "maxObjectBytes": cache.maxObject, "waiting": cache.waiting(), "requests": results}
+
     def stats(self, history: bool = True) -> dict[str, Any]:
         """What C{GET /api/stats} answers."""
         now = self.clock.seconds()
@@ -234,11 +253,14 @@ class Metrics(Service):
             unhealthy += entry["unhealthyBackends"]
             pools.append(entry)
         services = []
+        caches = self.caches()
         for info in list(self.services.values()):
             entry = {"name": info.name, "protocol": info.protocol, "pools": list(info.pools)}
             entry.update(_windowStats(self.serviceWindows[info.name], now, history))
             entry["activeConnections"] = self.activeConnections(info.name)
             entry["connectionsTotal"] = self.connections.get(info.name, 0)
+            if info.name in caches:
+                entry["cache"] = self._cacheStats(info.name, caches[info.name])
             services.append(entry)
         out = {
             "time": round(now, 3),
@@ -378,3 +400,19 @@ class _Collector:
         for (pool, server), n in list(m.ejections.items()):
             ejections.add_metric([pool, server], n)
         yield ejections
+
+        cacheRequests = CounterMetricFamily(
+            "txlb_cache_requests", "Requests to caching services, by service and result (HIT, MISS, STALE, BYPASS).",
+            labels=["service", "result"],
+        )
+        for (service, result), n in list(m.cacheRequests.items()):
+            cacheRequests.add_metric([service, result], n)
+        yield cacheRequests
+        cacheBytes = GaugeMetricFamily("txlb_cache_bytes", "Bytes the stored responses take, by service.",
+                                       labels=["service"])
+        cacheEntries = GaugeMetricFamily("txlb_cache_entries", "Stored responses, by service.", labels=["service"])
+        for name, cache in m.caches().items():
+            cacheBytes.add_metric([name], cache.size)
+            cacheEntries.add_metric([name], len(cache))
+        yield cacheBytes
+        yield cacheEntries
