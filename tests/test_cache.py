@@ -472,3 +472,17 @@ def test_reload_keeps_the_store_and_applies_new_bounds():
     assert h.service.cache is cache and len(cache) == 0
     h.service.update(cacheConfig=None)
     assert h.service.cache is None
+
+
+def test_a_waiter_goes_on_when_a_reload_removes_the_cache():
+    h = cached()
+    ask(h)
+    _, waiting = ask(h)
+    cache = h.service.cache
+    h.service.update(cacheConfig=None)
+    backend, _ = h.answer(0)
+    backend.dataReceived(FRESH)
+    assert h.connects() == 2  # woken by the first's end, then on its own
+    other, _ = h.answer(1)
+    other.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
+    assert waiting.value().endswith(b"\r\n\r\nx") and cache.waiting() == 0

@@ -374,7 +374,9 @@ class Exchange:
                 self._write(data)
                 return None, None
         elif status < 400 and self.method not in (b"GET", b"HEAD", b"OPTIONS", b"TRACE"):
-            frontend.service.cache.remove(((self.host or b"").lower(), self.target))  # RFC 9111 4.4
+            cache = frontend.service.cache
+            if cache is not None:
+                cache.remove(((self.host or b"").lower(), self.target))  # RFC 9111 4.4
         headers = [(n, v) for n, v in headers if n.lower() != b"x-cache"]
         return headers, (*extra, b"X-Cache: " + self.cacheResult.encode("ascii"))
 
@@ -477,7 +479,8 @@ class Exchange:
 
     def _stopCaching(self) -> None:
         if self.cacheWait is not None:
-            self.frontend.service.cache.cancel(*self.cacheWait)
+            cache, key, waiter = self.cacheWait
+            cache.cancel(key, waiter)
             self.cacheWait = None
         if self.cacheFill is not None:
             self.cacheFill.abandon()
@@ -765,7 +768,7 @@ class HTTPFrontend(Protocol):
             self._exchangeDone(exchange)
             return True
         if plan.waiting is not None:
-            exchange.cacheWait = plan.key, plan.waiting
+            exchange.cacheWait = cache, plan.key, plan.waiting
             return True
         if plan.onlyIfCached:
             self._fail(exchange, 504, "only-if-cached: no stored response")
@@ -778,10 +781,10 @@ class HTTPFrontend(Protocol):
     def _cacheWoken(self, exchange: Exchange) -> None:
         """The response this request waited for is in (or the wait is over)."""
         exchange.cacheWait = None
-        cache = self.service.cache
-        if exchange.finished or cache is None:
+        if exchange.finished:
             return
-        if not self._fromCache(exchange, cache, collapse=False):
+        cache = self.service.cache  # a reload may have taken it away meanwhile
+        if cache is None or not self._fromCache(exchange, cache, collapse=False):
             self._dispatch(exchange)
 
     def _dispatch(self, exchange: Exchange, fresh: bool = False) -> None:
