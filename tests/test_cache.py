@@ -13,11 +13,8 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from txlb.cache import (
-    BYPASS,
-    HIT,
     MAX_DELTA,
     MISS,
-    STALE,
     Entry,
     ResponseCache,
     cacheControl,

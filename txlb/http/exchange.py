@@ -1,0 +1,369 @@
+# -*- test-case-name: tests.test_http_frontend -*-
+"""
+One request and its response, as the proxy carries it: the request side fed
+by the client connection's parser, the response side by the backend
+connection the exchange is attached to.  L{txlb.http.frontend} drives
+exchanges one at a time per client connection.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import TYPE_CHECKING, Optional
+
+from txlb.cache import storedResponse
+from txlb.http.backend import BackendConnection
+from txlb.http.headers import requestId, responseHead
+from txlb.pool import Pool
+
+if TYPE_CHECKING:  # pragma: no cover
+    from txlb.http.frontend import HTTPFrontend
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_CHUNK_END = b"0\r\n\r\n"
+
+
+class Exchange:
+    """
+    One request and its response.
+
+    The request side is fed by the frontend's parser; the response side by
+    the backend connection it is attached to.
+    """
+
+    conn: Optional[BackendConnection] = None
+    server = None
+    reason = ""
+    status = 0
+    responseStarted = False
+    requestDone = False
+    bodySent = False
+    toClientChunked = False
+    closeAfter = False
+    upgrade: Optional[bytes] = None
+    refusal: Optional[tuple[int, str]] = None
+    pool: Optional[Pool] = None
+    error: Optional[str] = None
+    finished = False
+    #: The request's sticky state (a L{txlb.sticky.Affinity}) when the
+    #: service is sticky.
+    affinity = None
+    #: When the service caches: C{HIT}, C{MISS}, C{STALE} or C{BYPASS}; the
+    #: L{txlb.cache.Fill} the response goes into; the wait for another
+    #: request's response.
+    cacheResult: Optional[str] = None
+    cacheFill = None
+    cacheWait = None
+
+    def __init__(self, frontend: "HTTPFrontend", method: bytes, target: bytes, headers: list,
+                 keepAlive: bool, version: str) -> None:
+        self.frontend = frontend
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.version = version
+        self.closeAfter = not keepAlive
+        self.started = time.monotonic()
+        self.tried: list = []
+        self.pending: list[bytes] = []
+        self.bytesSent = 0
+        self._connecting = None
+        self._timer = None
+        self.chunked = False
+        self.length = 0
+        host = None
+        incomingId = None
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"host":
+                host = value
+            elif lower == b"transfer-encoding":
+                self.chunked = True
+            elif lower == b"content-length":
+                self.length = int(value)
+            elif lower == b"x-request-id":
+                incomingId = value
+        self.host = host
+        self.requestId = requestId(incomingId)
+        self.hasBody = self.chunked or self.length > 0
+        # Without a body the request is whole once its head is: an early
+        # answer (an error) need not close the connection.
+        self.requestDone = not self.hasBody
+
+    # The request side.
+
+    def requestBody(self, data: bytes) -> None:
+        if self.finished:
+            return  # answered already; the connection closes after
+        if self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        conn = self.conn
+        if conn is not None:
+            self.bodySent = True
+            self.lastSent = self.frontend.service.clock.seconds()
+            conn.transport.write(data)
+        else:
+            self.pending.append(data)
+
+    def requestEnd(self) -> None:
+        self.requestDone = True
+        conn = self.conn
+        if conn is not None:
+            self.lastSent = self.frontend.service.clock.seconds()
+            if self.chunked:
+                conn.transport.write(_CHUNK_END)
+            if self.hasBody:
+                conn.transport.unregisterProducer()
+                self.frontend.gate.resume("backend")
+        elif self.chunked:
+            self.pending.append(_CHUNK_END)
+
+    # The response side (called by the backend connection).
+
+    def interimResponse(self, status: int, reason: bytes, headers: list) -> None:
+        if self.version == "1.1":
+            self.frontend.transport.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason))
+
+    def responseHead(self, status: int, reason: bytes, headers: list, keepAlive: bool) -> None:
+        frontend = self.frontend
+        self._cancelTimer()
+        self.status = status
+        self.responseStarted = True
+        self.pool.observeResponseTime(self.server, time.monotonic() - self.dispatched)
+        self.pool.reportResult(self.server, status < 500, f"HTTP {status}")
+        conn = self.conn
+        affinity = self.affinity
+        extra = () if affinity is None else frontend.service.sticky.answered(affinity, self.server, frontend.client,
+                                                                             headers)
+        if status == 101 and self.upgrade is not None:
+            head = responseHead(status, reason, headers, requestId=self.requestId, framing=None,
+                                close=False, upgrade=_headerValue(headers, b"upgrade") or self.upgrade,
+                                extra=extra)
+            self._write(head)
+            return
+        if self.upgrade is not None:
+            self.closeAfter = True  # the client's parser is past the upgrade request
+        if self.cacheResult is not None:
+            headers, extra = self._cacheHead(status, reason, headers, extra)
+            if headers is None:
+                return
+        if conn.done:  # no body: HEAD, 204, 304
+            framing = _lengthLine(headers) if status != 204 else None
+        elif not conn.closeDelimited and not _isChunked(headers):
+            framing = _lengthLine(headers)
+        elif self.version == "1.1":
+            framing = b"Transfer-Encoding: chunked"
+            self.toClientChunked = True
+        else:
+            framing = None
+            self.closeAfter = True
+        head = responseHead(status, reason, headers, requestId=self.requestId, framing=framing,
+                            close=self.closeAfter or frontend.closing,
+                            keepAliveHeader=self.version == "1.0" and not self.closeAfter, extra=extra)
+        self._write(head)
+        if not conn.done:
+            frontend.transport.registerProducer(conn.transport, True)
+            self.producing = True
+
+    producing = False
+
+    def _cacheHead(self, status: int, reason: bytes, headers: list, extra):
+        """
+        A cached service's response head: into the fill, with C{X-Cache}.
+        C{(None, None)} when it was answered here instead: a 304 to the
+        cache's own revalidation, for which the client gets the stored
+        response.
+        """
+        frontend = self.frontend
+        fill = self.cacheFill
+        if fill is not None:
+            entry = fill.head(status, reason, headers, frontend.service.clock.seconds())
+            if not fill.storing:
+                self.cacheFill = None
+            if entry is not None:
+                self.status, data = storedResponse(
+                    entry, frontend.service.clock.seconds(), self.method, fill.requestHeaders,
+                    requestId=self.requestId, close=self.closeAfter or frontend.closing,
+                    keepAliveHeader=self.version == "1.0" and not self.closeAfter, result=self.cacheResult,
+                    extra=extra)
+                self._write(data)
+                return None, None
+        elif status < 400 and self.method not in (b"GET", b"HEAD", b"OPTIONS", b"TRACE"):
+            cache = frontend.service.cache
+            if cache is not None:
+                cache.remove(((self.host or b"").lower(), self.target))  # RFC 9111 4.4
+        headers = [(n, v) for n, v in headers if n.lower() != b"x-cache"]
+        return headers, (*extra, b"X-Cache: " + self.cacheResult.encode("ascii"))
+
+    def responseBody(self, data: bytes) -> None:
+        fill = self.cacheFill
+        if fill is not None and not fill.add(data):
+            self.cacheFill = None
+        if self.toClientChunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        self._write(data)
+
+    def responseEnd(self, reusable: bool) -> None:
+        fill = self.cacheFill
+        if fill is not None:
+            self.cacheFill = None
+            fill.end()
+        conn, self.conn = self.conn, None
+        if self.toClientChunked:
+            self._write(_CHUNK_END)
+        if self.producing:
+            self.producing = False
+            self.frontend.transport.unregisterProducer()
+        if reusable and self.requestDone and conn is not None:
+            conn.reused = False
+            self.frontend.service.connections.putIdle(conn)
+        elif conn is not None and not conn.closed:
+            conn.transport.loseConnection()
+        # After the connection is idle, so that work queued for this server
+        # (max_connections) can take it.
+        self._release()
+        self.finished = True
+        if not self.requestDone:
+            # The answer came before the whole request: nothing more can be
+            # read reliably on this connection.
+            self.closeAfter = True
+        self.frontend._exchangeDone(self)
+
+    def backendFailed(self, message: str, gotBytes: bool) -> None:
+        """The backend connection broke or sent garbage."""
+        conn, self.conn = self.conn, None
+        self._cancelTimer()
+        if self.producing:
+            self.producing = False
+            self.frontend.transport.unregisterProducer()
+        if self.responseStarted:
+            # Too late for an error response: cut the client off too.
+            self._release()
+            self.error = message
+            self.frontend.transport.abortConnection()
+            return
+        server = self.server
+        self._release()
+        retry = not gotBytes and self.method in IDEMPOTENT and not self.bodySent
+        if retry and conn is not None and conn.reused:
+            # Most likely an idle connection the server had just closed:
+            # not the server's fault; replay on a new connection.
+            self.frontend._dispatch(self, fresh=True)
+        elif retry:
+            self.tried.append(server)
+            self.frontend._dispatch(self)
+        else:
+            self.frontend._fail(self, 502, message)
+
+    def upgraded(self, data: bytes) -> None:
+        """The backend switched protocols: from now on, a byte pipe."""
+        self.frontend._pipe(self, data)
+
+    def pipeData(self, data: bytes) -> None:
+        self.bytesSent += len(data)
+        self.frontend.transport.write(data)
+
+    def pipeClosed(self) -> None:
+        self.frontend.transport.loseConnection()
+
+    # Helpers.
+
+    def _write(self, data: bytes) -> None:
+        self.bytesSent += len(data)
+        self.frontend.transport.write(data)
+
+    def _release(self) -> None:
+        if self.server is not None and not self.released:
+            self.released = True
+            self.pool.release(self.server)
+
+    released = True
+
+    _waiter = None
+
+    def _stopWaiting(self) -> None:
+        """
+        Leave the pool's max_connections queue, if waiting there (and the
+        wait for another request's response, or the response being cached).
+        """
+        if self._waiter is not None:
+            self.pool.cancel(self._waiter)
+            self._waiter = None
+        if self.cacheResult is not None:
+            self._stopCaching()
+
+    def _stopCaching(self) -> None:
+        if self.cacheWait is not None:
+            cache, key, waiter = self.cacheWait
+            cache.cancel(key, waiter)
+            self.cacheWait = None
+        if self.cacheFill is not None:
+            self.cacheFill.abandon()
+            self.cacheFill = None
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    lastSent = 0.0
+
+    def backendTimedOut(self) -> None:
+        """
+        No answer within C{timeouts.backend} of the request's last byte
+        sent: a long upload the backend keeps reading is not timed out.
+        """
+        self._timer = None
+        clock = self.frontend.service.clock
+        quiet = clock.seconds() - self.lastSent
+        timeout = self.frontend.service.backendTimeout
+        if quiet < timeout:
+            self._timer = clock.callLater(timeout - quiet, self.backendTimedOut)
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.exchange = None
+            conn.transport.abortConnection()
+        if self.producing:
+            self.producing = False
+            self.frontend.transport.unregisterProducer()
+        self._release()
+        self.frontend._fail(self, 504, f"{self.server.name} did not answer within {self.frontend.service.backendTimeout:g}s")
+
+
+_ABSOLUTE = re.compile(rb"[hH][tT][tT][pP][sS]?://([^/?#@]+)([/?][^#]*)?")
+
+
+def absoluteForm(target: bytes) -> Optional[tuple[bytes, bytes]]:
+    """
+    C{(authority, origin-form target)} of an absolute-form request target
+    (C{http://host:port/path?q}), or L{None} when it is not one we accept.
+    """
+    match = _ABSOLUTE.fullmatch(target)
+    if match is None:
+        return None
+    authority, rest = match.groups()
+    if not rest:
+        rest = b"/"
+    elif rest[:1] == b"?":
+        rest = b"/" + rest
+    return authority, rest
+
+
+def _headerValue(headers: list, name: bytes) -> Optional[bytes]:
+    for n, v in headers:
+        if n.lower() == name:
+            return v
+    return None
+
+
+def _lengthLine(headers: list) -> Optional[bytes]:
+    value = _headerValue(headers, b"content-length")
+    return None if value is None else b"Content-Length: " + value
+
+
+def _isChunked(headers: list) -> bool:
+    value = _headerValue(headers, b"transfer-encoding")
+    return value is not None and value.lower().rstrip().endswith(b"chunked")
