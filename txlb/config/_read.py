@@ -1,610 +1,76 @@
 # -*- test-case-name: tests.test_config -*-
 """
-The config file: TOML in, validated and frozen objects out.
+One reader per section of the config file, and L{parse} and L{load}.
 
 Validation reports every problem at once, in file order, one line each, as
 C{FILE:LINE: KEY.PATH: what is wrong}, and never raises anything but
 L{ConfigError}: an operator fixes the whole file in one pass, and no
-traceback ever stands in for a message.  Each section is read by a small function over a L{_Table},
-which remembers the keys it was asked for: whatever is left is an unknown
-key (with the closest known one suggested), or a key that a later version
-of txlb supports (L{PLANNED}), which is said plainly rather than ignored.
-A later feature adds its keys by adding C{table.get(...)} lines and fields.
+traceback ever stands in for a message.  Each section is read by a small
+function over a L{txlb.config._table._Table}, which remembers the keys it
+was asked for: whatever is left is an unknown key (with the closest known
+one suggested), or a key that a later version of txlb supports
+(C{PLANNED}), which is said plainly rather than ignored.  A later feature
+adds its keys by adding C{table.get(...)} lines and fields.
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import socket
 import os
 import re
 import tomllib
 from types import MappingProxyType
-from typing import Any, Callable, Collection, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Collection, Mapping, Optional
 
 import attrs
 
-from txlb._tomlpos import keyLines, lineOf
-from txlb.endpoints import EndpointError, checkClient, checkServer, sameSocket, serverAddress
+from txlb._tomlpos import keyLines
+from txlb.config._model import (
+    AdminConfig,
+    Algorithms,
+    BackendTLSConfig,
+    CacheConfig,
+    ClusterConfig,
+    Config,
+    ConfigError,
+    DemoServer,
+    DNSConfig,
+    HealthConfig,
+    Limits,
+    LogConfig,
+    PassiveConfig,
+    PoolConfig,
+    Problem,
+    ProcessConfig,
+    RouteConfig,
+    ServerConfig,
+    ServiceConfig,
+    SessionsConfig,
+    StickyConfig,
+    Timeouts,
+    TLSConfig,
+)
+from txlb.config._table import (
+    _boolean,
+    _connectAddress,
+    _Context,
+    _didYouMean,
+    _freeTable,
+    _hashKey,
+    _integer,
+    _Invalid,
+    _listenEndpoint,
+    _name,
+    _oneOf,
+    _positiveDuration,
+    _string,
+    _stringList,
+    _Table,
+    parseDuration,
+    parseSize,
+)
+from txlb.endpoints import checkServer, sameSocket
 from txlb.interfaces import SchedulerOptionsError
-
-T = TypeVar("T")
-
-#: Scheduler factories by the name C{algorithm =} uses, as
-#: L{txlb.schedulers.schedulerFactories} gives them: called with a pool's
-#: C{options}, they raise L{SchedulerOptionsError} when those do not suit.
-Algorithms = Mapping[str, Callable[[Mapping[str, Any]], Any]]
-
-
-# The objects the rest of txlb reads.  Durations are in seconds, as floats;
-# addresses are endpoint strings (a server's host:port already turned into
-# one), so that nothing downstream parses config text again.
-
-
-@attrs.frozen
-class ServerConfig:
-    """One entry of a pool's C{servers}."""
-
-    name: str
-    address: str
-    weight: int = 1
-
-
-@attrs.frozen
-class HealthConfig:
-    """
-    A pool's C{health} table: active checks.  C{kind = "none"} runs none
-    and keeps every server in rotation.
-    """
-
-    kind: str = "none"
-    path: str = "/health"
-    method: str = "GET"
-    interval: float = 2.0
-    timeout: float = 1.0
-    rise: int = 2
-    fall: int = 3
-    expect_status: tuple[int, ...] = (200,)
-    expect_json: Mapping[str, tuple[Any, ...]] = MappingProxyType({})
-    options: Mapping[str, Any] = MappingProxyType({})
-
-
-@attrs.frozen
-class PassiveConfig:
-    """A pool's C{passive} table: ejection on failures of live traffic."""
-
-    consecutive_failures: int = 5
-    eject_for: float = 30.0
-
-
-@attrs.frozen
-class AdminConfig:
-    """The C{[admin]} table: the admin API, status page and metrics."""
-
-    listen: str = "tcp:8081:interface=127.0.0.1"
-    token_file: Optional[str] = None
-
-
-@attrs.frozen
-class BackendTLSConfig:
-    """
-    A pool's C{tls}: TLS to every server of the pool.  Without
-    C{server_name}, each server's own host name is verified.
-    """
-
-    verify: bool = True
-    ca: Optional[str] = None
-    server_name: Optional[str] = None
-    cert: Optional[str] = None
-    key: Optional[str] = None
-
-
-@attrs.frozen
-class PoolConfig:
-    """
-    A C{[pools.NAME]} table.  C{options} is read-only, so that a scheduler
-    cannot change the config it was built from.
-    """
-
-    name: str
-    algorithm: str
-    servers: tuple[ServerConfig, ...]
-    connect_timeout: float = 2.0
-    retries: int = 2
-    hash_key: str = "client_ip"
-    options: Mapping[str, Any] = MappingProxyType({})
-    health: HealthConfig = HealthConfig()
-    passive: Optional[PassiveConfig] = None
-    max_connections: int = 0
-    queue_timeout: float = 5.0
-    slow_start: float = 0.0
-    tls: Optional[BackendTLSConfig] = None
-
-
-@attrs.frozen
-class Timeouts:
-    """A service's C{timeouts}; C{0} means none.  TCP services use C{idle} only."""
-
-    client: float = 60.0
-    backend: float = 30.0
-    idle: float = 600.0
-
-
-@attrs.frozen
-class RouteConfig:
-    """One C{[[services.routes]]} table: every condition given must hold."""
-
-    pool: str
-    host: Optional[str] = None
-    path_prefix: Optional[str] = None
-    methods: tuple[str, ...] = ()
-    headers: Mapping[str, str] = MappingProxyType({})
-
-
-@attrs.frozen
-class Limits:
-    """An HTTP service's C{limits}; C{max_body = 0} means unlimited."""
-
-    max_header_bytes: int = 32 * 1024
-    max_body: int = 0
-
-
-@attrs.frozen
-class CacheConfig:
-    """An HTTP service's C{cache}: the store's bounds in bytes."""
-
-    max_size: int = 64 * 1024 * 1024
-    max_object: int = 1024 * 1024
-
-
-@attrs.frozen
-class TLSConfig:
-    """A service's C{tls}: terminate TLS on its listeners."""
-
-    certificates: tuple[tuple[str, str], ...]
-    min_version: str = "1.2"
-
-
-@attrs.frozen
-class ServiceConfig:
-    """One C{[[services]]} table."""
-
-    name: str
-    protocol: str
-    listen: tuple[str, ...]
-    pool: str
-    timeouts: Timeouts = Timeouts()
-    routes: tuple[RouteConfig, ...] = ()
-    limits: Limits = Limits()
-    forwarded: bool = False
-    tls: Optional[TLSConfig] = None
-    sticky: Optional[StickyConfig] = None
-    cache: Optional[CacheConfig] = None
-
-
-@attrs.frozen
-class LogConfig:
-    """The C{[log]} table."""
-
-    format: str = "json"
-    path: str = "-"
-    access: bool = True
-
-
-@attrs.frozen
-class ProcessConfig:
-    """The C{[txlb]} table."""
-
-    shutdown_timeout: float = 30.0
-    workers: int = 1
-
-
-@attrs.frozen
-class DemoServer:
-    """One of C{[demo] servers}: a backend txlb runs itself, for trying it out."""
-
-    name: str
-    listen: str
-
-
-@attrs.frozen
-class Config:
-    """
-    A whole validated config file.  C{pools} keeps the file's order, so
-    summaries and the admin API list pools as the operator wrote them.
-    """
-
-    path: str
-    txlb: ProcessConfig = ProcessConfig()
-    log: LogConfig = LogConfig()
-    pools: Mapping[str, PoolConfig] = MappingProxyType({})
-    services: tuple[ServiceConfig, ...] = ()
-    demo: tuple[DemoServer, ...] = ()
-    admin: Optional[AdminConfig] = None
-    sessions: "SessionsConfig" = attrs.field(factory=lambda: SessionsConfig())
-    cluster: "ClusterConfig" = attrs.field(factory=lambda: ClusterConfig())
-    dns: Optional["DNSConfig"] = None
-
-
-@attrs.frozen
-class StickyConfig:
-    """
-    A service's C{sticky}: C{cookie} (txlb's own cookie names the server),
-    C{ip} (the client address) or C{key} (the application's session id,
-    C{cookie:NAME} or C{header:NAME}).
-    """
-
-    mode: str
-    cookie: str = "LB_SERVER"
-    key: Optional[str] = None
-
-
-@attrs.frozen
-class SessionsConfig:
-    """C{[sessions]}: where C{ip} and C{key} affinities are kept."""
-
-    store: str = "memory"
-    redis: str = "tcp:host=127.0.0.1:port=6379"
-    ttl: float = 3600.0
-    max_entries: int = 100_000
-
-
-@attrs.frozen
-class ClusterConfig:
-    """C{[cluster]}: txlb's own high availability."""
-
-    mode: str = "standalone"
-    node: str = attrs.field(factory=lambda: socket.gethostname())
-    redis: str = "tcp:host=127.0.0.1:port=6379"
-    heartbeat: float = 1.0
-    failover_after: float = 3.0
-    address: str = "127.0.0.1"
-    on_active: str = ""
-
-
-@attrs.frozen
-class DNSConfig:
-    """C{[dns]}: an authoritative answer for C{name} with the live nodes."""
-
-    listen: str
-    name: str
-    ttl: int = 5
-
-
-# Errors.
-
-
-@attrs.frozen
-class Problem:
-    """
-    One thing wrong with the file: the key path as the validator names it
-    (C{pools.api.servers[1].address}; empty for the file as a whole), what
-    is wrong, and the line it is written on when that is known.
-    """
-
-    path: str
-    message: str
-    line: Optional[int] = None
-
-    def format(self, source: str) -> str:
-        where = f"{source}:{self.line}" if self.line else source
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
-
-
-class ConfigError(Exception):
-    """
-    The config does not validate.  C{str()} gives one line per problem.
-    """
-
-    def __init__(self, source: str, problems: Collection[Problem]) -> None:
-        super().__init__(source, tuple(problems))
-        self.source = source
-        self.problems = tuple(problems)
-
-    def lines(self) -> list[str]:
-        return [p.format(self.source) for p in self.problems]
-
-    def __str__(self) -> str:
-        return "\n".join(self.lines())
-
-
-#: Keys that belong to features of txlb still to come, by table kind.  They
-#: are refused with this explanation rather than as unknown keys.
-PLANNED: Mapping[str, Mapping[str, str]] = {
-    "": {
-    },
-    "pool": {
-    },
-    "service": {
-        "proxy_protocol": "the PROXY protocol",
-    },
-}
-
-
-class _Invalid(ValueError):
-    """
-    A converter's complaint about one value.  C{items} holds complaints
-    about elements of an array, by index, so that each is reported at its
-    own key path (C{listen[1]}) and line.
-    """
-
-    def __init__(self, message: str = "", items: Sequence[tuple[int, str]] = ()) -> None:
-        super().__init__(message)
-        self.items = tuple(items)
-
-
-class _Context:
-    #: Installed health-check kinds (plugins included), when known; a
-    #: mapping of kind to factory also has each kind's options checked.
-    healthKinds: Optional[Collection[str]] = None
-    #: Where relative file names in the config are found: its directory.
-    baseDir: str = "."
-
-    def __init__(self, lines: Mapping[str, int]) -> None:
-        self.lines = lines
-        self.problems: list[Problem] = []
-
-    def error(self, path: str, message: str) -> None:
-        self.problems.append(Problem(path, message, lineOf(dict(self.lines), path)))
-
-
-_REQUIRED: Any = object()
-
-
-class _Table:
-    """
-    One TOML table being read: hands out values by key, converted, and
-    reports problems against the right key path.
-    """
-
-    def __init__(self, ctx: _Context, path: str, data: Mapping[str, Any], kind: str) -> None:
-        self.ctx = ctx
-        self.path = path
-        self.data = data
-        self.kind = kind
-        self.seen: set[str] = set()
-
-    def keyPath(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def error(self, key: str, message: str) -> None:
-        self.ctx.error(self.keyPath(key), message)
-
-    def get(self, key: str, convert: Callable[[Any], T], default: T = _REQUIRED) -> T:
-        """
-        The converted value of C{key}, or C{default} when it is absent or
-        invalid (the problem is recorded; the result is then never used).
-        """
-        self.seen.add(key)
-        if key not in self.data:
-            if default is _REQUIRED:
-                self.error(key, "is required")
-                return None  # type: ignore[return-value]
-            return default
-        try:
-            return convert(self.data[key])
-        except _Invalid as e:
-            if e.items:
-                for index, message in e.items:
-                    self.error(f"{key}[{index}]", message)
-            else:
-                self.error(key, str(e))
-            return default if default is not _REQUIRED else None  # type: ignore[return-value]
-
-    def table(self, key: str, kind: str) -> Optional["_Table"]:
-        self.seen.add(key)
-        value = self.data.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            self.error(key, f"must be a table, not {_describe(value)}")
-            return None
-        return _Table(self.ctx, self.keyPath(key), value, kind)
-
-    def tables(self, key: str, kind: str) -> list["_Table"]:
-        """An array of tables (C{[[services]]} or C{servers = [{...}]})."""
-        self.seen.add(key)
-        value = self.data.get(key, [])
-        if not isinstance(value, list):
-            self.error(key, f"must be an array of tables, not {_describe(value)}")
-            return []
-        out = []
-        for i, item in enumerate(value):
-            path = f"{self.keyPath(key)}[{i}]"
-            if isinstance(item, dict):
-                out.append(_Table(self.ctx, path, item, kind))
-            else:
-                self.ctx.error(path, f"must be a table, not {_describe(item)}")
-        return out
-
-    def finish(self) -> None:
-        """Report every key nobody asked for."""
-        planned = PLANNED.get(self.kind, {})
-        known = sorted(self.seen | set(planned))
-        for key in self.data:
-            if key in self.seen:
-                continue
-            if key in planned:
-                self.error(
-                    key, f"not supported by this version of txlb yet ({planned[key]}); remove it"
-                )
-                continue
-            self.error(key, f"unknown key{_didYouMean(key, known)}")
-
-
-def _didYouMean(name: str, known: Collection[str]) -> str:
-    """C{" (did you mean 'x'?)"} for the closest of C{known}, or nothing."""
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _describe(value: Any) -> str:
-    names = {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
-             list: "an array", dict: "a table"}
-    return names.get(type(value), type(value).__name__)
-
-
-# Converters: a value in, the typed value out, or _Invalid.
-
-
-def _string(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"must be a string, not {_describe(value)}")
-    return value
-
-
-def _name(value: Any) -> str:
-    value = _string(value)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
-        raise _Invalid(f"{value!r} is not a valid name (letters, digits, '_', '.', '-')")
-    return value
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid(f"must be true or false, not {_describe(value)}")
-    return value
-
-
-def _integer(low: int, high: int) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(f"must be an integer, not {_describe(value)}")
-        if not low <= value <= high:
-            raise _Invalid(f"must be between {low} and {high}, not {value}")
-        return value
-
-    return convert
-
-
-def _oneOf(*choices: str) -> Callable[[Any], str]:
-    def convert(value: Any) -> str:
-        value = _string(value)
-        if value not in choices:
-            raise _Invalid(f"must be one of {', '.join(map(repr, choices))}, not {value!r}")
-        return value
-
-    return convert
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parseDuration(value: Any) -> float:
-    """
-    C{"250ms"}, C{"2s"}, C{"5m"}, C{"1h"} or C{"0"}, in seconds.  A bare
-    number is refused: C{timeout = 30} could mean seconds or milliseconds,
-    and the operator should say which.
-
-    @raise ValueError: C{value} is not a duration.
-    """
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        raise _Invalid(f'needs a unit: write "{value}s" for seconds, "{value}ms" for milliseconds')
-    text = _string(value).strip()
-    if text == "0":
-        return 0.0
-    m = _DURATION.fullmatch(text)
-    if m is None:
-        raise _Invalid(f'{text!r} is not a duration (write it like "250ms", "2s", "5m" or "1h")')
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-
-
-def _positiveDuration(value: Any) -> float:
-    seconds = parseDuration(value)
-    if seconds <= 0:
-        raise _Invalid("must be longer than 0")
-    return seconds
-
-
-_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?")
-_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
-               "KB": 1000, "MB": 1000**2, "GB": 1000**3}
-
-
-def parseSize(value: Any) -> int:
-    """
-    C{"64KiB"}, C{"10MiB"}, C{"0"} or a plain number of bytes.
-
-    @raise ValueError: C{value} is not a size.
-    """
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise _Invalid(f"must not be negative, not {value}")
-        return value
-    text = _string(value).strip()
-    m = _SIZE.fullmatch(text)
-    if m is None:
-        raise _Invalid(f'{text!r} is not a size (write it like "64KiB" or "10MiB")')
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
-
-
-def _listenEndpoint(value: Any) -> str:
-    text = _string(value)
-    try:
-        checkServer(text)
-    except EndpointError as e:
-        raise _Invalid(str(e))
-    return text
-
-
-def _connectAddress(value: Any) -> str:
-    try:
-        return serverAddress(_string(value))
-    except EndpointError as e:
-        raise _Invalid(str(e))
-
-
-def _connectEndpoint(value: Any) -> str:
-    text = _string(value)
-    try:
-        checkClient(text)
-    except EndpointError as e:
-        raise _Invalid(str(e))
-    return text
-
-
-def _stringList(convert: Callable[[Any], str]) -> Callable[[Any], tuple[str, ...]]:
-    """One string or an array of them; each item checked by C{convert}."""
-
-    def convertAll(value: Any) -> tuple[str, ...]:
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not items:
-            raise _Invalid("must be a string or a non-empty array of strings")
-        out: list[str] = []
-        problems: list[tuple[int, str]] = []
-        for i, item in enumerate(items):
-            try:
-                out.append(convert(item))
-            except _Invalid as e:
-                problems.append((i, str(e)))
-        if problems:
-            if isinstance(value, str):
-                raise _Invalid(problems[0][1])
-            raise _Invalid(items=problems)
-        return tuple(out)
-
-    return convertAll
-
-
-_HASH_KEY = re.compile(r"client_ip|path|(header|cookie|query):[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
-def _hashKey(value: Any) -> str:
-    text = _string(value)
-    if not _HASH_KEY.fullmatch(text):
-        raise _Invalid(
-            f"{text!r} is not a hash key (client_ip, path, header:NAME, cookie:NAME or query:NAME)"
-        )
-    return text
-
-
-def _freeTable(value: Any) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise _Invalid(f"must be a table, not {_describe(value)}")
-    return MappingProxyType(dict(value))
-
 
 # The sections.
 
@@ -1226,3 +692,4 @@ def load(
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(path, [Problem("", f"cannot read the config file: {e}")])
     return parse(text, path, algorithms, healthKinds)
+

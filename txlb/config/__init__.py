@@ -1,0 +1,45 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The config file: TOML in, validated and frozen objects out.
+
+L{load} and L{parse} report every problem at once, as
+C{FILE:LINE: key.path: what is wrong}, through L{ConfigError}.  The records
+live in L{txlb.config._model}, the table reader and value converters in
+L{txlb.config._table}, and one reader per section in L{txlb.config._read}.
+"""
+
+from txlb.config._model import (
+    AdminConfig,
+    Algorithms,
+    BackendTLSConfig,
+    CacheConfig,
+    ClusterConfig,
+    Config,
+    ConfigError,
+    DemoServer,
+    DNSConfig,
+    HealthConfig,
+    Limits,
+    LogConfig,
+    PassiveConfig,
+    PoolConfig,
+    Problem,
+    ProcessConfig,
+    RouteConfig,
+    ServerConfig,
+    ServiceConfig,
+    SessionsConfig,
+    StickyConfig,
+    Timeouts,
+    TLSConfig,
+)
+from txlb.config._read import load, parse
+from txlb.config._table import PLANNED, parseDuration, parseSize
+
+__all__ = [
+    "AdminConfig", "Algorithms", "BackendTLSConfig", "CacheConfig", "ClusterConfig", "Config",
+    "ConfigError", "DemoServer", "DNSConfig", "HealthConfig", "Limits", "LogConfig", "PassiveConfig",
+    "PoolConfig", "Problem", "ProcessConfig", "RouteConfig", "ServerConfig", "ServiceConfig",
+    "SessionsConfig", "StickyConfig", "Timeouts", "TLSConfig", "PLANNED", "load", "parse",
+    "parseDuration", "parseSize",
+]
