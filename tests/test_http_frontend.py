@@ -640,3 +640,43 @@ def test_5xx_answers_feed_passive_ejection():
     assert client.value().count(b"HTTP/1.1 503 Service Unavailable") == 1
     h.reactor.advance(30)
     assert h.servers[0].state.value == "up"
+
+
+def test_keep_alive_requests_set_no_timer_each():
+    """The idle, header and backend timeouts move one deadline, not timers."""
+    h = Harness(servers=1)
+    calls = []
+    callLater = h.reactor.callLater
+    h.reactor.callLater = lambda *a, **kw: calls.append(a[0]) or callLater(*a, **kw)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    backend.dataReceived(OK)
+    before = len(calls)
+    for _ in range(20):
+        frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        backend.dataReceived(OK)
+    assert client.value().count(b"200 OK") == 21
+    assert len(calls) - before == 0
+
+
+def test_a_timeout_armed_later_still_fires_on_time():
+    h = Harness(servers=1, clientTimeout=10.0, idleTimeout=75.0, backendTimeout=5.0)
+    frontend, client = h.accept()
+    h.reactor.advance(70)  # the idle timer (75 s) is still pending
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    h.reactor.advance(5)  # backend timeout at 75 s: on time, not late
+    assert head(client.value())[0] == b"HTTP/1.1 504 Gateway Timeout"
+
+
+def test_idle_backend_connections_are_closed_by_a_sweep():
+    h = Harness(servers=1)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    backend.dataReceived(OK)
+    h.reactor.advance(h.connections.idleTimeout / 2)
+    assert not server.disconnecting
+    h.reactor.advance(h.connections.idleTimeout / 2)
+    assert server.disconnecting

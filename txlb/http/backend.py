@@ -19,6 +19,7 @@ import httptools
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -65,7 +66,7 @@ class BackendConnection(Protocol):
     def __init__(self, server: Server, owner: "BackendConnections") -> None:
         self.server = server
         self.owner = owner
-        self._idleCall = None
+        self.idleSince = 0.0
         self.parser = None
         #: The parser ended its last message where llhttp thinks it ended,
         #: so it can read the next response (not after HEAD, say).
@@ -227,6 +228,7 @@ class BackendConnections:
         self.maxIdle = maxIdle
         self.idleTimeout = idleTimeout
         self._idle: dict[Server, list[BackendConnection]] = {}
+        self._sweeper: Optional[LoopingCall] = None
 
     def connect(self, server: Server, timeout: float, tls=None) -> Deferred:
         """
@@ -241,9 +243,6 @@ class BackendConnections:
         idle = self._idle.get(server)
         while idle:
             conn = idle.pop()
-            if conn._idleCall is not None:
-                conn._idleCall.cancel()
-                conn._idleCall = None
             if not conn.closed:
                 conn.reused = True
                 return conn
@@ -257,18 +256,36 @@ class BackendConnections:
             return
         idle.append(conn)
         conn.transport.resumeProducing()  # a slow client may have paused it
-        conn._idleCall = self.clock.callLater(self.idleTimeout, conn.transport.loseConnection)
+        conn.idleSince = self.clock.seconds()
+        if self._sweeper is None:
+            # One sweep every half idle timeout, rather than a timer set and
+            # cancelled for every request.
+            self._sweeper = LoopingCall(self._sweep)
+            self._sweeper.clock = self.clock
+            self._sweeper.start(self.idleTimeout / 2, now=False)
+
+    def _sweep(self) -> None:
+        """Close connections idle for C{idleTimeout} or more."""
+        oldest = self.clock.seconds() - self.idleTimeout
+        left = 0
+        for idle in self._idle.values():
+            for conn in [c for c in idle if c.idleSince <= oldest]:
+                idle.remove(conn)
+                conn.transport.loseConnection()
+            left += len(idle)
+        if not left and self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
 
     def _forget(self, conn: BackendConnection) -> None:
-        if conn._idleCall is not None:
-            if conn._idleCall.active():
-                conn._idleCall.cancel()
-            conn._idleCall = None
         idle = self._idle.get(conn.server)
         if idle and conn in idle:
             idle.remove(conn)
 
     def closeIdle(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
         for idle in self._idle.values():
             for conn in list(idle):
                 conn.transport.loseConnection()

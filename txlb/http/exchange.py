@@ -69,7 +69,6 @@ class Exchange:
         self.pending: list[bytes] = []
         self.bytesSent = 0
         self._connecting = None
-        self._timer = None
         self.chunked = False
         self.length = 0
         host = None
@@ -303,10 +302,7 @@ class Exchange:
             self.cacheFill = None
 
     def _cancelTimer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        self.frontend._disarm(self.backendTimedOut)
 
     lastSent = 0.0
 
@@ -315,12 +311,11 @@ class Exchange:
         No answer within C{timeouts.backend} of the request's last byte
         sent: a long upload the backend keeps reading is not timed out.
         """
-        self._timer = None
         clock = self.frontend.service.clock
         quiet = clock.seconds() - self.lastSent
         timeout = self.frontend.service.backendTimeout
         if quiet < timeout:
-            self._timer = clock.callLater(timeout - quiet, self.backendTimedOut)
+            self.frontend._arm(timeout - quiet, self.backendTimedOut)
             return
         conn, self.conn = self.conn, None
         if conn is not None:

@@ -240,23 +240,49 @@ class HTTPFrontend(Protocol):
         self.gate = ReadGate(self.transport)
         self._arm(self.service.idleTimeout, self._idle)
 
-    def _arm(self, seconds: float, what) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = self.service.clock.callLater(seconds, what) if seconds else None
+    # One timeout at a time per connection (keep-alive idle, request head,
+    # backend answer), kept as a deadline on a single timer that is only
+    # moved when it must fire sooner: arming and disarming for every request
+    # costs two attribute writes instead of a timer set and cancelled.
 
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+    _deadline = 0.0
+    _onTimeout = None
+
+    def _arm(self, seconds: float, what) -> None:
+        """Call C{what} in C{seconds} (0: never), replacing what was armed."""
+        if not seconds:
+            self._onTimeout = None
+            return
+        clock = self.service.clock
+        self._deadline = deadline = clock.seconds() + seconds
+        self._onTimeout = what
+        timer = self._timer
+        if timer is None or not timer.active():
+            self._timer = clock.callLater(seconds, self._fire)
+        elif timer.getTime() > deadline:
+            timer.reset(seconds)
+
+    def _disarm(self, what=None) -> None:
+        """Forget the armed timeout (only if it is C{what}, when given)."""
+        if what is None or self._onTimeout == what:
+            self._onTimeout = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        what = self._onTimeout
+        if what is None:
+            return
+        remaining = self._deadline - self.service.clock.seconds()
+        if remaining > 0:
+            self._timer = self.service.clock.callLater(remaining, self._fire)
+            return
+        self._onTimeout = None
+        what()
 
     def _idle(self) -> None:
-        self._timer = None
         self.transport.loseConnection()
 
     def _headerTimeout(self) -> None:
-        self._timer = None
         self._refuse(408, "the request headers did not arrive in time")
 
     def dataReceived(self, data: bytes) -> None:
@@ -558,8 +584,7 @@ class HTTPFrontend(Protocol):
             exchange.pending = []
         if exchange.hasBody and not exchange.requestDone:
             conn.transport.registerProducer(self.gate.producer("backend"), True)
-        if service.backendTimeout:
-            exchange._timer = service.clock.callLater(service.backendTimeout, exchange.backendTimedOut)
+        self._arm(service.backendTimeout, exchange.backendTimedOut)
 
     def _fail(self, exchange: Exchange, status: int, message: str) -> None:
         """Answer with txlb's own error response."""
@@ -648,6 +673,8 @@ class HTTPFrontend(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self.factory.open.remove(self)
         self._disarm()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()  # so that the closed connection can be collected
         self._dead = True
         for exchange in self.exchanges:
             wasFinished, exchange.finished = exchange.finished, True
