@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import trustme
 
-from tests.support import Backend, httpRequests, Txlb, freePort, poolToml, recvAll, recvLine
+from tests.support import Backend, httpRequests, Txlb, freePort, poolToml, recvAll, recvLine, waitFor
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,8 @@ def test_tcp_service_terminates_tls(certs):
                     s.sendall(b"echo me\n")
                     assert recvLine(s) == b"echo me\n"
         assert sorted(names) == [b"t1", b"t1", b"t2", b"t2"]
+        events = waitFor(lambda: len(lb.events("connection")) == 4 and lb.events("connection"))
+        assert not any(e["splice"] for e in events)  # TLS stays in userspace
     finally:
         lb.stop()
         for b in backends:

@@ -27,6 +27,7 @@ from txlb.drain import OpenConnections
 from txlb.endpoints import EndpointCache
 from txlb.interfaces import PickContext
 from txlb.pool import Pool, Server
+from txlb.splice import SplicePair, spliceable
 
 _log = Logger(namespace="txlb.tcp")
 
@@ -51,6 +52,7 @@ class TCPBalancerFactory(Factory):
         accessLog: bool = True,
         metrics=None,
         sticky=None,
+        splice: bool = True,
     ) -> None:
         self.service = service
         self.pool = pool
@@ -62,6 +64,8 @@ class TCPBalancerFactory(Factory):
         self.metrics = metrics
         #: A L{txlb.sticky.Sticky} (C{ip} mode), or L{None}.
         self.sticky = sticky
+        #: Hand plaintext connections to the kernel (L{txlb.splice}) where it can.
+        self.splice = splice
         self.open: OpenConnections[Frontend] = OpenConnections(
             clock, lambda frontend: frontend.abort("shutdown timeout")
         )
@@ -226,16 +230,53 @@ class Frontend(_Side):
         Splice the two transports: each is the other's producer.
         """
         self.backend = backend
-        backend.transport.registerProducer(self.transport, True)
-        self.transport.registerProducer(backend.transport, True)
-        self.hasProducer = backend.hasProducer = True
-        self.transport.resumeProducing()
+        if self.factory.splice and spliceable(self.transport) and spliceable(backend.transport):
+            self._startSplice(backend)
+        else:
+            backend.transport.registerProducer(self.transport, True)
+            self.transport.registerProducer(backend.transport, True)
+            self.hasProducer = backend.hasProducer = True
+            self.transport.resumeProducing()
         if self.factory.idleTimeout:
             self._idleCall = self.factory.clock.callLater(self.factory.idleTimeout, self._checkIdle)
+
+    # The kernel path: both sockets taken from Twisted's transports.
+
+    splice: Optional[SplicePair] = None
+
+    def _startSplice(self, backend: "Backend") -> None:
+        for transport in (self.transport, backend.transport):
+            transport.stopReading()
+            transport.stopWriting()
+        self.splice = SplicePair(
+            self.factory.clock, self.transport.socket, backend.transport.socket, self._spliced, self._spliceEnded
+        )
+        self.splice.start()
+
+    def _spliced(self, toServer: int, toClient: int) -> None:
+        """Bytes moved by the kernel: the same accounting as L{dataReceived}."""
+        self._lastActivity = time.monotonic()
+        self.bytesIn += toServer
+        if toClient:
+            self.bytesOut += toClient
+            self.backend._firstByte()
+        self.factory.pool.observeBytes(self.server, toServer, toClient)
+
+    def _spliceEnded(self, error: Optional[str]) -> None:
+        """Both sockets are closed: what the two C{connectionLost}s would do."""
+        self.closed = True
+        if self._idleCall is not None and self._idleCall.active():
+            self._idleCall.cancel()
+        self._idleCall = None
+        self.backend._ended()
+        self._finished()
 
     def abort(self, why: str) -> None:
         """Close both connections now, losing what is buffered."""
         self.error = why
+        if self.splice is not None:
+            self.splice.abort(why)
+            return
         self.transport.abortConnection()
         if self.backend is not None and not self.backend.closed:
             self.backend.transport.abortConnection()
@@ -309,6 +350,7 @@ class Frontend(_Side):
             bytesOut=self.bytesOut,
             durationMs=round((self.factory.clock.seconds() - self.started) * 1000, 3),
             retries=len(self.tried),
+            splice=self.splice is not None,
         )
         if self.error:
             fields["error"] = self.error
@@ -329,13 +371,16 @@ class Backend(_Side):
     def connectionMade(self) -> None:
         self.frontend.backendConnected(self)
 
-    def dataReceived(self, data: bytes) -> None:
-        frontend = self.frontend
+    def _firstByte(self) -> None:
         if not self.gotFirstByte:
             self.gotFirstByte = True
             self.pool.observeResponseTime(
-                self.server, frontend.factory.clock.seconds() - frontend.connectStarted
+                self.server, self.frontend.factory.clock.seconds() - self.frontend.connectStarted
             )
+
+    def dataReceived(self, data: bytes) -> None:
+        frontend = self.frontend
+        self._firstByte()
         frontend.bytesOut += len(data)
         frontend._lastActivity = time.monotonic()
         frontend.transport.write(data)
@@ -353,15 +398,15 @@ class Backend(_Side):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def _ended(self) -> None:
         self.closed = True
-        frontend = self.frontend
-        if not self.gotFirstByte:
-            # Time to first byte is unknown; the connect time stands in.
-            self.pool.observeResponseTime(
-                self.server, frontend.factory.clock.seconds() - frontend.connectStarted
-            )
+        # Without an answer the time to first byte is unknown: the connect time stands in.
+        self._firstByte()
         self.pool.release(self.server)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._ended()
+        frontend = self.frontend
         if frontend.closed:
             frontend._finished()
         else:
