@@ -339,25 +339,19 @@ class _Collector:
         yield durations
 
         connections = CounterMetricFamily(
-            "txlb_connections", "Client connections accepted by TCP services.", labels=["service"]
+            "txlb_connections", "Client connections accepted, by service.", labels=["service"]
         )
         active = GaugeMetricFamily(
             "txlb_active_connections", "Client connections open now, by service.", labels=["service"]
         )
-        for name, info in list(m.services.items()):
-            if info.protocol == "tcp":
-                connections.add_metric([name], m.connections.get(name, 0))
+        for name in list(m.services):
+            connections.add_metric([name], m.connections.get(name, 0))
             active.add_metric([name], m.activeConnections(name))
         yield connections
         yield active
 
-        bytes_ = CounterMetricFamily(
-            "txlb_bytes", "Bytes from clients (in) and to clients (out), by service.",
-            labels=["service", "direction"],
-        )
-        for (service, direction), n in list(m.bytes.items()):
-            bytes_.add_metric([service, direction], n)
-        yield bytes_
+        yield _counters("txlb_bytes", "Bytes from clients (in) and to clients (out), by service.",
+                        ["service", "direction"], m.bytes)
 
         up = GaugeMetricFamily(
             "txlb_server_up", "1 when the server is in rotation (state up), else 0.", labels=["pool", "server"]
@@ -379,35 +373,16 @@ class _Collector:
         yield serverActive
         yield serverTotal
 
-        retries = CounterMetricFamily(
-            "txlb_retries", "Tries on another server after a connect failed.", labels=["service", "pool"]
-        )
-        for (service, pool), n in list(m.retries.items()):
-            retries.add_metric([service, pool], n)
-        yield retries
+        yield _counters("txlb_retries", "Tries on another server after a connect failed.",
+                        ["service", "pool"], m.retries)
+        yield _counters("txlb_health_checks", "Active health checks, by pool, server and result (passed or failed).",
+                        ["pool", "server", "result"], m.healthChecks)
+        yield _counters("txlb_ejections", "Servers ejected by passive outlier detection.",
+                        ["pool", "server"], m.ejections)
+        yield _counters("txlb_cache_requests",
+                        "Requests to caching services, by service and result (HIT, MISS, STALE, BYPASS).",
+                        ["service", "result"], m.cacheRequests)
 
-        checks = CounterMetricFamily(
-            "txlb_health_checks", "Active health checks, by pool, server and result (passed or failed).",
-            labels=["pool", "server", "result"],
-        )
-        for (pool, server, result), n in list(m.healthChecks.items()):
-            checks.add_metric([pool, server, result], n)
-        yield checks
-
-        ejections = CounterMetricFamily(
-            "txlb_ejections", "Servers ejected by passive outlier detection.", labels=["pool", "server"]
-        )
-        for (pool, server), n in list(m.ejections.items()):
-            ejections.add_metric([pool, server], n)
-        yield ejections
-
-        cacheRequests = CounterMetricFamily(
-            "txlb_cache_requests", "Requests to caching services, by service and result (HIT, MISS, STALE, BYPASS).",
-            labels=["service", "result"],
-        )
-        for (service, result), n in list(m.cacheRequests.items()):
-            cacheRequests.add_metric([service, result], n)
-        yield cacheRequests
         cacheBytes = GaugeMetricFamily("txlb_cache_bytes", "Bytes the stored responses take, by service.",
                                        labels=["service"])
         cacheEntries = GaugeMetricFamily("txlb_cache_entries", "Stored responses, by service.", labels=["service"])
@@ -416,3 +391,11 @@ class _Collector:
             cacheEntries.add_metric([name], len(cache))
         yield cacheBytes
         yield cacheEntries
+
+
+def _counters(name: str, documentation: str, labels: list[str], counts: Mapping) -> CounterMetricFamily:
+    """A counter family from a dict of label tuples to counts."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, n in list(counts.items()):
+        family.add_metric(list(key), n)
+    return family
