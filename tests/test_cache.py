@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
 from txlb.cache import (
     MAX_DELTA,
@@ -236,14 +235,6 @@ def test_stored_response_answers_a_conditional_request():
 
 
 # The proxy's cache path.
-
-
-@pytest.fixture
-def events():
-    seen: list[dict] = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
 
 
 def cached(**settings) -> Harness:

@@ -20,7 +20,6 @@ from typing import Callable, Optional
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from txlb.cluster import (
@@ -112,14 +111,6 @@ def connection(redis):
     conn.startService()
     yield conn
     resolve(conn.stopService())
-
-
-@pytest.fixture
-def events():
-    seen: list[dict] = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
 
 
 class Listeners:

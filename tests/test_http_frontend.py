@@ -12,7 +12,6 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from txlb.endpoints import EndpointCache
@@ -30,14 +29,6 @@ class Transport(StringTransport):
     def abortConnection(self) -> None:
         self.aborted = True
         super().abortConnection()
-
-
-@pytest.fixture
-def events():
-    seen: list[dict] = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
 
 
 class Harness:

@@ -6,24 +6,14 @@ fake connection whose answers the tests give by hand.
 
 from __future__ import annotations
 
-import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from txlb.config import SessionsConfig
 from txlb.interfaces import ISessionStore
 from txlb.sessions import MemoryStore, RedisStore, makeStore
-
-
-@pytest.fixture
-def events():
-    seen: list[dict] = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
 
 
 def kinds(events, kind):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from txlb.config import StickyConfig
@@ -22,14 +21,6 @@ from tests import test_http_frontend as httpHarness
 from tests import test_tcp as tcpHarness
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-@pytest.fixture
-def events():
-    seen: list[dict] = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
 
 
 def kinds(events, kind):

@@ -10,7 +10,6 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from txlb.endpoints import EndpointCache
@@ -26,14 +25,6 @@ class Transport(StringTransport):
 
     def loseWriteConnection(self) -> None:
         self.writeClosed = True
-
-
-@pytest.fixture
-def events():
-    seen: list[dict] = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
 
 
 class Harness:
