@@ -278,3 +278,44 @@ class DocExample:
         site = self.example.parent.parent.parent
         assert not (site / "twisted" / "__init__.py").exists()
         assert not (site / "twisted" / "plugins" / "__init__.py").exists()
+
+
+class RedisServer:
+    """A throwaway C{redis-server} on 127.0.0.1, persisting nothing."""
+
+    def __init__(self, port: Optional[int] = None) -> None:
+        self.port = port or freePort()
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while self.command("PING") != "PONG":
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError("redis-server did not start")
+            time.sleep(0.02)
+
+    @property
+    def address(self) -> str:
+        return f"tcp:host=127.0.0.1:port={self.port}"
+
+    def command(self, *args: str) -> str:
+        """Run one command with redis-cli; its output, stripped."""
+        try:
+            out = subprocess.run(
+                ["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, timeout=5,
+            )
+        except subprocess.TimeoutExpired:
+            return ""
+        return out.stdout.strip()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def kill(self) -> None:
+        """Die at once, as a crashed server does."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)

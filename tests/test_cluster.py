@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
 from typing import Callable, Optional
 
@@ -28,46 +27,11 @@ from txlb.cluster import (
 from txlb.config import ClusterConfig
 from txlb.pool import Pool, Server, ServerState
 from txlb.schedulers.rotation import RoundRobin
-from tests.support import freePort
+from tests.support import RedisServer
 
 pytest.importorskip("txredisapi")
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
-
-
-class RedisServer:
-    """A throwaway C{redis-server} on 127.0.0.1, persisting nothing."""
-
-    def __init__(self) -> None:
-        self.port = freePort()
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while self.command("PING") != "PONG":
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise AssertionError("redis-server did not start")
-            time.sleep(0.02)
-
-    @property
-    def address(self) -> str:
-        return f"tcp:host=127.0.0.1:port={self.port}"
-
-    def command(self, *args: str) -> str:
-        """Run one command with redis-cli; its output, stripped."""
-        try:
-            out = subprocess.run(
-                ["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, timeout=5,
-            )
-        except subprocess.TimeoutExpired:
-            return ""
-        return out.stdout.strip()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
 
 
 @pytest.fixture

@@ -14,8 +14,7 @@ import urllib.request
 import pytest
 from twisted.names import dns
 
-from tests.support import Backend, Txlb, freePort, poolToml, recvLine, waitFor
-from tests.test_cluster import RedisServer
+from tests.support import Backend, RedisServer, Txlb, freePort, poolToml, recvLine, waitFor
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed"),

@@ -12,13 +12,12 @@ import json
 import shutil
 import signal
 import socket
-import subprocess
 import time
 from collections import Counter
 
 import pytest
 
-from tests.support import Backend, Txlb, freePort, recvLine, waitFor
+from tests.support import Backend, RedisServer, Txlb, freePort, recvLine, waitFor
 from tests.test_health_service import flippable
 
 
@@ -148,33 +147,11 @@ def _readReply(f):
     raise AssertionError(f"Redis answered {line!r}")
 
 
-def startRedis(port: int) -> subprocess.Popen:
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-
-    def answers():
-        try:
-            return redisCommand(port, "PING") == "PONG"
-        except OSError:
-            return False
-
-    waitFor(answers, timeout=10, what="redis-server to answer")
-    return process
-
-
-def stopRedis(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.kill()
-        process.wait(10)
-
-
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 def test_two_balancers_on_one_redis_agree_and_survive_its_loss(tmp_path, backends):
     servers, _ = backends
     port = freePort()
-    redis = startRedis(port)
+    redis = RedisServer(port)
     sessions = f'[sessions]\nstore = "redis"\nredis = "tcp:host=127.0.0.1:port={port}"\nttl = "10m"\n'
     ports = [freePort(), freePort()]
     lbs = []
@@ -201,7 +178,7 @@ def test_two_balancers_on_one_redis_agree_and_survive_its_loss(tmp_path, backend
             assert redisCommand(port, "GET", key) == placed[key.rsplit(":", 1)[1]]
 
         # Redis hangs: requests wait for it only briefly, then not at all.
-        redis.send_signal(signal.SIGSTOP)
+        redis.process.send_signal(signal.SIGSTOP)
         try:
             started = time.monotonic()
             for n in range(12):
@@ -212,12 +189,12 @@ def test_two_balancers_on_one_redis_agree_and_survive_its_loss(tmp_path, backend
                 [degraded] = waitFor(lambda: lb.events("sessions_degraded"), timeout=5, what="the outage event")
                 assert degraded["reason"] == "no answer within 75ms"
         finally:
-            redis.send_signal(signal.SIGCONT)
+            redis.process.send_signal(signal.SIGCONT)
         for lb in lbs:
             waitFor(lambda: lb.events("sessions_restored"), timeout=20, what="txlb to use Redis again")
 
         # Redis dies: every request still answered, sessions kept from memory.
-        stopRedis(redis)
+        redis.kill()
         for n in range(30):
             sid = ids[n % 12]
             status, server, _ = request(ports[n % 2], {"X-Session": sid})
@@ -227,7 +204,7 @@ def test_two_balancers_on_one_redis_agree_and_survive_its_loss(tmp_path, backend
             waitFor(lambda: len(lb.events("sessions_degraded")) == 2, timeout=5, what="the second outage event")
 
         # Redis is back (empty): both balancers use it again.
-        redis = startRedis(port)
+        redis = RedisServer(port)
         for lb in lbs:
             waitFor(lambda: len(lb.events("sessions_restored")) == 2, timeout=20, what="txlb to use Redis again")
         status, server, _ = request(ports[0], {"X-Session": "after"})
@@ -238,4 +215,4 @@ def test_two_balancers_on_one_redis_agree_and_survive_its_loss(tmp_path, backend
     finally:
         for lb in lbs:
             lb.stop()
-        stopRedis(redis)
+        redis.kill()
