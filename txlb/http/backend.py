@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from txlb.endpoints import EndpointCache
 from txlb.pool import Server
+from txlb.wire import sendNow
 
 #: Idle connections kept per server, and how long one may stay idle.
 MAX_IDLE_PER_SERVER = 256
@@ -92,7 +93,7 @@ class BackendConnection(Protocol):
         self.closeDelimited = False
         self.gotBytes = False
         self.extra = False
-        self.transport.write(head)
+        sendNow(self.transport, head)
 
     def dataReceived(self, data: bytes) -> None:
         exchange = self.exchange
@@ -104,6 +105,16 @@ class BackendConnection(Protocol):
             self.transport.abortConnection()
             return
         self.gotBytes = True
+        # What this read makes us write to the client leaves in one send.
+        cork = exchange.frontend.out
+        held = cork.hold()
+        try:
+            self._parse(exchange, data)
+        finally:
+            if held:
+                cork.flush()
+
+    def _parse(self, exchange: ResponseSink, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:

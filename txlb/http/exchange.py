@@ -16,6 +16,7 @@ from txlb.cache import storedResponse
 from txlb.http.backend import BackendConnection
 from txlb.http.headers import requestId, responseHead
 from txlb.pool import Pool
+from txlb.wire import sendNow
 
 if TYPE_CHECKING:  # pragma: no cover
     from txlb.http.frontend import HTTPFrontend
@@ -101,7 +102,7 @@ class Exchange:
         if conn is not None:
             self.bodySent = True
             self.lastSent = self.frontend.service.clock.seconds()
-            conn.transport.write(data)
+            sendNow(conn.transport, data)
         else:
             self.pending.append(data)
 
@@ -111,7 +112,7 @@ class Exchange:
         if conn is not None:
             self.lastSent = self.frontend.service.clock.seconds()
             if self.chunked:
-                conn.transport.write(_CHUNK_END)
+                sendNow(conn.transport, _CHUNK_END)
             if self.hasBody:
                 conn.transport.unregisterProducer()
                 self.frontend.gate.resume("backend")
@@ -122,7 +123,7 @@ class Exchange:
 
     def interimResponse(self, status: int, reason: bytes, headers: list) -> None:
         if self.version == "1.1":
-            self.frontend.transport.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason))
+            self.frontend.out.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason))
 
     def responseHead(self, status: int, reason: bytes, headers: list, keepAlive: bool) -> None:
         frontend = self.frontend
@@ -261,16 +262,17 @@ class Exchange:
 
     def pipeData(self, data: bytes) -> None:
         self.bytesSent += len(data)
-        self.frontend.transport.write(data)
+        self.frontend.out.write(data)
 
     def pipeClosed(self) -> None:
+        self.frontend.out.flush()
         self.frontend.transport.loseConnection()
 
     # Helpers.
 
     def _write(self, data: bytes) -> None:
         self.bytesSent += len(data)
-        self.frontend.transport.write(data)
+        self.frontend.out.write(data)
 
     def _release(self) -> None:
         if self.server is not None and not self.released:

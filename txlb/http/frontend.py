@@ -40,6 +40,7 @@ from txlb.http.routing import Router
 from txlb.hashkey import hashKeyOf
 from txlb.interfaces import PickContext
 from txlb.pool import Pool
+from txlb.wire import Cork, sendNow
 
 _log = Logger(namespace="txlb.http")
 
@@ -238,6 +239,8 @@ class HTTPFrontend(Protocol):
         if self.service.metrics is not None:
             self.service.metrics.connectionStarted(self.service.name)
         self.gate = ReadGate(self.transport)
+        #: Everything written to the client goes through here, in order.
+        self.out = Cork(self.transport)
         self._arm(self.service.idleTimeout, self._idle)
 
     # One timeout at a time per connection (keep-alive idle, request head,
@@ -287,7 +290,7 @@ class HTTPFrontend(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.piping:
-            self.pipeTo.transport.write(data)
+            sendNow(self.pipeTo.transport, data)
             return
         if self._dead:
             if self.upgradeData is not None:
@@ -580,7 +583,7 @@ class HTTPFrontend(Protocol):
         conn.send(exchange, head, exchange.method == b"HEAD")
         if exchange.pending:
             exchange.bodySent = True
-            conn.transport.writeSequence(exchange.pending)
+            sendNow(conn.transport, b"".join(exchange.pending))
             exchange.pending = []
         if exchange.hasBody and not exchange.requestDone:
             conn.transport.registerProducer(self.gate.producer("backend"), True)
@@ -599,7 +602,7 @@ class HTTPFrontend(Protocol):
 
     def _writeError(self, status: int, message: str, rid: str, close: bool) -> int:
         data = errorResponse(status, message, rid, close)
-        self.transport.write(data)
+        self.out.write(data)
         return len(data)
 
     def _exchangeDone(self, exchange: Exchange) -> None:
@@ -608,6 +611,7 @@ class HTTPFrontend(Protocol):
         self._logRequest(exchange)
         if exchange.closeAfter or self.closing:
             self._dead = True
+            self.out.flush()
             self.transport.loseConnection()
             return
         if len(self.exchanges) < 2:
@@ -668,7 +672,7 @@ class HTTPFrontend(Protocol):
             exchange.pipeData(backendData)
         early, self.upgradeData = self.upgradeData, None
         if early:
-            conn.transport.write(early)
+            sendNow(conn.transport, early)
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.factory.open.remove(self)
