@@ -90,3 +90,31 @@ def test_timestamps_keep_milliseconds_across_seconds():
     assert _timestamp(0.5) == "1970-01-01T00:00:00.500+00:00"
     assert _timestamp(1.25) == "1970-01-01T00:00:01.250+00:00"
     assert _timestamp(1.999) == "1970-01-01T00:00:01.999+00:00"
+
+
+def test_emit_writes_what_info_would():
+    """The per-request shortcut gives the same line as Logger.info."""
+    from txlb.logs import emit as emitEvent
+
+    fields = dict(service="web", path="/a\"b", status=200, cache=None)
+    for config in (LogConfig(), LogConfig(format="text")):
+        viaInfo = emit(config, event="request", **fields)
+        out = io.StringIO()
+        emitEvent(Logger(namespace="test", observer=LogPublisher(makeObserver(config, stdout=out))),
+                  "request", dict(fields))
+        if config.format == "json":
+            a, b = json.loads(viaInfo), json.loads(out.getvalue())
+            assert a.pop("time")[:16] == b.pop("time")[:16]
+            assert a == b
+        else:
+            assert viaInfo.split(" ", 1)[1] == out.getvalue().split(" ", 1)[1]
+
+
+def test_emit_gives_other_observers_an_ordinary_event():
+    from txlb.logs import emit as emitEvent
+
+    seen = []
+    emitEvent(Logger(namespace="txlb.http", observer=seen.append), "request", {"status": 503})
+    (event,) = seen
+    assert event["event"] == "request" and event["status"] == 503
+    assert event["log_namespace"] == "txlb.http" and event["log_format"] == "request"

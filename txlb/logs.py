@@ -18,17 +18,11 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 from datetime import datetime, timezone
 from typing import IO, Any, Callable
 
-from twisted.logger import (
-    ILogObserver,
-    LogLevel,
-    FilteringLogObserver,
-    LogLevelFilterPredicate,
-    Logger,
-    formatEvent,
-)
+from twisted.logger import ILogObserver, LogLevel, Logger, formatEvent
 
 from zope.interface import implementer
 
@@ -51,6 +45,9 @@ def _timestamp(when: float) -> str:
 
 
 def _fields(event: dict[str, Any]) -> dict[str, Any]:
+    line = event.get("log_line")
+    if line is not None:
+        return dict(line)
     level = event.get("log_level")
     out: dict[str, Any] = {
         "time": _timestamp(event.get("log_time", 0)),
@@ -74,7 +71,35 @@ _encode = json.JSONEncoder(default=str, separators=(",", ":")).encode
 
 
 def jsonLine(event: dict[str, Any]) -> str:
-    return _encode(_fields(event)) + "\n"
+    line = event.get("log_line")
+    return _encode(line if line is not None else _fields(event)) + "\n"
+
+
+def emit(logger: Logger, event: str, fields: dict[str, Any]) -> None:
+    """
+    Log the operator's event C{event} with C{fields} at level info, as
+    C{logger.info(event, event=event, **fields)} would, for events logged
+    once per request or connection.
+
+    C{Logger.emit} and the JSON observer each copy and sift the event's
+    keys; here the line's fields are put together once, kept in the event
+    as C{log_line} for the observer to encode as they are, and the event
+    goes straight to the logger's observer.  Other observers see an
+    ordinary event.
+    """
+    now = time.time()
+    line = {"time": _timestamp(now), "level": "info", "event": event}
+    line.update(fields)
+    record = dict(fields)
+    record["event"] = event
+    record["log_logger"] = logger
+    record["log_level"] = LogLevel.info
+    record["log_namespace"] = logger.namespace
+    record["log_source"] = None
+    record["log_format"] = event
+    record["log_time"] = now
+    record["log_line"] = line
+    logger.observer(record)
 
 
 def textLine(event: dict[str, Any]) -> str:
@@ -122,6 +147,12 @@ class LogFile:
         self._file.close()
 
 
+#: Flushed at once.
+_URGENT = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
+#: What is written: info and above (Twisted's own debug chatter is not).
+_SHOWN = frozenset({LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical})
+
+
 @implementer(ILogObserver)
 class _BufferedWriter:
     """
@@ -139,8 +170,7 @@ class _BufferedWriter:
 
     def __call__(self, event: dict) -> None:
         self.stream.write(self.formatter(event))
-        level = event.get("log_level")
-        if self.clock is None or (level is not None and level >= LogLevel.warn):
+        if self.clock is None or event.get("log_level") in _URGENT:
             self.flush()
         elif self._pending is None:
             self._pending = self.clock.callLater(self.delay, self.flush)
@@ -153,16 +183,22 @@ class _BufferedWriter:
         self.stream.flush()
 
 
-class TxlbLogObserver(FilteringLogObserver):
+@implementer(ILogObserver)
+class TxlbLogObserver:
     """
     The observer L{makeObserver} returns: info and above, formatted, to
-    C{stream} (a L{LogFile} when C{[log] path} is a file).
+    C{stream} (a L{LogFile} when C{[log] path} is a file).  The level test
+    is a set lookup rather than Twisted's per-namespace
+    L{LogLevelFilterPredicate}, which walks the namespace for every event.
     """
 
     def __init__(self, stream, formatter: Callable[[dict], str], clock=None) -> None:
         self.writer = _BufferedWriter(stream, formatter, clock)
-        super().__init__(self.writer, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)])
         self.stream = stream
+
+    def __call__(self, event: dict) -> None:
+        if event.get("log_level", LogLevel.info) in _SHOWN:
+            self.writer(event)
 
     def flush(self) -> None:
         self.writer.flush()

@@ -39,6 +39,7 @@ from txlb.http.headers import requestHead
 from txlb.http.routing import Router
 from txlb.hashkey import hashKeyOf
 from txlb.interfaces import PickContext
+from txlb.logs import emit
 from txlb.pool import Pool
 from txlb.wire import Cork, sendNow
 
@@ -725,4 +726,4 @@ class HTTPFrontend(Protocol):
         )
         if exchange.error:
             fields["error"] = exchange.error
-        _log.info("request", event="request", **fields)
+        emit(_log, "request", fields)
