@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txlb.endpoints import EndpointCache
+from txlb.http.bodysplice import MIN_SPLICE
 from txlb.pool import Server
 from txlb.wire import sendNow
 
@@ -43,6 +44,7 @@ class ResponseSink(TypingProtocol):
     def responseHead(self, status: int, reason: bytes, headers: list, keepAlive: bool) -> None: ...
     def responseBody(self, data: bytes) -> None: ...
     def responseEnd(self, reusable: bool) -> None: ...
+    def spliceBody(self, left: int) -> None: ...
     def upgraded(self, data: bytes) -> None: ...
     def pipeData(self, data: bytes) -> None: ...
     def backendFailed(self, message: str, gotBytes: bool) -> None: ...
@@ -63,6 +65,13 @@ class BackendConnection(Protocol):
     reused = False
     piping = False
     closed = False
+    #: The L{txlb.http.bodysplice.BodySplice} moving this response's body,
+    #: while one does.
+    splice = None
+    #: The response's Content-Length (-1: none), and how much of its body
+    #: the parser has seen.
+    length = -1
+    bodyRead = 0
 
     def __init__(self, server: Server, owner: "BackendConnections") -> None:
         self.server = server
@@ -93,6 +102,8 @@ class BackendConnection(Protocol):
         self.closeDelimited = False
         self.gotBytes = False
         self.extra = False
+        self.length = -1
+        self.bodyRead = 0
         sendNow(self.transport, head)
 
     def dataReceived(self, data: bytes) -> None:
@@ -113,6 +124,11 @@ class BackendConnection(Protocol):
         finally:
             if held:
                 cork.flush()
+        if self.length - self.bodyRead >= MIN_SPLICE and not self.done and not self.piping \
+                and self.exchange is exchange:
+            # A large rest of a body: the kernel may move it
+            # (txlb.http.bodysplice); the parser will not see it.
+            exchange.spliceBody(self.length - self.bodyRead)
 
     def _parse(self, exchange: ResponseSink, data: bytes) -> None:
         try:
@@ -167,7 +183,8 @@ class BackendConnection(Protocol):
             return
         self.inHead = False
         self.keepAlive = self.parser.should_keep_alive()
-        chunked = hasLength = False
+        chunked = False
+        length = None
         for n, v in headers:
             n = n.lower()
             if n == b"transfer-encoding":
@@ -176,15 +193,21 @@ class BackendConnection(Protocol):
                     raise _Unsupported(f"Transfer-Encoding {v.decode('latin-1')!r}")
                 chunked = True
             elif n == b"content-length":
-                hasLength = True
+                length = v
         if self.noBody or status in (204, 304):
             self.done = True
+        elif chunked:
+            self.closeDelimited = False
+        elif length is None:
+            self.closeDelimited = True
         else:
-            self.closeDelimited = not chunked and not hasLength
+            self.closeDelimited = False
+            self.length = int(length)  # llhttp checked it is digits
         self.exchange.responseHead(status, reason, headers, self.keepAlive)
 
     def on_body(self, data: bytes) -> None:
         if not self.done:
+            self.bodyRead += len(data)
             self.exchange.responseBody(data)
 
     def on_message_complete(self) -> None:
@@ -192,10 +215,24 @@ class BackendConnection(Protocol):
             self.done = True
             self._clean = not self.noBody
 
+    def spliced(self) -> None:
+        """
+        The rest of the body went by L{txlb.http.bodysplice}: the response
+        is over, and the parser, which never saw those bytes, is not fit
+        for the next one.
+        """
+        self.splice = None
+        self.done = True
+        self._clean = False
+        self._complete()
+
     # Connection events.
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.closed = True
+        splice, self.splice = self.splice, None
+        if splice is not None:
+            splice.stop()
         self.owner._forget(self)
         exchange, self.exchange = self.exchange, None
         if exchange is None:

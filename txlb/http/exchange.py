@@ -12,8 +12,12 @@ import re
 import time
 from typing import TYPE_CHECKING, Optional
 
+from twisted.internet.interfaces import IPullProducer
+from zope.interface import implementer
+
 from txlb.cache import storedResponse
 from txlb.http.backend import BackendConnection
+from txlb.http.bodysplice import CLOSED, SINK, SOURCE, BodySplice, buffered, spliceable
 from txlb.http.headers import requestId, responseHead
 from txlb.pool import Pool
 from txlb.wire import sendNow
@@ -230,6 +234,96 @@ class Exchange:
             self.closeAfter = True
         self.frontend._exchangeDone(self)
 
+    # The rest of a large body by splice(2) (txlb.http.bodysplice).
+
+    #: Bytes of the response body the kernel moved.
+    spliced = 0
+    lastMoved = 0.0
+
+    def spliceBody(self, left: int) -> None:
+        """
+        The response's last C{left} bytes (at least
+        L{txlb.http.bodysplice.MIN_SPLICE}) have not been read yet: have
+        the kernel move them from the backend's socket to the client's,
+        when nothing needs to see them (no cache fill, no re-framing, both
+        sockets plain TCP) and both sockets are ours alone (the request is
+        all sent, nothing of it waits in Twisted's buffer, the client is
+        not being read).  Otherwise the body keeps streaming through here.
+        """
+        frontend = self.frontend
+        conn = self.conn
+        client = frontend.transport
+        backend = conn.transport
+        if (self.toClientChunked or self.cacheFill is not None or not self.requestDone
+                or frontend.out.out is not None or not spliceable(client) or not spliceable(backend)
+                or client.disconnecting or backend.disconnecting or buffered(backend)):
+            return
+        if self.producing:
+            self.producing = False
+            client.unregisterProducer()
+        backend.pauseProducing()
+        frontend.gate.pause("splice")
+        conn.splice = BodySplice(backend.reactor, backend.socket, client.socket, left,
+                                 self._spliceMoved, self._spliceEnded)
+        if buffered(client):
+            # The head (or the start of the body) is still in Twisted's
+            # buffer: splice once it is out, so that bytes keep their order.
+            client.registerProducer(_WhenDrained(client, self._spliceStart), False)
+        else:
+            self._spliceStart()
+
+    def _spliceStart(self) -> None:
+        if self.conn is None or self.conn.splice is None:
+            return  # a side went away meanwhile
+        service = self.frontend.service
+        self.lastMoved = service.clock.seconds()
+        self.frontend._arm(_spliceTimeout(service), self._spliceStalled)
+        self.conn.splice.start()
+
+    def _spliceMoved(self, count: int) -> None:
+        self.bytesSent += count
+        self.spliced += count
+        self.lastMoved = self.frontend.service.clock.seconds()
+
+    def _spliceStalled(self) -> None:
+        """
+        No byte moved for a while: the backend's timeout applies while the
+        backend sends nothing, the client's while it reads nothing.
+        """
+        frontend = self.frontend
+        service = frontend.service
+        splice = self.conn.splice if self.conn is not None else None
+        if splice is None:
+            return
+        slow = splice.waitingForSink
+        timeout = service.clientTimeout if slow else service.backendTimeout
+        quiet = service.clock.seconds() - self.lastMoved
+        if not timeout or quiet < timeout:
+            frontend._arm(timeout - quiet if timeout else _spliceTimeout(service), self._spliceStalled)
+            return
+        splice.stop()
+        if slow:
+            self._spliceEnded(f"the client read nothing for {timeout:g}s", SINK)
+        else:
+            self._spliceEnded(f"{self.server.name} sent nothing for {timeout:g}s", SOURCE)
+
+    def _spliceEnded(self, error: Optional[str], side: Optional[str]) -> None:
+        """The splice is over and has given both sockets back."""
+        frontend = self.frontend
+        frontend._disarm(self._spliceStalled)
+        conn = self.conn
+        conn.splice = None
+        if error is None:
+            frontend.gate.resume("splice")
+            conn.spliced()
+        elif side == SOURCE:
+            # As if the backend connection had broken under the parser.
+            conn._fail(f"{self.server.name} {error}" if error == CLOSED else f"{self.server.name}: {error}")
+        else:
+            # As the client's transport would have found it gone (or stalled).
+            self.error = error if error.startswith("the client") else "client closed the connection"
+            frontend.transport.abortConnection()
+
     def backendFailed(self, message: str, gotBytes: bool) -> None:
         """The backend connection broke or sent garbage."""
         conn, self.conn = self.conn, None
@@ -328,6 +422,28 @@ class Exchange:
             self.frontend.transport.unregisterProducer()
         self._release()
         self.frontend._fail(self, 504, f"{self.server.name} did not answer within {self.frontend.service.backendTimeout:g}s")
+
+
+def _spliceTimeout(service) -> float:
+    """The first check of a splice's progress: after the shorter timeout."""
+    return min(t for t in (service.backendTimeout, service.clientTimeout, 3600.0) if t)
+
+
+@implementer(IPullProducer)
+class _WhenDrained:
+    """Calls C{then} once C{transport} has written all it buffered."""
+
+    def __init__(self, transport, then) -> None:
+        self.transport = transport
+        self.then = then
+
+    def resumeProducing(self) -> None:
+        if not buffered(self.transport):
+            self.transport.unregisterProducer()
+            self.then()
+
+    def stopProducing(self) -> None:
+        pass  # the client left: its connection's end cleans up
 
 
 _ABSOLUTE = re.compile(rb"[hH][tT][tT][pP][sS]?://([^/?#@]+)([/?][^#]*)?")

@@ -1,0 +1,182 @@
+# -*- test-case-name: tests.test_http_splice -*-
+"""
+A response body moved by the kernel: once the head of a response with a
+C{Content-Length} has gone to the client, the rest of the body goes from
+the backend's socket to the client's through a pipe with C{splice(2)},
+without passing through Python's memory.
+
+The sockets stay Twisted's transports' own: L{BodySplice} only borrows
+their registrations in the reactor while it moves exactly the bytes it was
+told to, and gives them back (removes its own descriptors) before it
+reports the end.  Twisted's epoll reactor keeps one selectable per file
+descriptor, so the transports must not be reading or writing while it
+runs: the caller stops them first and restarts them after.
+
+Backpressure is L{txlb.splice}'s: the backend is read only while the pipe
+is empty, so a slow client stops the backend and nothing piles up in txlb.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from typing import Callable, Optional
+
+from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from zope.interface import implementer
+
+from txlb.splice import CHUNK, available, spliceable
+
+__all__ = ["BodySplice", "CLOSED", "MIN_SPLICE", "SINK", "SOURCE", "available", "buffered", "spliceable"]
+
+#: Bodies with fewer bytes than this still to come are copied as usual: a
+#: pipe and the reactor's registrations cost more than they save.
+MIN_SPLICE = 64 * 1024
+
+_F_SETPIPE_SZ = 1031
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+#: Which side an error came from, as L{BodySplice}'s C{ended} is told.
+SOURCE = "source"
+SINK = "sink"
+#: The error when the source ends before the body does.
+CLOSED = "closed the connection"
+
+
+def buffered(transport) -> bool:
+    """Twisted still holds bytes to write on this plain TCP C{transport}."""
+    return bool(transport._tempDataBuffer or transport.offset != len(transport.dataBuffer))
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _End:
+    """One socket's registration in the reactor while the body moves."""
+
+    def __init__(self, splice: "BodySplice", sock: socket.socket, side: str) -> None:
+        self.splice = splice
+        self.sock = sock
+        self.side = side
+        self.fd = sock.fileno()
+
+    def fileno(self) -> int:
+        # Asked afresh: once Twisted has closed the socket this is -1, and
+        # the reactor then removes us by identity rather than by a number
+        # a new connection may already have.
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "txlb-bodysplice"
+
+    def doRead(self) -> None:
+        self.splice._readable()
+
+    def doWrite(self) -> None:
+        self.splice._writable()
+
+    def connectionLost(self, reason) -> None:
+        self.splice._fail(self.side, reason.getErrorMessage())
+
+
+class BodySplice:
+    """
+    Moves exactly C{length} bytes from socket C{source} to socket C{sink}.
+
+    @param reactor: what watches the sockets (C{addReader}, C{removeReader},
+        C{addWriter}, C{removeWriter}).
+    @param moved: C{moved(n)} for every C{n} bytes written to C{sink}.
+    @param ended: called once, after this splice's registrations are gone,
+        with C{(None, None)} when all C{length} bytes were written, else an
+        error message and the side it came from (L{SOURCE}: the source
+        ended early or failed; L{SINK}: writing failed).  Neither socket is
+        closed here.
+    """
+
+    def __init__(self, reactor, source: socket.socket, sink: socket.socket, length: int,
+                 moved: Callable[[int], None], ended: Callable[[Optional[str], Optional[str]], None]) -> None:
+        self.reactor = reactor
+        self.source = _End(self, source, SOURCE)
+        self.sink = _End(self, sink, SINK)
+        self.left = length  # still to read from the source
+        self.pending = 0  # read, in the pipe, not yet written
+        self.moved = moved
+        self.ended = ended
+        self.done = False
+        self.pipe: Optional[tuple[int, int]] = None
+
+    @property
+    def waitingForSink(self) -> bool:
+        """The pipe holds bytes the sink has not taken (else: waiting for the source)."""
+        return self.pending > 0
+
+    def start(self) -> None:
+        read, write = self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(write, _F_SETPIPE_SZ, min(CHUNK, max(self.left, 65536)))
+        except OSError:
+            pass  # the system's default pipe size will do
+        self.reactor.addReader(self.source)
+
+    def _readable(self) -> None:
+        if self.done:
+            return
+        try:
+            n = os.splice(self.source.fd, self.pipe[1], min(CHUNK, self.left), flags=_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._fail(SOURCE, e.strerror)
+            return
+        if n == 0:
+            self._fail(SOURCE, CLOSED)
+            return
+        self.left -= n
+        self.pending += n
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.pending:
+            try:
+                n = os.splice(self.pipe[0], self.sink.fd, self.pending, flags=_FLAGS)
+            except BlockingIOError:
+                # The sink is slow: read nothing more until it drains.
+                self.reactor.removeReader(self.source)
+                self.reactor.addWriter(self.sink)
+                return
+            except OSError as e:
+                self._fail(SINK, e.strerror)
+                return
+            self.pending -= n
+            self.moved(n)
+        if not self.left:
+            self._end(None, None)
+
+    def _writable(self) -> None:
+        if self.done:
+            return
+        self._flush()
+        if not self.pending and not self.done:
+            self.reactor.removeWriter(self.sink)
+            self.reactor.addReader(self.source)
+
+    def _fail(self, side: str, message: str) -> None:
+        self._end(message or "connection lost", side)
+
+    def _end(self, error: Optional[str], side: Optional[str]) -> None:
+        if self.done:
+            return
+        self.stop()
+        self.ended(error, side)
+
+    def stop(self) -> None:
+        """Give the sockets back and close the pipe, telling nobody."""
+        if self.done:
+            return
+        self.done = True
+        for end in (self.source, self.sink):
+            self.reactor.removeReader(end)
+            self.reactor.removeWriter(end)
+        if self.pipe is not None:
+            for fd in self.pipe:
+                os.close(fd)
+            self.pipe = None
