@@ -726,4 +726,6 @@ class HTTPFrontend(Protocol):
         )
         if exchange.error:
             fields["error"] = exchange.error
+        if exchange.spliced:
+            fields["spliced"] = exchange.spliced  # body bytes the kernel moved (txlb.http.bodysplice)
         emit(_log, "request", fields)
