@@ -324,12 +324,23 @@ def test_planned_key_is_suggested_for_a_typo():
     )
 
 
-def test_more_than_one_worker_is_refused():
-    assert problem("[txlb]\nworkers = 4\n") == (
-        2,
-        "txlb.workers",
-        "more than one worker process is not supported by this version of txlb yet; use 1",
+def test_workers():
+    assert parse("[txlb]\nworkers = 4\n").txlb.workers == 4
+
+
+def test_workers_share_only_tcp_and_unix_sockets(tmp_path):
+    from tests.test_integration_health import selfSigned
+
+    cert, key = selfSigned(tmp_path)
+    ssl = f"ssl:8443:privateKey={key}:certKey={cert}"
+    text = (
+        "[txlb]\nworkers = 2\n[pools.p]\nservers = []\n"
+        '[[services]]\nname = "s"\nprotocol = "tcp"\npool = "p"\n'
+        f'listen = ["tcp:8080", "unix:/tmp/txlb-test.sock", "{ssl}"]\n'
     )
+    line, path, message = problem(text)
+    assert (line, path) == (9, "services[0].listen[2]")
+    assert message.startswith(f"{ssl!r}: with [txlb] workers > 1")
 
 
 def test_health_checks():

@@ -112,7 +112,7 @@ class AdminResource(Resource):
     cluster = None
 
     def __init__(self, pools: Mapping[str, Pool], token: Optional[str] = None, metrics: Optional[Metrics] = None,
-                 reload: Optional[Callable[[], Deferred]] = None) -> None:
+                 reload: Optional[Callable[[], Deferred]] = None, workers=None) -> None:
         super().__init__()
         self.pools = pools
         self.token = token
@@ -120,27 +120,66 @@ class AdminResource(Resource):
         #: Reloads the config file (what C{SIGHUP} does): a L{Deferred}
         #: firing with a L{txlb.service.Reloaded}.
         self.reload = reload
+        #: A master's worker processes (L{txlb.workers.Workers}), or
+        #: L{None}: they serve the traffic, so the figures are theirs,
+        #: added up, and changes to servers are sent to them.
+        self.workers = workers
 
     def render(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
+        method = request.method.decode("ascii")
         try:
             segments = [s for s in request.path.decode("utf-8").split("/") if s]
-            status, body = self._dispatch(request, request.method.decode("ascii"), segments)
+        except UnicodeDecodeError:
+            return self._answer(request, 400, {"error": "the path is not UTF-8"})
+        if self.workers is not None and segments[:2] in (["api", "pools"], ["api", "stats"]):
+            # The servers' live figures are the workers': fetch them first
+            # (after the token is checked: an anonymous caller costs nothing).
+            try:
+                self._authorize(request)
+            except ApiError as e:
+                return self._answer(request, e.status, {"error": e.message})
+            d = self.workers.refresh()
+            d.addBoth(lambda _: self._respond(request, method, segments, late=True))
+            return NOT_DONE_YET
+        return self._respond(request, method, segments)
+
+    def _respond(self, request: Request, method: str, segments: list[str], late: bool = False):
+        try:
+            status, body = self._dispatch(request, method, segments)
         except ApiError as e:
             status, body = e.status, {"error": e.message}
-        except UnicodeDecodeError:
-            status, body = 400, {"error": "the path is not UTF-8"}
+        if self.workers is not None and method not in ("GET", "HEAD") and status < 400:
+            self.workers.changed()
         if isinstance(body, Deferred):
             gone: list = []
             request.notifyFinish().addErrback(gone.append)
-            body.addCallback(self._reloaded, request, gone)
+            body.addCallback(self._later, request, status, gone)
             return NOT_DONE_YET
+        data = self._answer(request, status, body)
+        if late:
+            request.write(data)
+            request.finish()
+            return None
+        return data
+
+    @staticmethod
+    def _answer(request: Request, status: int, body) -> bytes:
         request.setResponseCode(status)
         if isinstance(body, Raw):
             request.setHeader(b"content-type", body.contentType)
             return body.data
         return json.dumps(body).encode() + b"\n"
+
+    def _later(self, result, request: Request, status: int, gone: list) -> None:
+        """An answer that had to wait: a reload, or the workers' figures."""
+        if hasattr(result, "errors"):
+            self._reloaded(result, request, gone)
+            return
+        if not gone:
+            request.write(self._answer(request, status, result))
+            request.finish()
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
@@ -227,10 +266,15 @@ class AdminResource(Resource):
         metrics = self.metrics
         if metrics is None:
             raise ApiError(404, f"/{'api/' if what != 'metrics' else ''}{what}: no metrics are kept here")
+        workers = self.workers
         if what == "metrics":
+            if workers is not None:
+                return 200, workers.exposition().addCallback(lambda data: Raw(CONTENT_TYPE_LATEST.encode("ascii"), data))
             return 200, Raw(CONTENT_TYPE_LATEST.encode("ascii"), metrics.exposition())
         if what == "stats":
             history = request.args.get(b"history", [b"1"])[-1] not in (b"0", b"false")
+            if workers is not None:
+                return 200, workers.stats(history)
             return 200, metrics.stats(history=history)
         raw = request.args.get(b"limit", [b"%d" % DEFAULT_DECISIONS])[-1]
         try:
@@ -239,6 +283,8 @@ class AdminResource(Resource):
             limit = -1
         if limit < 0:
             raise ApiError(400, f"limit must be a whole number (at most {metrics.decisions.size} are kept)")
+        if workers is not None:
+            return 200, workers.decisions(limit)
         return 200, metrics.decisions.last(limit)
 
     def _purge(self, request: Request, method: str):
@@ -253,6 +299,10 @@ class AdminResource(Resource):
             if service not in caches:
                 raise ApiError(404, f"no service named {service!r} caches responses")
             caches = {service: caches[service]}
+        if self.workers is not None:
+            # The master's caches are empty: the workers' hold the responses.
+            d = self.workers.purge(service, prefix.decode("utf-8", "replace"))
+            return 200, d.addCallback(lambda purged: {"purged": sum(purged.values()), "services": purged})
         purged = {name: cache.purge(prefix or None) for name, cache in caches.items()}
         return 200, {"purged": sum(purged.values()), "services": purged}
 
@@ -340,8 +390,8 @@ class AdminResource(Resource):
 
 
 def adminSite(pools: Mapping[str, Pool], token: Optional[str] = None, metrics: Optional[Metrics] = None,
-              reload: Optional[Callable[[], Deferred]] = None) -> Site:
-    site = Site(AdminResource(pools, token, metrics, reload))
+              reload: Optional[Callable[[], Deferred]] = None, workers=None) -> Site:
+    site = Site(AdminResource(pools, token, metrics, reload, workers))
     site.noisy = False
     site.log = lambda request: None
     site.displayTracebacks = False

@@ -516,6 +516,14 @@ class Pool:
         for watcher in self._watchers:
             watcher.serverRemoved(server)
 
+    def eject(self, server: Server, reason: str) -> None:
+        """
+        Eject C{server} as passive detection would: for a failure that was
+        seen elsewhere (a worker process, L{txlb.workers}).
+        """
+        if self.passive is not None and not server.ejectedUntil and server.name in self._servers:
+            self._eject(server, reason)
+
     def _eject(self, server: Server, reason: str) -> None:
         base = self.passive[1]
         now = self._clock.seconds()

@@ -255,3 +255,16 @@ def describe(diff: ConfigDiff, servers: Sequence[tuple[str, ServerDiff]] = ()) -
         lines.append("admin settings changed")
     lines += [f"{section}: changed, applied at the next restart" for section in diff.restartNeeded]
     return lines
+
+
+def serversOnly(old: Config, new: Config) -> bool:
+    """
+    Whether C{new} differs from C{old} in the pools' server lists and
+    nothing else: what worker processes (L{txlb.workers}) can take as new
+    pool state, without being started again.
+    """
+    def withoutServers(config: Config) -> Config:
+        pools = {name: attrs.evolve(p, servers=()) for name, p in config.pools.items()}
+        return attrs.evolve(config, pools=pools)
+
+    return old != new and withoutServers(old) == withoutServers(new)

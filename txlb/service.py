@@ -17,6 +17,7 @@ settings or certificates.
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Mapping, Optional
 
@@ -46,7 +47,7 @@ from txlb.interfaces import IHealthCheckFactory, ISchedulerFactory
 from txlb.logs import makeObserver, reopenOnSignal
 from txlb.metrics import Metrics
 from txlb.pool import Pool, Server
-from txlb.reload import ConfigDiff, ServerDiff, describe, diffConfigs, diffServers
+from txlb.reload import ConfigDiff, ServerDiff, describe, diffConfigs, diffServers, serversOnly
 from txlb.sessions import makeStore
 from txlb.sticky import Sticky
 from txlb.tcp import TCPBalancerFactory
@@ -181,13 +182,24 @@ class TxlbService(MultiService):
         healthFactories: Optional[Mapping[str, IHealthCheckFactory]] = None,
         *,
         signals: bool = False,
+        role: str = "single",
+        sockets: Optional[Mapping[str, tuple[int, int]]] = None,
+        logObserver=None,
     ) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.factories = factories
         self.signals = signals
-        self.logObserver = makeObserver(config.log, clock=reactor)
+        #: C{single}: one process does everything (C{workers = 1}).
+        #: C{master}: checks health, answers the admin API, and has worker
+        #: processes (L{txlb.workers}) serve the listeners.  C{worker}: serves
+        #: the listeners on the sockets the master handed down, with the
+        #: master's pool state (L{txlb.worker}).
+        self.role = role
+        #: A worker's inherited listening sockets: C{{listen: (fd, family)}}.
+        self.sockets = dict(sockets or {})
+        self.logObserver = logObserver if logObserver is not None else makeObserver(config.log, clock=reactor)
         self.endpoints = EndpointCache(reactor)
         self.pools = {name: buildPool(p, factories, reactor) for name, p in config.pools.items()}
         self.connections = BackendConnections(self.endpoints, reactor)
@@ -198,22 +210,30 @@ class TxlbService(MultiService):
         self._sessionsFor(config)
         self.healthFactories = healthCheckFactories() if healthFactories is None else healthFactories
         self.healthChecks: dict[str, HealthChecks] = {}
-        for name, poolConfig in config.pools.items():
-            self._startHealth(self._healthChecks(self.pools[name], poolConfig))
+        if role != "worker":
+            for name, poolConfig in config.pools.items():
+                self._startHealth(self._healthChecks(self.pools[name], poolConfig))
+        #: The worker processes of a master (L{txlb.workers.Workers}).
+        self.workers = None
+        if role == "master":
+            from txlb.workers import Workers
+
+            self.workers = Workers(self, config.txlb.workers, reactor)
+            self.workers.setServiceParent(self)
         self.balancers: dict[str, _Balancer] = {}
         for service in config.services:
             self._addBalancer(service, self._factory(service), self._tls(service))
         self._entries: dict[str, _Entry] = {}
         self._pointEntries()
         self.admin = None
-        if config.admin is not None:
+        if config.admin is not None and role != "worker":
             token = readToken(config.admin.token_file) if config.admin.token_file else None
-            self.admin = adminSite(self.pools, token, self.metrics, reload=self.reload)
+            self.admin = self._adminSite(token)
         #: This node's part in a cluster (L{txlb.cluster}); in an
         #: active-passive one, it opens the services' listeners when this
         #: node becomes active and closes them when it must stop.
         self.clusterService: Optional[ClusterService] = None
-        if config.cluster.mode == "standalone":
+        if config.cluster.mode == "standalone" or role == "worker":
             self.cluster = Standalone(config.cluster, reactor)
         else:
             self.clusterService = ClusterService(config.cluster, reactor, self, lambda: self.pools)
@@ -221,10 +241,10 @@ class TxlbService(MultiService):
             self.cluster = self.clusterService.cluster
         if self.admin is not None:
             self.admin.resource.cluster = self.cluster
-        if config.dns is not None:
+        if config.dns is not None and role != "worker":
             responder = Responder(config.dns.name, config.dns.ttl, self.cluster.addresses)
             DNSService(config.dns.listen, responder, reactor).setServiceParent(self)
-        if config.demo:
+        if config.demo and role != "worker":
             demoService(reactor, config.demo).setServiceParent(self)
         self.ports: dict[str, object] = {}
         self.adminPort = None
@@ -237,6 +257,9 @@ class TxlbService(MultiService):
         self._stopping = False
 
     # Building.
+
+    def _adminSite(self, token: Optional[str]):
+        return adminSite(self.pools, token, self.metrics, reload=self.reload, workers=self.workers)
 
     def _healthChecks(self, pool: Pool, config: PoolConfig) -> HealthChecks:
         return HealthChecks(pool, config.health, self.endpoints, self.reactor, self.healthFactories,
@@ -387,12 +410,15 @@ class TxlbService(MultiService):
         try:
             for name, listen, _ in self.listeners:
                 if listen not in self.ports:
-                    self.ports[listen] = self._listen(name, listen, self._entries[listen], self._lateListenFailure)
+                    self.ports[listen] = self._listenService(name, listen, self._entries[listen],
+                                                             self._lateListenFailure)
                     opened.append(listen)
         except ListenError:
             for listen in opened:
                 self._stopListening(self.ports.pop(listen))
             raise
+        if self.workers is not None:
+            self.workers.startAll()
         if self.running:
             for listen in opened:
                 _log.info("service {service} listening on {listen}", event="listening",
@@ -405,7 +431,26 @@ class TxlbService(MultiService):
         """
         self.listening = False
         ports, self.ports = self.ports, {}
-        return gatherResults([self._stopListening(p) for p in ports.values()])
+        stopped = self.workers.stopAll() if self.workers is not None else None
+        return gatherResults([self._stopListening(p) for p in ports.values()] + ([stopped] if stopped else []))
+
+    def _listenService(self, name: str, listen: str, entry: Factory, late):
+        """
+        Listen on a service's endpoint: as L{_listen} in a single process;
+        in a master, bind the sockets its workers accept on; in a worker,
+        accept on the socket the master handed down.
+        """
+        if self.role == "master":
+            try:
+                return self.workers.bind(listen)
+            except (CannotListenError, OSError, ValueError) as e:
+                raise ListenError(f"txlb: service {name}: cannot listen on {listen!r}: {e}")
+        if self.role == "worker":
+            fd, family = self.sockets[listen]
+            port = self.reactor.adoptStreamPort(fd, family, entry)
+            os.close(fd)  # the port has its own copy
+            return port
+        return self._listen(name, listen, entry, late)
 
     def _owner(self, listen: str) -> str:
         for name, l, _ in self.listeners:
@@ -442,10 +487,14 @@ class TxlbService(MultiService):
         super().startService()
         # Events are flushed in batches: write out the last ones on the way out.
         self.reactor.addSystemEventTrigger("after", "shutdown", self.logObserver.flush)
-        if self.config.log.path != "-":
+        if self.config.log.path != "-" and self.role != "worker":
             reopenOnSignal(self.logObserver, self.reactor)
+            if self.workers is not None:
+                from txlb.workers import forwardSignal
+
+                forwardSignal(self.workers, self.reactor, signal.SIGUSR1)
         for name, listen, _ in self.listeners:
-            if listen in self.ports:
+            if listen in self.ports and self.role != "worker":
                 _log.info("service {service} listening on {listen}", event="listening", service=name, listen=listen)
         if self.adminPort is not None:
             _log.info("service {service} listening on {listen}", event="listening",
@@ -500,6 +549,9 @@ class TxlbService(MultiService):
             timeout=self.config.txlb.shutdown_timeout,
         )
         d = self._closePorts()
+        if self.workers is not None:
+            # Each worker drains its own connections; the master waits for them.
+            d = gatherResults([d, self.workers.stopAll()])
         d.addCallback(
             lambda _: gatherResults([f.drain(self.config.txlb.shutdown_timeout) for f in factories])
         )
@@ -522,6 +574,7 @@ class TxlbService(MultiService):
 
     def _reload(self) -> Reloaded:
         path = self.config.path
+        old = self.config
         try:
             new = load(path, self.factories, self.healthFactories)
             changes = self.apply(new)
@@ -536,7 +589,21 @@ class TxlbService(MultiService):
             "config {path} reloaded: {count} changes", event="config_reloaded",
             path=path, errors=[], changes=changes, count=len(changes),
         )
+        if self.workers is not None:
+            self._reloadWorkers(old, new)
         return Reloaded(path, (), tuple(changes))
+
+    def _reloadWorkers(self, old: Config, new: Config) -> None:
+        """
+        A master's workers after a reload: servers only (and no
+        certificates to read again) are sent as state; anything else starts
+        new workers, which read the file again, and stops the old ones
+        once the new ones accept.
+        """
+        if serversOnly(old, new) and not any(s.tls is not None for s in new.services):
+            self.workers.changed()
+        else:
+            self.workers.restartAll()
 
     @staticmethod
     def _rejected(path: str, errors: list[str]) -> Reloaded:
@@ -602,9 +669,10 @@ class TxlbService(MultiService):
                                 "write it the same way, or move it in two reloads"
                             ])
                     entry = self._entries[listen] = self._entries.get(listen) or _Entry()
-                    opened[listen] = self._listen(self._ownerIn(new, listen), listen, entry, self._reloadListenFailure)
+                    opened[listen] = self._listenService(self._ownerIn(new, listen), listen, entry,
+                                                         self._reloadListenFailure)
             if new.admin is not None and new.admin.listen != _adminListen(self.config):
-                site = self.admin or adminSite(self.pools, token, self.metrics, reload=self.reload)
+                site = self.admin or self._adminSite(token)
                 adminPort = self._listen("admin", new.admin.listen, site, self._reloadListenFailure)
         except (ListenError, _Refused) as e:
             for port in opened.values():

@@ -76,6 +76,36 @@ class Window:
             histogram = slot[3]
             histogram[bucket] = histogram.get(bucket, 0) + 1
 
+    def slots(self) -> list[list]:
+        """
+        The slots in use, as plain lists (C{[second, count, errors,
+        {bucket: n}]}): what a worker process sends the master, which adds
+        them into its own window with L{merge}.
+        """
+        return [list(slot) for slot in self.ring if slot[0] >= 0]
+
+    def merge(self, slots: Iterable[list]) -> None:
+        """
+        Add another window's L{slots} (histogram keys may arrive as strings,
+        from JSON) into this one.  Windows of the same length and clock add
+        up exactly: counts and histograms are sums.
+        """
+        ring = self.ring
+        length = self.length
+        for second, count, errors, histogram in slots:
+            second = int(second)
+            slot = ring[second % length]
+            if slot[0] != second:
+                if slot[0] > second:
+                    continue  # older than what this slot already holds
+                slot[0], slot[1], slot[2], slot[3] = second, 0, 0, {}
+            slot[1] += count
+            slot[2] += errors
+            mine = slot[3]
+            for bucket, n in (histogram or {}).items():
+                bucket = int(bucket)
+                mine[bucket] = mine.get(bucket, 0) + n
+
     def _slots(self, now: float, seconds: int) -> Iterable[list]:
         current = int(now)
         first = current - seconds + 1

@@ -54,6 +54,8 @@ class Options(usage.Options):
 def summary(config: Config) -> list[str]:
     """A few lines saying what the config will run."""
     lines = []
+    if config.txlb.workers > 1:
+        lines.append(f"{config.txlb.workers} worker processes")
     for s in config.services:
         lines.append(f"service {s.name} ({s.protocol}) on {', '.join(s.listen)} -> pool {s.pool}")
     for p in config.pools.values():
@@ -97,4 +99,6 @@ def makeService(options: Options, out: TextIO = None, err: TextIO = None):
 
     from txlb.service import TxlbService
 
-    return TxlbService(config, factories, reactor, healthFactories, signals=True)
+    # More than one worker: this process is the master (txlb.workers).
+    role = "master" if config.txlb.workers > 1 else "single"
+    return TxlbService(config, factories, reactor, healthFactories, signals=True, role=role)

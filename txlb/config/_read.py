@@ -69,6 +69,8 @@ from txlb.config._table import (
     parseDuration,
     parseSize,
 )
+from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
+
 from txlb.endpoints import checkServer, sameSocket
 from txlb.interfaces import SchedulerOptionsError
 
@@ -77,14 +79,24 @@ from txlb.interfaces import SchedulerOptionsError
 
 def _readProcess(t: _Table) -> ProcessConfig:
     workers = t.get("workers", _integer(1, 64), 1)
-    if workers != 1:
-        t.error("workers", "more than one worker process is not supported by this version of txlb yet; use 1")
     process = ProcessConfig(
         shutdown_timeout=t.get("shutdown_timeout", parseDuration, 30.0),
         workers=workers,
     )
     t.finish()
     return process
+
+
+def _shareable(listen: str) -> bool:
+    """
+    Whether worker processes can share C{listen}'s socket: a TCP or unix
+    one (L{txlb.workers.bindShared}).
+    """
+    try:
+        endpoint = checkServer(listen)
+    except ValueError:
+        return True  # its own problem is reported where it is read
+    return isinstance(endpoint, (TCP4ServerEndpoint, UNIXServerEndpoint))
 
 
 def _readLog(t: _Table) -> LogConfig:
@@ -603,7 +615,11 @@ def _readConfig(root: _Table, path: str, algorithms: Optional[Algorithms]) -> Co
         names.add(service.name)
         listen = service.listen or ()
         for j, endpoint in enumerate(listen):
-            claim(endpoint, f"{t.path}.listen[{j}]" if isinstance(t.data["listen"], list) else f"{t.path}.listen")
+            where = f"{t.path}.listen[{j}]" if isinstance(t.data["listen"], list) else f"{t.path}.listen"
+            claim(endpoint, where)
+            if process.workers > 1 and not _shareable(endpoint):
+                ctx.error(where, f"{endpoint!r}: with [txlb] workers > 1, a service listens on tcp: or unix: "
+                                 "endpoints only (TLS is the service's tls table)")
         services.append(service)
     adminTable = root.table("admin", "admin")
     admin = _readAdmin(adminTable) if adminTable else None
