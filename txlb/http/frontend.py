@@ -251,6 +251,10 @@ class HTTPFrontend(Protocol):
 
     _deadline = 0.0
     _onTimeout = None
+    #: When L{_timer} (if any) fires; it is L{None} once fired or cancelled.
+    _timerAt = 0.0
+    #: C{Host} headers in the request head being read.
+    _hosts = 0
 
     def _arm(self, seconds: float, what) -> None:
         """Call C{what} in C{seconds} (0: never), replacing what was armed."""
@@ -260,11 +264,12 @@ class HTTPFrontend(Protocol):
         clock = self.service.clock
         self._deadline = deadline = clock.seconds() + seconds
         self._onTimeout = what
-        timer = self._timer
-        if timer is None or not timer.active():
+        if self._timer is None:
             self._timer = clock.callLater(seconds, self._fire)
-        elif timer.getTime() > deadline:
-            timer.reset(seconds)
+            self._timerAt = deadline
+        elif self._timerAt > deadline:
+            self._timer.reset(seconds)
+            self._timerAt = deadline
 
     def _disarm(self, what=None) -> None:
         """Forget the armed timeout (only if it is C{what}, when given)."""
@@ -279,6 +284,7 @@ class HTTPFrontend(Protocol):
         remaining = self._deadline - self.service.clock.seconds()
         if remaining > 0:
             self._timer = self.service.clock.callLater(remaining, self._fire)
+            self._timerAt = self._deadline
             return
         self._onTimeout = None
         what()
@@ -340,6 +346,7 @@ class HTTPFrontend(Protocol):
         self._rawHead = 0
         self._url = b""
         self._headers = []
+        self._hosts = 0
         if not self.exchanges:
             self._arm(self.service.clientTimeout, self._headerTimeout)
 
@@ -355,7 +362,11 @@ class HTTPFrontend(Protocol):
         self._headSize += len(name) + len(value) + 4
         if self._headSize > self.service.maxHeaderBytes:
             raise _Refused(431, "request header block too large")
-        if len(name) == 17 and name.lower() == b"transfer-encoding" and value.lower() != b"chunked":
+        size = len(name)
+        if size == 4:
+            if name.lower() == b"host":
+                self._hosts += 1
+        elif size == 17 and name.lower() == b"transfer-encoding" and value.lower() != b"chunked":
             raise _Refused(400, "only Transfer-Encoding: chunked is accepted")
         self._headers.append((name, value))
 
@@ -369,7 +380,7 @@ class HTTPFrontend(Protocol):
             raise _Refused(505, f"HTTP/{version} is not supported; use HTTP/1.1")
         if exchange.method == b"CONNECT":
             raise _Refused(405, "CONNECT is not supported by this reverse proxy")
-        hosts = sum(1 for n, _ in self._headers if n.lower() == b"host")
+        hosts = self._hosts
         if hosts > 1 or (version == "1.1" and hosts == 0):
             raise _Refused(400, "an HTTP/1.1 request needs exactly one Host header")
         target = exchange.target
@@ -678,8 +689,9 @@ class HTTPFrontend(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self.factory.open.remove(self)
         self._disarm()
-        if self._timer is not None and self._timer.active():
+        if self._timer is not None:
             self._timer.cancel()  # so that the closed connection can be collected
+            self._timer = None
         self._dead = True
         for exchange in self.exchanges:
             wasFinished, exchange.finished = exchange.finished, True

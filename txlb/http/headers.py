@@ -81,10 +81,30 @@ _REQUEST_DROP_FORWARDED = _REQUEST_DROP | {b"forwarded"}
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"x-request-id"}
 
 
-def _kept(headers: Sequence[tuple[bytes, bytes]], tokens: set[bytes], drop: frozenset[bytes]) -> Headers:
-    if tokens:
-        return [(n, v) for n, v in headers if (l := n.lower()) not in drop and l not in tokens]
-    return [(n, v) for n, v in headers if n.lower() not in drop]
+def _sift(headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]) -> tuple[list[bytes], dict]:
+    """
+    One pass over a header block, each name lower-cased once: the
+    C{b"Name: value"} lines to forward (dropping C{drop} and whatever
+    C{Connection} names), and the dropped headers' values by lower-case
+    name, for the few the caller still reads.
+    """
+    kept: list[tuple[bytes, bytes]] = []
+    dropped: dict[bytes, list[bytes]] = {}
+    for n, v in headers:
+        lower = n.lower()
+        if lower in drop:
+            values = dropped.get(lower)
+            if values is None:
+                dropped[lower] = [v]
+            else:
+                values.append(v)
+        else:
+            kept.append((lower, n + b": " + v))
+    connection = dropped.get(b"connection")
+    if connection is None:
+        return [line for _, line in kept], dropped
+    tokens = {t.strip().lower() for value in connection for t in value.split(b",")}
+    return [line for lower, line in kept if lower not in tokens], dropped
 
 
 def _formatForwardedFor(client: str) -> str:
@@ -112,15 +132,14 @@ def requestHead(
     @param upgrade: the protocol asked for in C{Upgrade} (WebSocket), kept
         with C{Connection: upgrade}.
     """
-    tokens = connectionTokens(headers)
-    xff = [v for n, v in headers if n.lower() == b"x-forwarded-for" and v.strip(b" \t,")]
-    kept = _kept(headers, tokens, _REQUEST_DROP_FORWARDED if forwarded else _REQUEST_DROP)
+    kept, dropped = _sift(headers, _REQUEST_DROP_FORWARDED if forwarded else _REQUEST_DROP)
     lines = [method + b" " + target + b" HTTP/1.1"]
     if host is None:
         lines.append(b"Host: ")  # an HTTP/1.0 client sent none; 1.1 needs one (RFC 9112 3.2)
-    lines.extend(n + b": " + v for n, v in kept)
-    clientBytes = client.encode("ascii")
-    lines.append(b"X-Forwarded-For: " + b", ".join(xff + [clientBytes]))
+    lines += kept
+    xff = [v for v in dropped.get(b"x-forwarded-for", ()) if v.strip(b" \t,")]
+    xff.append(client.encode("ascii"))
+    lines.append(b"X-Forwarded-For: " + b", ".join(xff))
     lines.append(b"X-Forwarded-Proto: " + proto)
     if host is not None:
         lines.append(b"X-Forwarded-Host: " + host)
@@ -129,7 +148,7 @@ def requestHead(
         if host is not None:
             quoted = host.decode("latin-1").replace("\\", "\\\\").replace('"', '\\"')
             part += f';host="{quoted}"'
-        prior = [v for n, v in headers if n.lower() == b"forwarded"]
+        prior = dropped.get(b"forwarded", [])
         lines.append(b"Forwarded: " + b", ".join(prior + [part.encode("latin-1")]))
     lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
     if upgrade is not None:
@@ -161,10 +180,8 @@ def responseHead(
     @param keepAliveHeader: say C{Connection: keep-alive} (to an HTTP/1.0
         client that asked for it).
     """
-    tokens = connectionTokens(headers)
-    kept = _kept(headers, tokens, _RESPONSE_DROP)
     lines = [b"HTTP/1.1 %d %s" % (status, reason or REASONS.get(status, b"Unknown"))]
-    lines.extend(n + b": " + v for n, v in kept)
+    lines += _sift(headers, _RESPONSE_DROP)[0]
     lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
     lines.extend(extra)
     if upgrade is not None:
