@@ -172,6 +172,9 @@ class Worker:
                     self.channel.notify({"op": "drained", "pool": event.get("pool"), "server": event.get("server")})
             return
         event["worker"] = self.number
+        line = event.get("log_line")  # an access event's line, made once (txlb.logs.emit)
+        if line is not None:
+            line["worker"] = self.number
         self.service.logObserver(event)
 
     def handle(self, message: dict) -> Any:
