@@ -12,8 +12,17 @@ that the rest of txlb only ever sees endpoint strings.
 from __future__ import annotations
 
 import re
+import socket
+from typing import Optional
 
-from twisted.internet.endpoints import clientFromString, serverFromString, wrapClientTLS
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    clientFromString,
+    serverFromString,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 
 
@@ -190,6 +199,7 @@ class EndpointCache:
     def __init__(self, reactor) -> None:
         self.reactor = reactor
         self._endpoints: dict[tuple, IStreamClientEndpoint] = {}
+        self._plain: dict[tuple, Optional[tuple[int, tuple, float]]] = {}
 
     def get(self, address: str, tls=None) -> IStreamClientEndpoint:
         """
@@ -209,6 +219,31 @@ class EndpointCache:
                 endpoint = wrapClientTLS(creator, endpoint)
             self._endpoints[(address, tls)] = endpoint
         return endpoint
+
+    def plainTCP(self, address: str, tls=None) -> Optional[tuple[int, tuple, float]]:
+        """
+        C{(family, sockaddr, timeout)} for a plaintext C{tcp:} address with
+        a literal IP host and no C{bindAddress}: one a socket can be
+        connected to directly, with no name to resolve.  L{None} for
+        anything else (TLS, host names, UNIX sockets), which is connected
+        through the endpoint from L{get}.
+        """
+        key = (address, tls)
+        try:
+            return self._plain[key]
+        except KeyError:
+            pass
+        plain = None
+        if tls is None:
+            endpoint = self.get(address)
+            if type(endpoint) in (TCP4ClientEndpoint, TCP6ClientEndpoint) and endpoint._bindAddress is None:
+                host, port, timeout = endpoint._host, endpoint._port, endpoint._timeout
+                if isIPAddress(host):
+                    plain = (socket.AF_INET, (host, port), timeout)
+                elif isIPv6Address(host) and "%" not in host:
+                    plain = (socket.AF_INET6, (host, port, 0, 0), timeout)
+        self._plain[key] = plain
+        return plain
 
 
 def hostOf(address: str) -> str:

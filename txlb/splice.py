@@ -2,7 +2,7 @@
 """
 Zero-copy TCP forwarding with C{splice(2)}: once a plaintext TCP service has
 connected a client to a server, the kernel moves the bytes between the two
-sockets through a pipe per direction, and Python only decides when.
+sockets through a pipe, and Python only decides when.
 
 Twisted's epoll reactor keeps one selectable per file descriptor, and each
 socket here is read for one direction and written for the other, so each
@@ -12,6 +12,13 @@ empty (backpressure: a slow reader stops the writer, and nothing is held in
 txlb's memory), an EOF is passed on as a half-close once the pipe is
 drained, and both sockets close when both directions are done or either
 fails.
+
+A direction holds a pipe only while bytes are in it.  Bytes read from a
+socket are usually written out to the other at once, leaving the pipe
+empty, so it goes back to a shared L{PipePool} straight away: the pipes in
+use are those of the directions stalled on a slow receiver, not one pair
+per connection, and a new connection costs no C{pipe2}, C{fcntl} or
+C{close} calls.
 """
 
 from __future__ import annotations
@@ -24,10 +31,18 @@ from typing import Callable, Optional
 from twisted.internet.interfaces import IReadWriteDescriptor
 from zope.interface import implementer
 
-#: Bytes asked of one splice call, and the pipe size asked for.
+#: Bytes asked of one splice call, and the pipe size asked for: a full pipe
+#: is what one call moves.
 CHUNK = 1 << 20
+#: A read this large probably left more behind: read again in the same
+#: turn rather than wait for the reactor's next poll.
+_MORE = 1 << 16
+#: Reads (each written out) per readiness event, so that one busy
+#: connection cannot keep the reactor from the others.
+_ROUNDS = 8
 _F_SETPIPE_SZ = 1031
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"
 
 available = hasattr(os, "splice")
 
@@ -37,9 +52,64 @@ def spliceable(transport) -> bool:
     return available and type(transport).__module__ == "twisted.internet.tcp" and hasattr(transport, "socket")
 
 
+class PipePool:
+    """
+    Empty pipes, kept for the next direction that has bytes to move.
+
+    A pipe is only ever returned here empty, so whoever takes one can fill
+    it at once.  At most C{keep} are kept; beyond that, returned pipes are
+    closed.
+
+    @param size: the capacity asked for a new pipe (C{F_SETPIPE_SZ}); the
+        system's default stands if it refuses.
+    """
+
+    def __init__(self, size: int = CHUNK, keep: int = 64) -> None:
+        self.size = size
+        self.keep = keep
+        self.free: list[tuple[int, int]] = []
+
+    def get(self) -> tuple[int, int]:
+        """An empty pipe: C{(read end, write end)}, both non-blocking."""
+        if self.free:
+            return self.free.pop()
+        read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(write, _F_SETPIPE_SZ, self.size)
+        except OSError:
+            pass  # the system's default pipe size will do
+        return read, write
+
+    def put(self, pipe: tuple[int, int]) -> None:
+        """Take back a pipe that is empty."""
+        if len(self.free) < self.keep:
+            self.free.append(pipe)
+        else:
+            self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe: tuple[int, int]) -> None:
+        """Close a pipe that may still hold bytes nobody will read."""
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+    def clear(self) -> None:
+        """Close every kept pipe."""
+        free, self.free = self.free, []
+        for pipe in free:
+            self.discard(pipe)
+
+
+#: The pool every L{SplicePair} shares unless it is given another.
+pipes = PipePool()
+
+
 @implementer(IReadWriteDescriptor)
 class _Socket:
     """One socket: its reads feed one direction, its writes drain the other."""
+
+    reading: "_Direction"
+    writing: "_Direction"
 
     def __init__(self, pair: "SplicePair", sock: socket.socket) -> None:
         self.pair = pair
@@ -53,30 +123,30 @@ class _Socket:
         return "txlb-splice"
 
     def doRead(self) -> None:
-        self.pair._readable(self)
+        self.pair._pump(self.reading)
 
     def doWrite(self) -> None:
-        self.pair._writable(self)
+        self.pair._writable(self.writing)
 
     def connectionLost(self, reason) -> None:
-        self.pair._fail(reason.getErrorMessage())
+        if self.pair is not None:
+            self.pair._fail(reason.getErrorMessage())
 
 
 class _Direction:
-    """Bytes from C{src} to C{dst} through one pipe."""
+    """Bytes from C{src} to C{dst}, through a pipe while some are in flight."""
 
-    def __init__(self, src: _Socket, dst: _Socket, count: Callable[[int], None]) -> None:
+    pipe: Optional[tuple[int, int]] = None
+    pending = 0
+    eof = False
+    done = False
+
+    def __init__(self, src: _Socket, dst: _Socket, upstream: bool) -> None:
         self.src = src
         self.dst = dst
-        self.count = count
-        self.read, self.write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(self.write, _F_SETPIPE_SZ, CHUNK)
-        except OSError:
-            pass  # the system's default pipe size will do
-        self.pending = 0
-        self.eof = False
-        self.done = False
+        #: Client to server (counted as C{toServer}), or the other way.
+        self.upstream = upstream
+        src.reading = dst.writing = self
 
 
 class SplicePair:
@@ -86,105 +156,143 @@ class SplicePair:
     @param count: C{count(toServer, toClient)} for every chunk moved.
     @param ended: called once with L{None} or an error message, after both
         sockets are closed.
+    @param pool: where pipes come from and go back to (L{pipes}).
     """
 
     def __init__(self, reactor, client: socket.socket, server: socket.socket,
-                 count: Callable[[int, int], None], ended: Callable[[Optional[str]], None]) -> None:
+                 count: Callable[[int, int], None], ended: Callable[[Optional[str]], None],
+                 pool: Optional[PipePool] = None) -> None:
         self.reactor = reactor
+        self.count = count
         self.ended = ended
+        self.pool = pipes if pool is None else pool
         self.client = _Socket(self, client)
         self.server = _Socket(self, server)
-        self.upstream = _Direction(self.client, self.server, lambda n: count(n, 0))
-        self.downstream = _Direction(self.server, self.client, lambda n: count(0, n))
+        self.upstream = _Direction(self.client, self.server, True)
+        self.downstream = _Direction(self.server, self.client, False)
         self.closed = False
 
     def start(self) -> None:
         self.reactor.addReader(self.client)
         self.reactor.addReader(self.server)
 
-    def _from(self, side: _Socket) -> _Direction:
-        return self.upstream if side is self.client else self.downstream
-
-    def _to(self, side: _Socket) -> _Direction:
-        return self.downstream if side is self.client else self.upstream
-
-    def _readable(self, side: _Socket) -> None:
-        d = self._from(side)
-        try:
-            n = os.splice(side.fd, d.write, CHUNK, flags=_FLAGS)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            self._fail(e.strerror)
-            return
-        if n == 0:
-            d.eof = True
-            self.reactor.removeReader(side)
-            self._drained(d)
-            return
-        d.pending += n
-        d.count(n)
-        self._flush(d)
-
-    def _flush(self, d: _Direction) -> None:
-        while d.pending:
+    def _pump(self, d: _Direction) -> None:
+        """
+        The source is readable (and the pipe empty): move what it has to the
+        destination, a few chunks at most, until it has no more, the
+        destination is full, or an EOF.
+        """
+        pipe = d.pipe
+        if pipe is None:
+            pipe = d.pipe = self.pool.get()
+        readEnd, writeEnd = pipe
+        src = d.src.fd
+        dst = d.dst.fd
+        splice = os.splice
+        for _ in range(_ROUNDS):
             try:
-                n = os.splice(d.read, d.dst.fd, d.pending, flags=_FLAGS)
+                n = splice(src, writeEnd, CHUNK, flags=_FLAGS)
             except BlockingIOError:
-                # The receiver is slow: stop reading until it drains.
-                self.reactor.removeReader(d.src)
-                self.reactor.addWriter(d.dst)
-                return
+                break
             except OSError as e:
                 self._fail(e.strerror)
                 return
-            d.pending -= n
-        self._drained(d)
+            if n == 0:
+                self._eof(d)
+                return
+            if d.upstream:
+                self.count(n, 0)
+            else:
+                self.count(0, n)
+            pending = n
+            while pending:
+                try:
+                    pending -= splice(readEnd, dst, pending, flags=_FLAGS)
+                except BlockingIOError:
+                    # The receiver is slow: stop reading until it drains.
+                    d.pending = pending
+                    self.reactor.removeReader(d.src)
+                    self.reactor.addWriter(d.dst)
+                    return
+                except OSError as e:
+                    d.pending = pending
+                    self._fail(e.strerror)
+                    return
+            if n < _MORE or self.closed:
+                break
+        d.pipe = None
+        self.pool.put(pipe)
 
-    def _writable(self, side: _Socket) -> None:
-        d = self._to(side)
-        self.reactor.removeWriter(side)
-        self._flush(d)
-        if not d.pending and not d.eof and not self.closed:
-            self.reactor.addReader(d.src)
+    def _eof(self, d: _Direction) -> None:
+        """The source sent EOF (its pipe is empty): pass it on as a half-close."""
+        d.eof = d.done = True
+        self.pool.put(d.pipe)
+        d.pipe = None
+        self.reactor.removeReader(d.src)
+        other = self.downstream if d.upstream else self.upstream
+        if other.done:
+            # Closing both sockets ends this direction too: no shutdown needed.
+            self.close(None)
+            return
+        try:
+            d.dst.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
-    def _drained(self, d: _Direction) -> None:
-        """The pipe is empty: pass an EOF on as a half-close."""
-        if d.eof and not d.pending and not d.done:
-            d.done = True
+    def _writable(self, d: _Direction) -> None:
+        """The destination of a stalled direction has room again."""
+        self.reactor.removeWriter(d.dst)
+        readEnd = d.pipe[0]
+        dst = d.dst.fd
+        pending = d.pending
+        while pending:
             try:
-                d.dst.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            if self.upstream.done and self.downstream.done:
-                self.close(None)
+                pending -= os.splice(readEnd, dst, pending, flags=_FLAGS)
+            except BlockingIOError:
+                d.pending = pending
+                self.reactor.addWriter(d.dst)
+                return
+            except OSError as e:
+                d.pending = pending
+                self._fail(e.strerror)
+                return
+        d.pending = 0
+        self.pool.put(d.pipe)
+        d.pipe = None
+        if not self.closed:
+            self.reactor.addReader(d.src)
 
     def _fail(self, message: str) -> None:
         self.close(message or "connection lost")
 
     def close(self, error: Optional[str]) -> None:
-        """Close both sockets and pipes now; C{ended} is told once."""
+        """Close both sockets now; C{ended} is told once."""
         if self.closed:
             return
         self.closed = True
+        reactor = self.reactor
         for side in (self.client, self.server):
-            self.reactor.removeReader(side)
-            self.reactor.removeWriter(side)
+            reactor.removeReader(side)
+            reactor.removeWriter(side)
         for d in (self.upstream, self.downstream):
-            os.close(d.read)
-            os.close(d.write)
+            if d.pipe is not None:
+                # Bytes nobody will read: this pipe cannot be reused.
+                self.pool.discard(d.pipe)
+                d.pipe = None
         for side in (self.client, self.server):
             try:
                 side.sock.close()
             except OSError:
                 pass
-        self.ended(error)
+            side.pair = None
+        ended, self.ended, self.count = self.ended, None, None
+        ended(error)
 
     def abort(self, why: str) -> None:
         """Reset both connections (shutdown, idle timeout)."""
         for side in (self.client, self.server):
             try:
-                side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             except OSError:
                 pass
         self.close(why)

@@ -9,20 +9,28 @@ txlb never buffers more than a transport's buffer per direction.  Added
 here: a pick from the pool per connection, a different server tried when a
 connect fails, half-close passed through both ways, an idle timeout, and
 exact accounting (active connections, bytes, time to first byte).
+
+Plaintext connections to a server with a literal IP address take a shorter
+road: the backend socket is connected directly (L{txlb.connect}) and both
+sockets are handed to the kernel (L{txlb.splice}) without a Twisted
+transport for the backend.  The rules (backpressure, half-close, retries,
+accounting) are the same on both roads.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorFDSet
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txlb.connect import Deadlines, PendingConnect, connectSocket
 from txlb.drain import OpenConnections
 from txlb.endpoints import EndpointCache
 from txlb.interfaces import PickContext
@@ -30,6 +38,10 @@ from txlb.pool import Pool, Server
 from txlb.splice import SplicePair, spliceable
 
 _log = Logger(namespace="txlb.tcp")
+
+#: The idle check runs this many times per idle timeout: a connection is
+#: closed between one and 1 + 1/IDLE_CHECKS idle timeouts after its last byte.
+IDLE_CHECKS = 8
 
 
 class TCPBalancerFactory(Factory):
@@ -66,9 +78,14 @@ class TCPBalancerFactory(Factory):
         self.sticky = sticky
         #: Hand plaintext connections to the kernel (L{txlb.splice}) where it can.
         self.splice = splice
+        #: The reactor to watch directly connected sockets with, if it can.
+        self.fdReactor = endpoints.reactor if IReactorFDSet.providedBy(endpoints.reactor) else None
         self.open: OpenConnections[Frontend] = OpenConnections(
             clock, lambda frontend: frontend.abort("shutdown timeout")
         )
+        #: Connect timeouts of every connection of this service: one timer.
+        self.connecting = Deadlines(clock)
+        self._idleCall = None
 
     def drain(self, timeout: float) -> Deferred:
         """See L{OpenConnections.drain}; the caller has stopped listening."""
@@ -77,7 +94,27 @@ class TCPBalancerFactory(Factory):
     noisy = False
 
     def buildProtocol(self, addr) -> "Frontend":
-        return Frontend(self, getattr(addr, "host", str(addr)))
+        return Frontend(self, getattr(addr, "host", None) or str(addr))
+
+    def _opened(self, frontend: "Frontend") -> None:
+        self.open.add(frontend)
+        if self.metrics is not None:
+            self.metrics.connectionStarted(self.service)
+        if self.idleTimeout and self._idleCall is None:
+            self._idleCall = self.clock.callLater(self.idleTimeout / IDLE_CHECKS, self._checkIdle)
+
+    def _checkIdle(self) -> None:
+        """
+        Close the connections idle for C{idleTimeout}: one timer for the
+        whole service, rather than one per connection set and cancelled.
+        """
+        self._idleCall = None
+        limit = self.idleTimeout
+        now = time.monotonic()
+        for frontend in [f for f in self.open.open if f.connected and now - f._lastActivity >= limit]:
+            frontend.abort("idle timeout")
+        if self.open.open:
+            self._idleCall = self.clock.callLater(limit / IDLE_CHECKS, self._checkIdle)
 
 
 class _BackendFactory(Factory):
@@ -109,10 +146,35 @@ class _Side(Protocol):
             self.transport.loseWriteConnection()
 
 
+class _TwistedConnect:
+    """
+    A connect through a Twisted endpoint, cancellable with a reason like a
+    L{PendingConnect}.
+    """
+
+    def __init__(self, frontend: "Frontend", d: Deferred) -> None:
+        self.frontend = frontend
+        self.why: Optional[str] = None
+        self.d = d
+
+    def start(self) -> None:
+        self.d.addCallbacks(self._connected, self._failed)
+
+    def _connected(self, backend: "Backend") -> None:
+        self.frontend._connected()
+
+    def _failed(self, failure: Failure) -> None:
+        self.frontend._connectFailed(self.why or failure.getErrorMessage())
+
+    def cancel(self, why: str = "connect cancelled") -> None:
+        self.why = why
+        self.d.cancel()
+
+
 @implementer(IHalfCloseableProtocol)
 class Frontend(_Side):
     """
-    The client's side.  Reading is paused until a backend is connected, so
+    The client's side.  Reading is paused while no backend is connected, so
     nothing is buffered while we connect.
     """
 
@@ -120,30 +182,43 @@ class Frontend(_Side):
     server: Optional[Server] = None
     #: The connection's sticky state (a L{txlb.sticky.Affinity}), if any.
     affinity = None
+    #: Servers whose connect failed, in order.
+    tried: tuple[Server, ...] = ()
+    bytesIn = 0
+    bytesOut = 0
+    error: Optional[str] = None
+    reason = ""
+    clientEOF = False
+    serverEOF = False
+    #: A server is connected (and counted active until the end).
+    connected = False
+    gotFirstByte = False
+    closed = False
+    #: The kernel moves the bytes (L{txlb.splice}).
+    spliced = False
+    splice: Optional[SplicePair] = None
+    _connecting = None
+    _waiter = None
+    _paused = False
+    _lastActivity = 0.0
 
     def __init__(self, factory: TCPBalancerFactory, client: str) -> None:
         self.factory = factory
         self.client = client
-        self.tried: list[Server] = []
-        self.bytesIn = 0
-        self.bytesOut = 0
-        self.error: Optional[str] = None
-        self.reason = ""
-        self.clientEOF = False
-        self.serverEOF = False
-        self.closed = False
-        self._connecting = None
-        self._waiter = None
-        self._idleCall = None
-        self._lastActivity = time.monotonic()
 
     def connectionMade(self) -> None:
-        self.started = self.factory.clock.seconds()
-        self.factory.open.add(self)
-        if self.factory.metrics is not None:
-            self.factory.metrics.connectionStarted(self.factory.service)
-        self.transport.pauseProducing()
+        factory = self.factory
+        self.started = factory.clock.seconds()
+        factory._opened(self)
+        #: Connect the backend socket ourselves and splice it (see the module).
+        self._direct = factory.splice and factory.fdReactor is not None and spliceable(self.transport)
         self._connect()
+
+    def _pause(self) -> None:
+        """Stop reading the client while it waits for a server."""
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
 
     def _connect(self) -> None:
         pool = self.factory.pool
@@ -153,6 +228,7 @@ class Frontend(_Side):
             if affinity is None:
                 affinity = self.affinity = sticky.affinity(self.client)
                 if affinity.pending is not None:
+                    self._pause()
                     affinity.pending.addCallback(self._stickyFound)
                     return
             decision = sticky.choose(pool, affinity, self.tried)
@@ -162,6 +238,7 @@ class Frontend(_Side):
         context = PickContext(self.client)
         decision = pool.pick(context, self.tried)
         if decision is None and pool.saturated(self.tried):
+            self._pause()
             self._waiter = pool.enqueue(context, self.tried, self._dequeued)
             return
         self._use(decision)
@@ -179,7 +256,8 @@ class Frontend(_Side):
         self._use(decision)
 
     def _use(self, decision) -> None:
-        pool = self.factory.pool
+        factory = self.factory
+        pool = factory.pool
         if decision is None:
             self.error = (
                 f"no server of pool {pool.name} available"
@@ -188,36 +266,77 @@ class Frontend(_Side):
             )
             self.transport.loseConnection()
             return
-        self.server = decision.server
+        server = self.server = decision.server
         self.reason = decision.reason
-        self.connectStarted = self.factory.clock.seconds()
-        d = self.factory.endpoints.get(self.server.address, pool.tls).connect(_BackendFactory(self))
-        d.addTimeout(pool.connectTimeout, self.factory.clock)
-        self._connecting = d
-        d.addCallbacks(self._connected, self._connectFailed)
+        self.connectStarted = factory.clock.seconds()
+        plain = factory.endpoints.plainTCP(server.address, pool.tls) if self._direct else None
+        if plain is not None:
+            self._connectSocket(*plain)
+            return
+        self._pause()
+        d = factory.endpoints.get(server.address, pool.tls).connect(_BackendFactory(self))
+        connecting = self._connecting = _TwistedConnect(self, d)
+        connecting.start()
+        if self._connecting is connecting:  # not over already
+            factory.connecting.add(self, pool.connectTimeout, self._connectTimedOut)
 
-    def _connected(self, backend: "Backend") -> None:
+    def _connectSocket(self, family: int, address: tuple, timeout: float) -> None:
+        """The direct road: a socket of our own, spliced once connected."""
+        sock, err = connectSocket(family, address)
+        if sock is None:
+            self._connectFailed(os.strerror(err))
+        elif not err:
+            self._socketConnected(sock)
+        else:
+            self._pause()
+            pending = self._connecting = PendingConnect(
+                self.factory.fdReactor, sock, self._socketConnected, self._connectFailed
+            )
+            pending.start()
+            self.factory.connecting.add(self, min(timeout, self.factory.pool.connectTimeout), self._connectTimedOut)
+
+    def _connectTimedOut(self) -> None:
+        connecting = self._connecting
+        if connecting is not None:
+            connecting.cancel(f"timed out after {self.factory.pool.connectTimeout:g}s")
+
+    def _socketConnected(self, sock) -> None:
+        self._connected()
+        transport = self.transport
+        if not self._paused:
+            transport.stopReading()
+        self._lastActivity = time.monotonic()
+        self.spliced = True
+        self.splice = SplicePair(self.factory.fdReactor, transport.socket, sock, self._spliced, self._spliceEnded)
+        self.splice.start()
+
+    def _connected(self) -> None:
+        """A server accepted the connection: it is ours until the end."""
         self._connecting = None
-        self.factory.pool.reportResult(backend.server, True)
+        self.factory.connecting.discard(self)
+        self.connected = True
+        self.factory.pool.reportResult(self.server, True)
         if self.affinity is not None:
-            self.factory.sticky.answered(self.affinity, backend.server, self.client)
+            self.factory.sticky.answered(self.affinity, self.server, self.client)
 
-    def _connectFailed(self, failure: Failure) -> None:
+    def _connectFailed(self, why: str) -> None:
         self._connecting = None
+        factory = self.factory
+        factory.connecting.discard(self)
         server, self.server = self.server, None
-        pool = self.factory.pool
+        pool = factory.pool
         pool.release(server)
         if self.closed:
             return  # the client left while we were connecting: not the server's fault
         pool.connectFailed(server)
-        self.tried.append(server)
+        self.tried = (*self.tried, server)
         _log.info(
             "connect to {server} failed: {why}",
             event="connect_failed",
-            service=self.factory.service,
+            service=factory.service,
             pool=pool.name,
             server=server.name,
-            why=failure.getErrorMessage(),
+            why=why,
         )
         if len(self.tried) <= pool.retries:
             self._connect()
@@ -227,9 +346,11 @@ class Frontend(_Side):
 
     def backendConnected(self, backend: "Backend") -> None:
         """
-        Splice the two transports: each is the other's producer.
+        The Twisted road: splice the two transports, each the other's
+        producer (or hand their sockets to the kernel).
         """
         self.backend = backend
+        self._lastActivity = time.monotonic()
         if self.factory.splice and spliceable(self.transport) and spliceable(backend.transport):
             self._startSplice(backend)
         else:
@@ -237,19 +358,14 @@ class Frontend(_Side):
             self.transport.registerProducer(backend.transport, True)
             self.hasProducer = backend.hasProducer = True
             self.transport.resumeProducing()
-        if self.factory.idleTimeout:
-            self._idleCall = self.factory.clock.callLater(self.factory.idleTimeout, self._checkIdle)
-
-    # The kernel path: both sockets taken from Twisted's transports.
-
-    splice: Optional[SplicePair] = None
 
     def _startSplice(self, backend: "Backend") -> None:
         for transport in (self.transport, backend.transport):
             transport.stopReading()
             transport.stopWriting()
+        self.spliced = True
         self.splice = SplicePair(
-            self.factory.clock, self.transport.socket, backend.transport.socket, self._spliced, self._spliceEnded
+            self.transport.reactor, self.transport.socket, backend.transport.socket, self._spliced, self._spliceEnded
         )
         self.splice.start()
 
@@ -259,17 +375,35 @@ class Frontend(_Side):
         self.bytesIn += toServer
         if toClient:
             self.bytesOut += toClient
-            self.backend._firstByte()
+            if not self.gotFirstByte:
+                self._firstByte()
         self.factory.pool.observeBytes(self.server, toServer, toClient)
+
+    def _firstByte(self) -> None:
+        """The server's first byte: its response time."""
+        if not self.gotFirstByte:
+            self.gotFirstByte = True
+            self.factory.pool.observeResponseTime(self.server, self.factory.clock.seconds() - self.connectStarted)
 
     def _spliceEnded(self, error: Optional[str]) -> None:
         """Both sockets are closed: what the two C{connectionLost}s would do."""
         self.closed = True
-        if self._idleCall is not None and self._idleCall.active():
-            self._idleCall.cancel()
-        self._idleCall = None
-        self.backend._ended()
+        self.splice = None
+        self._released()
+        if self.backend is not None:
+            self.backend.closed = True
         self._finished()
+        # The abandoned transports point back at their protocols: let
+        # reference counting free them all now rather than the cyclic GC.
+        self.transport.protocol = None
+        if self.backend is not None:
+            self.backend.transport.protocol = None
+
+    def _released(self) -> None:
+        """The server's connection is over: it is no longer active."""
+        # Without an answer the time to first byte is unknown: the connect time stands in.
+        self._firstByte()
+        self.factory.pool.release(self.server)
 
     def abort(self, why: str) -> None:
         """Close both connections now, losing what is buffered."""
@@ -280,15 +414,6 @@ class Frontend(_Side):
         self.transport.abortConnection()
         if self.backend is not None and not self.backend.closed:
             self.backend.transport.abortConnection()
-
-    def _checkIdle(self) -> None:
-        idle = time.monotonic() - self._lastActivity
-        remaining = self.factory.idleTimeout - idle
-        if remaining > 0:
-            self._idleCall = self.factory.clock.callLater(remaining, self._checkIdle)
-            return
-        self._idleCall = None
-        self.abort("idle timeout")
 
     # Bytes from the client.
 
@@ -317,9 +442,6 @@ class Frontend(_Side):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.closed = True
-        if self._idleCall is not None and self._idleCall.active():
-            self._idleCall.cancel()
-            self._idleCall = None
         if self._connecting is not None:
             self._connecting.cancel()
         if self._waiter is not None:
@@ -333,24 +455,24 @@ class Frontend(_Side):
         """Both sides are closed: the connection event."""
         factory = self.factory
         factory.open.remove(self)
+        server = self.server if self.connected else None
         if factory.metrics is not None:
             retried = min(len(self.tried), factory.pool.retries)
-            server = self.backend.server if self.backend else None
             factory.metrics.request(
                 factory.service, factory.pool, server, 0, None, self.bytesIn, self.bytesOut, retried, None, self.reason
             )
-        if not self.factory.accessLog:
+        if not factory.accessLog:
             return
         fields = dict(
-            service=self.factory.service,
-            pool=self.factory.pool.name,
-            selectedServer=self.backend.server.name if self.backend else None,
+            service=factory.service,
+            pool=factory.pool.name,
+            selectedServer=server.name if server is not None else None,
             client=self.client,
             bytesIn=self.bytesIn,
             bytesOut=self.bytesOut,
-            durationMs=round((self.factory.clock.seconds() - self.started) * 1000, 3),
+            durationMs=round((factory.clock.seconds() - self.started) * 1000, 3),
             retries=len(self.tried),
-            splice=self.splice is not None,
+            splice=self.spliced,
         )
         if self.error:
             fields["error"] = self.error
@@ -359,28 +481,21 @@ class Frontend(_Side):
 
 @implementer(IHalfCloseableProtocol)
 class Backend(_Side):
-    """The server's side of one spliced connection."""
+    """The server's side of one connection made through a Twisted endpoint."""
 
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
         self.server = frontend.server
         self.pool = frontend.factory.pool
         self.closed = False
-        self.gotFirstByte = False
 
     def connectionMade(self) -> None:
         self.frontend.backendConnected(self)
 
-    def _firstByte(self) -> None:
-        if not self.gotFirstByte:
-            self.gotFirstByte = True
-            self.pool.observeResponseTime(
-                self.server, self.frontend.factory.clock.seconds() - self.frontend.connectStarted
-            )
-
     def dataReceived(self, data: bytes) -> None:
         frontend = self.frontend
-        self._firstByte()
+        if not frontend.gotFirstByte:
+            frontend._firstByte()
         frontend.bytesOut += len(data)
         frontend._lastActivity = time.monotonic()
         frontend.transport.write(data)
@@ -398,15 +513,10 @@ class Backend(_Side):
     def writeConnectionLost(self) -> None:
         pass
 
-    def _ended(self) -> None:
-        self.closed = True
-        # Without an answer the time to first byte is unknown: the connect time stands in.
-        self._firstByte()
-        self.pool.release(self.server)
-
     def connectionLost(self, reason: Failure = None) -> None:
-        self._ended()
+        self.closed = True
         frontend = self.frontend
+        frontend._released()
         if frontend.closed:
             frontend._finished()
         else:
