@@ -48,14 +48,13 @@ from typing import Any, Optional
 
 from prometheus_client.core import Metric
 from twisted.application.service import Service
-from twisted.internet import tcp
+from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint, serverFromString
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogPublisher
-from twisted.python.failure import Failure
 
 from txlb.aggregate import MergedMetrics, applyServerFigures, mergeDecisions, mergeExpositions
 from txlb.control import ControlChannel
@@ -151,13 +150,11 @@ def bindShared(reactor, listen: str, count: int) -> SharedListener:
                 ports.append(port)
                 number = port.getHost().port  # port 0: the others share the first one's
         elif isinstance(endpoint, UNIXServerEndpoint):
-            d = endpoint.listen(_NoAccept())
-            result: list = []
-            d.addBoth(result.append)
-            if isinstance(result[0], Failure):
-                result[0].raiseException()
-            result[0].stopReading()
-            ports.append(result[0])
+            port = unix.Port(endpoint._address, _NoAccept(), endpoint._backlog, endpoint._mode, reactor,
+                             endpoint._wantPID)
+            port.startListening()
+            port.stopReading()
+            ports.append(port)
         else:
             raise ValueError(f"{listen!r}: worker processes share only tcp: and unix: sockets")
     except BaseException:
