@@ -39,7 +39,7 @@ def connectSocket(family: int, address: tuple) -> tuple[Optional[socket.socket],
         socket is closed).
     """
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM | _FLAGS)
+        sock = socket.SocketType(family, socket.SOCK_STREAM | _FLAGS)
     except OSError as e:
         return None, e.errno or errno.EMFILE
     if not _FLAGS:

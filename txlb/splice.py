@@ -106,15 +106,25 @@ pipes = PipePool()
 
 @implementer(IReadWriteDescriptor)
 class _Socket:
-    """One socket: its reads feed one direction, its writes drain the other."""
+    """
+    One socket, and the direction it is the source of: its reads feed that
+    direction (to C{peer}), its writes drain the peer's.
+    """
 
-    reading: "_Direction"
-    writing: "_Direction"
+    #: The pipe of this direction, while bytes are in it.
+    pipe: Optional[tuple[int, int]] = None
+    #: Bytes in the pipe, not yet written to the peer.
+    pending = 0
+    #: This socket sent EOF and it was passed on.
+    done = False
+    peer: "_Socket"
 
-    def __init__(self, pair: "SplicePair", sock: socket.socket) -> None:
+    def __init__(self, pair: "SplicePair", sock: socket.socket, upstream: bool) -> None:
         self.pair = pair
         self.sock = sock
         self.fd = sock.fileno()
+        #: The client's socket: what it sends is counted as C{toServer}.
+        self.upstream = upstream
 
     def fileno(self) -> int:
         return self.fd
@@ -123,30 +133,14 @@ class _Socket:
         return "txlb-splice"
 
     def doRead(self) -> None:
-        self.pair._pump(self.reading)
+        self.pair._pump(self)
 
     def doWrite(self) -> None:
-        self.pair._writable(self.writing)
+        self.pair._writable(self.peer)
 
     def connectionLost(self, reason) -> None:
         if self.pair is not None:
             self.pair._fail(reason.getErrorMessage())
-
-
-class _Direction:
-    """Bytes from C{src} to C{dst}, through a pipe while some are in flight."""
-
-    pipe: Optional[tuple[int, int]] = None
-    pending = 0
-    eof = False
-    done = False
-
-    def __init__(self, src: _Socket, dst: _Socket, upstream: bool) -> None:
-        self.src = src
-        self.dst = dst
-        #: Client to server (counted as C{toServer}), or the other way.
-        self.upstream = upstream
-        src.reading = dst.writing = self
 
 
 class SplicePair:
@@ -166,101 +160,101 @@ class SplicePair:
         self.count = count
         self.ended = ended
         self.pool = pipes if pool is None else pool
-        self.client = _Socket(self, client)
-        self.server = _Socket(self, server)
-        self.upstream = _Direction(self.client, self.server, True)
-        self.downstream = _Direction(self.server, self.client, False)
+        self.client = _Socket(self, client, True)
+        self.server = _Socket(self, server, False)
+        self.client.peer = self.server
+        self.server.peer = self.client
         self.closed = False
 
     def start(self) -> None:
         self.reactor.addReader(self.client)
         self.reactor.addReader(self.server)
 
-    def _pump(self, d: _Direction) -> None:
+    def _pump(self, src: _Socket) -> None:
         """
-        The source is readable (and the pipe empty): move what it has to the
-        destination, a few chunks at most, until it has no more, the
-        destination is full, or an EOF.
+        C{src} is readable (and its pipe empty): move what it has to its
+        peer, a few chunks at most, until it has no more, the peer is full,
+        or an EOF.
         """
-        pipe = d.pipe
+        pipe = src.pipe
         if pipe is None:
-            pipe = d.pipe = self.pool.get()
+            pipe = src.pipe = self.pool.get()
         readEnd, writeEnd = pipe
-        src = d.src.fd
-        dst = d.dst.fd
+        srcFd = src.fd
+        dstFd = src.peer.fd
         splice = os.splice
         for _ in range(_ROUNDS):
             try:
-                n = splice(src, writeEnd, CHUNK, flags=_FLAGS)
+                n = splice(srcFd, writeEnd, CHUNK, flags=_FLAGS)
             except BlockingIOError:
                 break
             except OSError as e:
                 self._fail(e.strerror)
                 return
             if n == 0:
-                self._eof(d)
+                self._eof(src)
                 return
-            if d.upstream:
+            if src.upstream:
                 self.count(n, 0)
             else:
                 self.count(0, n)
             pending = n
             while pending:
                 try:
-                    pending -= splice(readEnd, dst, pending, flags=_FLAGS)
+                    pending -= splice(readEnd, dstFd, pending, flags=_FLAGS)
                 except BlockingIOError:
                     # The receiver is slow: stop reading until it drains.
-                    d.pending = pending
-                    self.reactor.removeReader(d.src)
-                    self.reactor.addWriter(d.dst)
+                    src.pending = pending
+                    self.reactor.removeReader(src)
+                    self.reactor.addWriter(src.peer)
                     return
                 except OSError as e:
-                    d.pending = pending
+                    src.pending = pending
                     self._fail(e.strerror)
                     return
             if n < _MORE or self.closed:
                 break
-        d.pipe = None
+        src.pipe = None
         self.pool.put(pipe)
 
-    def _eof(self, d: _Direction) -> None:
-        """The source sent EOF (its pipe is empty): pass it on as a half-close."""
-        d.eof = d.done = True
-        self.pool.put(d.pipe)
-        d.pipe = None
-        self.reactor.removeReader(d.src)
-        other = self.downstream if d.upstream else self.upstream
-        if other.done:
+    def _eof(self, src: _Socket) -> None:
+        """C{src} sent EOF (its pipe is empty): pass it on as a half-close."""
+        src.done = True
+        self.pool.put(src.pipe)
+        src.pipe = None
+        self.reactor.removeReader(src)
+        if src.peer.done:
             # Closing both sockets ends this direction too: no shutdown needed.
             self.close(None)
             return
         try:
-            d.dst.sock.shutdown(socket.SHUT_WR)
+            src.peer.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
 
-    def _writable(self, d: _Direction) -> None:
-        """The destination of a stalled direction has room again."""
-        self.reactor.removeWriter(d.dst)
-        readEnd = d.pipe[0]
-        dst = d.dst.fd
-        pending = d.pending
+    def _writable(self, src: _Socket) -> None:
+        """The peer of C{src}, whose direction stalled, has room again."""
+        dst = src.peer
+        self.reactor.removeWriter(dst)
+        readEnd = src.pipe[0]
+        dstFd = dst.fd
+        pending = src.pending
         while pending:
             try:
-                pending -= os.splice(readEnd, dst, pending, flags=_FLAGS)
+                pending -= os.splice(readEnd, dstFd, pending, flags=_FLAGS)
             except BlockingIOError:
-                d.pending = pending
-                self.reactor.addWriter(d.dst)
+                src.pending = pending
+                self.reactor.addWriter(dst)
                 return
             except OSError as e:
-                d.pending = pending
+                src.pending = pending
                 self._fail(e.strerror)
                 return
-        d.pending = 0
-        self.pool.put(d.pipe)
-        d.pipe = None
+        src.pending = 0
+        self.pool.put(src.pipe)
+        src.pipe = None
         if not self.closed:
-            self.reactor.addReader(d.src)
+            self.reactor.addReader(src)
 
     def _fail(self, message: str) -> None:
         self.close(message or "connection lost")
@@ -274,17 +268,16 @@ class SplicePair:
         for side in (self.client, self.server):
             reactor.removeReader(side)
             reactor.removeWriter(side)
-        for d in (self.upstream, self.downstream):
-            if d.pipe is not None:
-                # Bytes nobody will read: this pipe cannot be reused.
-                self.pool.discard(d.pipe)
-                d.pipe = None
         for side in (self.client, self.server):
+            if side.pipe is not None:
+                # Bytes nobody will read: this pipe cannot be reused.
+                self.pool.discard(side.pipe)
+                side.pipe = None
             try:
                 side.sock.close()
             except OSError:
                 pass
-            side.pair = None
+            side.pair = side.peer = None
         ended, self.ended, self.count = self.ended, None, None
         ended(error)
 
