@@ -237,8 +237,11 @@ def test_tcp_sockets_share_one_port_one_per_worker():
     reactor = MemoryReactorClock()
     shared = bindShared(reactor, "tcp:0:interface=127.0.0.1", 3)
     try:
-        ports = {p.getHost().port for p in shared.ports}
+        ports = {skt.getsockname()[1] for skt in shared.sockets}
         assert len(ports) == 1 and len({shared.socketFor(i)[0] for i in range(3)}) == 3
+        # Bound, not listening: nothing connects before a worker accepts.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", ports.pop()), timeout=5)
         fd, family = shared.socketFor(1)
         assert family == socket.AF_INET
         assert socket.socket(fileno=os.dup(fd)).getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1

@@ -17,8 +17,8 @@ settings or certificates.
 
 from __future__ import annotations
 
-import os
 import signal
+import socket
 from typing import Mapping, Optional
 
 import attrs
@@ -197,7 +197,7 @@ class TxlbService(MultiService):
         #: the listeners on the sockets the master handed down, with the
         #: master's pool state (L{txlb.worker}).
         self.role = role
-        #: A worker's inherited listening sockets: C{{listen: (fd, family)}}.
+        #: A worker's inherited sockets: C{{listen: (fd, family, backlog)}}.
         self.sockets = dict(sockets or {})
         self.logObserver = logObserver if logObserver is not None else makeObserver(config.log, clock=reactor)
         self.endpoints = EndpointCache(reactor)
@@ -446,10 +446,13 @@ class TxlbService(MultiService):
             except (CannotListenError, OSError, ValueError) as e:
                 raise ListenError(f"txlb: service {name}: cannot listen on {listen!r}: {e}")
         if self.role == "worker":
-            fd, family = self.sockets[listen]
-            port = self.reactor.adoptStreamPort(fd, family, entry)
-            os.close(fd)  # the port has its own copy
-            return port
+            fd, family, backlog = self.sockets[listen]
+            skt = socket.socket(fileno=fd)
+            try:
+                skt.listen(backlog)  # the master bound it; its first worker makes it listen
+                return self.reactor.adoptStreamPort(skt.fileno(), family, entry)
+            finally:
+                skt.close()  # the port has its own copy
         return self._listen(name, listen, entry, late)
 
     def _owner(self, listen: str) -> str:

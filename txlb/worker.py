@@ -157,6 +157,7 @@ class Worker:
         self.reactor = reactor
         self.number = number
         self.channel: Optional[ControlChannel] = None
+        self.prepared = False
         self.serving = False
         self.stopping = False
 
@@ -182,6 +183,9 @@ class Worker:
         if op == "state":
             self.applyState(message["pools"])
             return None
+        if op == "listen":
+            self.listen()
+            return None
         if op == "snapshot":
             return self.snapshot(message.get("parts", ()), message.get("limit", 50))
         if op == "purge":
@@ -196,6 +200,12 @@ class Worker:
             pool = self.service.pools.get(name)
             if pool is not None:
                 applyState(pool, entries)
+        if not self.prepared:
+            self.prepared = True
+            self.channel.notify({"op": "prepared"})
+
+    def listen(self) -> None:
+        """Accept on the inherited sockets, from now on."""
         if not self.serving and not self.stopping:
             self.serving = True
             self.service.privilegedStartService()
@@ -253,7 +263,7 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
                                      description="A txlb worker process; started by txlb itself.")
     parser.add_argument("--config", required=True)
     parser.add_argument("--worker", type=int, required=True)
-    parser.add_argument("--sockets", required=True, help="JSON: {listen: [fd, address family]}")
+    parser.add_argument("--sockets", required=True, help="JSON: {listen: [fd, address family, backlog]}")
     parser.add_argument("--log", required=True, help="JSON: the master's [log] format and path")
     return parser.parse_args(argv)
 
@@ -283,7 +293,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     log = json.loads(args.log)
     # [log] format and path are the master's: they change only on restart.
     config = attrs.evolve(config, log=attrs.evolve(config.log, format=log["format"], path=log["path"]))
-    sockets = {listen: (fd, family) for listen, (fd, family) in json.loads(args.sockets).items()}
+    sockets = {listen: tuple(entry) for listen, entry in json.loads(args.sockets).items()}
     observer = workerObserver(config.log, reactor)
     service = TxlbService(config, factories, reactor, healthFactories, role="worker", sockets=sockets,
                           logObserver=observer)

@@ -48,11 +48,10 @@ from typing import Any, Optional
 
 from prometheus_client.core import Metric
 from twisted.application.service import Service
-from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint, serverFromString
-from twisted.internet.error import ProcessDone
-from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.error import CannotListenError, ProcessDone
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogPublisher
 
@@ -90,78 +89,72 @@ def poolState(pool: Pool) -> list[list]:
 # Sockets.
 
 
-class _ReusePort(tcp.Port):
-    """A TCP port whose socket shares its address with others (C{SO_REUSEPORT})."""
-
-    def createInternetSocket(self):
-        skt = super().createInternetSocket()
-        skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        return skt
-
-
-class _NoAccept(Factory):
-    """The master never accepts on its copies of the sockets."""
-
-    noisy = False
-
-    def buildProtocol(self, addr):
-        return None
-
-
 class SharedListener:
     """
-    The master's sockets for one listen endpoint: one per worker slot
-    (TCP) or one for all (unix).  Stands where a listening port stands in
-    the service's C{ports}.
+    The master's sockets for one listen endpoint, bound but not listening:
+    one per worker slot (TCP, C{SO_REUSEPORT}) or one for all (unix).  A
+    worker calls C{listen()} on its slot's socket when the master says so,
+    so that nothing connects before a worker can accept; once listening, a
+    socket stays so while the master holds it, through worker restarts.
+    Stands where a listening port stands in the service's C{ports}.
     """
 
-    def __init__(self, listen: str, ports: list) -> None:
+    def __init__(self, listen: str, sockets: list[socket.socket], backlog: int) -> None:
         self.listen = listen
-        self.ports = ports
+        self.sockets = sockets
+        self.backlog = backlog
 
     def socketFor(self, slot: int) -> tuple[int, int]:
         """The file descriptor and address family of C{slot}'s socket."""
-        port = self.ports[slot % len(self.ports)]
-        return port.fileno(), port.socket.family
-
-    def getHost(self):
-        return self.ports[0].getHost()
+        skt = self.sockets[slot % len(self.sockets)]
+        return skt.fileno(), skt.family
 
     def stopListening(self) -> Deferred:
-        return gatherResults([p.stopListening() or succeed(None) for p in self.ports])
+        for skt in self.sockets:
+            skt.close()
+        return succeed(None)
 
 
 def bindShared(reactor, listen: str, count: int) -> SharedListener:
     """
-    Bind C{listen}'s sockets for C{count} workers, listening but never read.
+    Bind C{listen}'s sockets for C{count} workers (not listening yet).
 
     @raise CannotListenError: the address cannot be bound.
     @raise ValueError: not a TCP or unix endpoint (the config refuses those).
     """
     endpoint = serverFromString(reactor, listen)
-    ports: list = []
+    sockets: list[socket.socket] = []
     try:
         if isinstance(endpoint, TCP4ServerEndpoint):
-            number = endpoint._port
+            interface, number = endpoint._interface, endpoint._port
+            family = socket.AF_INET6 if ":" in interface else socket.AF_INET
             for _ in range(count):
-                port = _ReusePort(number, _NoAccept(), endpoint._backlog, endpoint._interface, reactor)
-                port.startListening()
-                port.stopReading()
-                ports.append(port)
-                number = port.getHost().port  # port 0: the others share the first one's
+                skt = socket.socket(family, socket.SOCK_STREAM)
+                sockets.append(skt)
+                skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                try:
+                    skt.bind((interface, number))
+                except OSError as e:
+                    raise CannotListenError(interface, number, e)
+                number = skt.getsockname()[1]  # port 0: the others share the first one's
         elif isinstance(endpoint, UNIXServerEndpoint):
-            port = unix.Port(endpoint._address, _NoAccept(), endpoint._backlog, endpoint._mode, reactor,
-                             endpoint._wantPID)
-            port.startListening()
-            port.stopReading()
-            ports.append(port)
+            skt = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sockets.append(skt)
+            try:
+                skt.bind(endpoint._address)
+            except OSError as e:
+                raise CannotListenError(None, endpoint._address, e)
+            os.chmod(endpoint._address, endpoint._mode)
         else:
             raise ValueError(f"{listen!r}: worker processes share only tcp: and unix: sockets")
     except BaseException:
-        for port in ports:
-            port.stopListening()
+        for skt in sockets:
+            skt.close()
         raise
-    return SharedListener(listen, ports)
+    for skt in sockets:
+        skt.setblocking(False)
+    return SharedListener(listen, sockets, endpoint._backlog)
 
 
 # Workers.
@@ -174,6 +167,8 @@ class _WorkerProcess(ProcessProtocol):
         self.workers = workers
         self.slot = slot
         self.pid: Optional[int] = None
+        #: Has the master's state and waits for the word to listen.
+        self.prepared = False
         self.ready = False
         self.stopping = False
         self.started = workers.reactor.seconds()
@@ -204,7 +199,10 @@ class _WorkerProcess(ProcessProtocol):
 
     def _handle(self, message: dict) -> Any:
         op = message.get("op")
-        if op == "ready":
+        if op == "prepared":
+            self.prepared = True
+            self.workers._prepared(self)
+        elif op == "ready":
             self.ready = True
             self.workers._ready(self)
         elif op == "ejected":
@@ -251,6 +249,8 @@ class Workers(Service):
         self._resync = LoopingCall(self.push)
         self._resync.clock = reactor
         self.halted = False
+        #: The sockets listen (see L{_prepared}).
+        self.armed = False
         #: The master's stdout and stderr, inherited by the workers: their
         #: events go where the master's go.
         self.childFDs = {0: "w", 1: 1, 2: 2, CONTROL_FD: "r"}
@@ -295,6 +295,7 @@ class Workers(Service):
         killed).  None is restarted until L{startAll}.
         """
         self.halted = True
+        self.armed = False
         for call in self._restartCalls.values():
             if call.active():
                 call.cancel()
@@ -324,7 +325,7 @@ class Workers(Service):
         for listen, shared in self.owner.ports.items():
             parentFd, family = shared.socketFor(slot)
             childFDs[fd] = parentFd
-            sockets[listen] = [fd, family]
+            sockets[listen] = [fd, family, shared.backlog]
             fd += 1
         log = self.owner.config.log
         args = [
@@ -352,6 +353,22 @@ class Workers(Service):
             return
         for slot in range(self.count):
             self.spawn(slot)
+
+    def _prepared(self, proc: _WorkerProcess) -> None:
+        """
+        A worker has the state and can accept.  At first start, the sockets
+        start listening only when every worker can accept on its own, so
+        that the first connections are spread over all of them (a socket
+        that listens alone would take them all); later, a worker that
+        takes over a slot accepts at once.
+        """
+        if self.armed:
+            proc.channel.notify({"op": "listen"})
+            return
+        if all(p is not None and p.prepared for p in self.slots):
+            self.armed = True
+            for p in self.slots:
+                p.channel.notify({"op": "listen"})
 
     def _ready(self, proc: _WorkerProcess) -> None:
         self._failures[proc.slot] = 0
