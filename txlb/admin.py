@@ -140,8 +140,10 @@ class AdminResource(Resource):
                 self._authorize(request)
             except ApiError as e:
                 return self._answer(request, e.status, {"error": e.message})
+            gone: list = []
+            request.notifyFinish().addErrback(gone.append)
             d = self.workers.refresh()
-            d.addBoth(lambda _: self._respond(request, method, segments, late=True))
+            d.addBoth(lambda _: None if gone else self._respond(request, method, segments, late=True))
             return NOT_DONE_YET
         return self._respond(request, method, segments)
 
