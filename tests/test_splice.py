@@ -6,6 +6,7 @@ reactor would.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 
@@ -53,12 +54,13 @@ def spliced():
     reactor = Watching()
     counted, ended = [], []
     pair = splice.SplicePair(reactor, txlbClient, txlbServer, lambda up, down: counted.append((up, down)),
-                             ended.append)
+                             ended.append, pool=splice.PipePool())
     pair.start()
     yield pair, reactor, client, server, counted, ended
     for s in (client, server):
         s.close()
     pair.close(None)
+    pair.pool.clear()
 
 
 def readAll(sock: socket.socket) -> bytes:
@@ -144,3 +146,61 @@ def test_abort_resets_both(spliced):
         client.setblocking(True)
         client.settimeout(5)
         client.recv(10)
+
+
+def isOpen(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_pipe_is_held_only_while_bytes_are_in_it(spliced):
+    """
+    Bytes written straight through leave the pipe empty: it goes back to
+    the pool, and the next chunk, either way, reuses it.
+    """
+    pair, reactor, client, server, counted, ended = spliced
+    client.sendall(b"hello")
+    pair.client.doRead()
+    assert pair.client.pipe is None
+    [pipe] = pair.pool.free
+    server.sendall(b"world!")
+    pair.server.doRead()
+    assert pair.pool.free == [pipe]
+    assert readAll(client) == b"world!"
+
+
+def test_a_stalled_direction_keeps_its_pipe_and_closing_discards_it(spliced):
+    pair, reactor, client, server, counted, ended = spliced
+    block = b"x" * (1 << 20)
+    for _ in range(256):  # bounded: the buffers between are a few MiB
+        try:
+            client.send(block)
+        except BlockingIOError:
+            pass
+        select.select([pair.client], [], [], 0.2)
+        pair.client.doRead()
+        if pair.client.pending:
+            break
+    assert pair.client.pending and pair.client.pipe is not None
+    held = pair.client.pipe
+    assert pair.pool.free == []
+    pair.close(None)
+    assert not isOpen(held[0]) and not isOpen(held[1])  # bytes nobody will read: not reused
+    assert pair.pool.free == []
+
+
+def test_the_pool_keeps_a_bounded_number_of_empty_pipes():
+    pool = splice.PipePool(keep=2)
+    taken = [pool.get() for _ in range(3)]
+    assert len({fd for pipe in taken for fd in pipe}) == 6
+    for pipe in taken:
+        pool.put(pipe)
+    assert pool.free == taken[:2]
+    assert not isOpen(taken[2][0]) and not isOpen(taken[2][1])
+    assert pool.get() == taken[1]  # reused, not made anew
+    pool.discard(taken[1])
+    pool.clear()
+    assert not isOpen(taken[0][0])

@@ -6,12 +6,20 @@ timeout, client leaving early) is driven deterministically.
 
 from __future__ import annotations
 
+import gc
+import select
+import socket
+import time
+import weakref
+
 import pytest
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
+from txlb import splice
 from txlb.endpoints import EndpointCache
 from txlb.pool import Pool, Server
 from txlb.schedulers.rotation import RoundRobin
@@ -243,25 +251,39 @@ def test_time_to_first_byte_is_the_response_time():
     assert h.servers[0].responseTime == pytest.approx(0.3)
 
 
-def test_idle_connections_are_closed():
+def test_idle_connections_are_closed_by_the_periodic_check():
+    """
+    One check per eighth of the idle timeout closes the connections idle
+    for the whole timeout, and only those.
+    """
+    h = Harness(idle=60.0)
+    idle, idleClient = h.accept()
+    _, idleServer = h.answer()
+    timers = len(h.reactor.getDelayedCalls())
+    busy, busyClient = h.accept()
+    h.answer()
+    assert len(h.reactor.getDelayedCalls()) == timers  # no timer per connection
+    idle._lastActivity -= 59.0  # monotonic time moved on with no bytes
+    h.reactor.advance(7.5)
+    assert not idleClient.disconnected
+    idle._lastActivity -= 1.0
+    h.reactor.advance(7.5)
+    assert idleClient.disconnected and idleServer.disconnected
+    assert idle.error == "idle timeout"
+    assert not busyClient.disconnected
+
+
+def test_the_idle_check_stops_with_the_last_connection():
     h = Harness(idle=60.0)
     frontend, client = h.accept()
     backend, server = h.answer()
-    h.reactor.advance(30)
+    h.reactor.advance(60)  # bytes flowed just now: nothing to close
     assert not client.disconnected
-    frontend._lastActivity -= 60  # monotonic time moved on with no bytes
-    h.reactor.advance(30)
-    assert client.disconnected and server.disconnected
-    assert frontend.error == "idle timeout"
-
-
-def test_activity_postpones_the_idle_timeout():
-    h = Harness(idle=60.0)
-    frontend, client = h.accept()
-    backend, server = h.answer()
-    h.reactor.advance(60)  # bytes flowed just now: the check re-arms
-    assert not client.disconnected
-    assert h.reactor.getDelayedCalls()
+    assert len(h.reactor.getDelayedCalls()) == 1  # the idle check (the connect timeout is over)
+    backend.connectionLost(Failure(ConnectionDone()))
+    frontend.connectionLost(Failure(ConnectionDone()))
+    h.reactor.advance(7.5)
+    assert h.reactor.getDelayedCalls() == []
 
 
 def test_drain_waits_for_open_connections_then_aborts_the_rest():
@@ -330,3 +352,219 @@ def test_client_leaving_the_queue_is_forgotten():
     backend.connectionLost(Failure(ConnectionDone()))
     assert len(h.reactor.tcpClients) == 1
     assert h.servers[0].active == 0
+
+
+# The direct road: a plaintext service with splice, real loopback sockets, a
+# memory reactor that only records what is watched, and a small loop that
+# calls doRead/doWrite as the reactor would (every wait bounded).
+
+
+class Direct:
+    """
+    A balancer whose servers are real loopback listeners (or any address
+    given), fed with real client connections wrapped in Twisted's own TCP
+    transport, so that the direct road (L{txlb.connect}, L{txlb.splice}) is
+    the one taken.
+    """
+
+    def __init__(self, addresses: list, retries: int = 2, idle: float = 0.0) -> None:
+        self.reactor = MemoryReactorClock()
+        self.servers = [Server(f"s{i}", f"tcp:host={host}:port={port}") for i, (host, port) in enumerate(addresses)]
+        self.pool = Pool("p", "round_robin", RoundRobin(), self.servers, self.reactor,
+                         retries=retries, connectTimeout=2.0)
+        self.factory = TCPBalancerFactory("svc", self.pool, EndpointCache(self.reactor), self.reactor,
+                                          idleTimeout=idle)
+        self.front = socket.socket()
+        self.front.bind(("127.0.0.1", 0))
+        self.front.listen()
+
+    def accept(self):
+        client = socket.create_connection(self.front.getsockname(), timeout=5)
+        sock, addr = self.front.accept()
+        frontend = self.factory.buildProtocol(IPv4Address("TCP", *addr))
+        transport = tcp.Server(sock, frontend, addr, None, 1, self.reactor)
+        frontend.makeConnection(transport)
+        return frontend, client
+
+    def turn(self, timeout: float = 0.5) -> None:
+        """One pass of the reactor: whatever is ready is read or written."""
+        readers, writers = list(self.reactor.readers), list(self.reactor.writers)
+        if not readers and not writers:
+            return
+        readable, writable, _ = select.select(readers, writers, [], timeout)
+        for r in readable:
+            if r in self.reactor.readers:
+                r.doRead()
+        for w in writable:
+            if w in self.reactor.writers:
+                w.doWrite()
+
+    def until(self, condition, what: str, timeout: float = 5.0):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            self.turn()
+        return condition()
+
+    def close(self) -> None:
+        self.front.close()
+
+
+@pytest.fixture
+def listeners():
+    made = []
+    for _ in range(3):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        made.append(s)
+    yield made
+    for s in made:
+        s.close()
+
+
+def served(listener: socket.socket) -> socket.socket:
+    listener.settimeout(5)
+    conn, _ = listener.accept()
+    conn.settimeout(5)
+    return conn
+
+
+def atEOF(sock: socket.socket) -> bool:
+    """The peer's EOF is here (checked without waiting)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+
+
+def recvExactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk
+        data += chunk
+    return data
+
+
+@pytest.mark.skipif(not splice.available, reason="no os.splice on this platform")
+class TestDirect:
+    def test_connects_and_splices_without_twisteds_connector(self, listeners, events):
+        d = Direct([s.getsockname() for s in listeners])
+        frontend, client = d.accept()
+        assert d.reactor.tcpClients == []  # no connector, no Deferred
+        d.until(lambda: frontend.spliced, "the connect")
+        server = served(listeners[0])
+        client.sendall(b"hello")
+        d.until(lambda: frontend.bytesIn == 5, "the request")
+        assert recvExactly(server, 5) == b"hello"
+        server.sendall(b"world!")
+        d.until(lambda: frontend.bytesOut == 6, "the answer")
+        assert recvExactly(client, 6) == b"world!"
+        assert d.servers[0].active == 1
+        server.close()
+        d.until(lambda: atEOF(client), "the server's EOF at the client")
+        client.close()
+        d.until(lambda: frontend.closed, "both sides to close")
+        assert d.servers[0].active == 0
+        assert (d.servers[0].bytesIn, d.servers[0].bytesOut) == (5, 6)
+        assert d.factory.open.open == set()
+        [event] = [e for e in events if e.get("event") == "connection"]
+        assert (event["selectedServer"], event["splice"], event["bytesIn"], event["bytesOut"]) == ("s0", True, 5, 6)
+        assert not d.reactor.readers and not d.reactor.writers
+        d.close()
+
+    def test_a_refused_connect_tries_another_server(self, listeners, events):
+        with socket.socket() as dead:
+            dead.bind(("127.0.0.1", 0))  # bound, not listening: refused
+            d = Direct([dead.getsockname(), listeners[1].getsockname()])
+            frontend, client = d.accept()
+            d.until(lambda: frontend.spliced, "the second server")
+        served(listeners[1]).close()
+        assert frontend.server is d.servers[1]
+        assert d.servers[0].failures == 1 and d.servers[0].active == 0
+        [failed] = [e for e in events if e.get("event") == "connect_failed"]
+        assert (failed["server"], failed["why"]) == ("s0", "Connection refused")
+        client.close()
+        d.close()
+
+    def test_a_connect_that_hangs_times_out_and_the_next_server_is_tried(self, listeners, events):
+        with socket.socket() as full:
+            full.bind(("127.0.0.1", 0))
+            full.listen(0)
+            filler = socket.create_connection(full.getsockname(), timeout=5)
+            d = Direct([full.getsockname(), listeners[1].getsockname()])
+            frontend, client = d.accept()
+            assert not frontend.spliced
+            assert frontend.transport not in d.reactor.readers  # nothing is read from the client meanwhile
+            d.reactor.advance(1.9)
+            assert d.servers[0].failures == 0
+            d.reactor.advance(0.1)
+            assert d.servers[0].failures == 1 and d.servers[0].active == 0
+            [failed] = [e for e in events if e.get("event") == "connect_failed"]
+            assert failed["why"] == "timed out after 2s"
+            d.until(lambda: frontend.spliced, "the second server")
+            assert frontend.server is d.servers[1]
+            filler.close()
+        client.close()
+        d.close()
+
+    def test_a_client_leaving_while_connecting_releases_the_server(self, listeners, events):
+        with socket.socket() as full:
+            full.bind(("127.0.0.1", 0))
+            full.listen(0)
+            filler = socket.create_connection(full.getsockname(), timeout=5)
+            d = Direct([full.getsockname(), listeners[1].getsockname()])
+            frontend, client = d.accept()
+            pending = frontend._connecting
+            frontend.connectionLost(Failure(ConnectionDone()))
+            assert pending.sock.fileno() == -1
+            assert [s.active for s in d.servers] == [0, 0]
+            assert d.servers[0].failures == 0
+            assert len(d.factory.connecting) == 0
+            assert not [e for e in events if e.get("event") == "connect_failed"]
+            d.reactor.advance(5)
+            assert d.servers[1].total == 0  # no retry for a client that left
+            filler.close()
+        client.close()
+        d.close()
+
+    def test_idle_spliced_connections_are_reset(self, listeners, events):
+        d = Direct([s.getsockname() for s in listeners], idle=8.0)
+        frontend, client = d.accept()
+        d.until(lambda: frontend.spliced, "the connect")
+        server = served(listeners[0])
+        frontend._lastActivity -= 8.0
+        d.reactor.advance(1.0)
+        assert frontend.closed and frontend.error == "idle timeout"
+        with pytest.raises(ConnectionResetError):
+            client.recv(10)
+        assert d.servers[0].active == 0
+        server.close()
+        client.close()
+        d.close()
+
+    def test_an_ended_connection_is_freed_without_the_cyclic_collector(self, listeners):
+        """
+        Nothing of a finished connection points back at itself, so its
+        objects go as soon as the last reference does: no garbage piles up
+        for the collector between connections.
+        """
+        d = Direct([s.getsockname() for s in listeners])
+        gc.disable()
+        try:
+            frontend, client = d.accept()
+            d.until(lambda: frontend.spliced, "the connect")
+            server = served(listeners[0])
+            pair = frontend.splice
+            refs = [weakref.ref(o) for o in (frontend, frontend.transport, pair, pair.client, pair.server)]
+            del pair
+            server.sendall(b"bye")
+            server.close()
+            d.until(lambda: frontend.bytesOut == 3, "the answer")
+            assert recvExactly(client, 3) == b"bye"
+            client.close()
+            d.until(lambda: frontend.closed, "both sides to close")
+            frontend = None
+            assert [r() for r in refs] == [None] * 5
+        finally:
+            gc.enable()
+            d.close()
