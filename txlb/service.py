@@ -17,6 +17,7 @@ settings or certificates.
 
 from __future__ import annotations
 
+import gc
 import signal
 import socket
 from typing import Mapping, Optional
@@ -488,6 +489,7 @@ class TxlbService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        self.reactor.callWhenRunning(settleHeap)
         # Events are flushed in batches: write out the last ones on the way out.
         self.reactor.addSystemEventTrigger("after", "shutdown", self.logObserver.flush)
         if self.config.log.path != "-" and self.role != "worker":
@@ -789,6 +791,21 @@ class TxlbService(MultiService):
             factory.finish()
         if len(factory.open):
             self.retired.add(factory)
+
+
+def settleHeap() -> None:
+    """
+    Once running, take what start-up built (modules, config, pools: alive
+    for the whole run) out of the cyclic collector's view.
+
+    A proxy's per-request objects are freed by reference counting when the
+    request ends, so under load the collector seldom runs; but when it runs
+    a full collection it walks the whole start-up heap, a pause of about
+    15 ms measured under keep-alive load, which lands in the latency tail.
+    After C{gc.freeze} a full collection walks only what was made since.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _adminListen(config: Config) -> Optional[str]:
