@@ -118,3 +118,17 @@ def test_emit_gives_other_observers_an_ordinary_event():
     (event,) = seen
     assert event["event"] == "request" and event["status"] == 503
     assert event["log_namespace"] == "txlb.http" and event["log_format"] == "request"
+
+
+def test_lines_encode_like_the_standard_encoder():
+    import pytest
+
+    from txlb.logs import _encode
+
+    value = {"a": 1.5, "b": None, "c": "é\n\"", "d": [1, "x"], "f": True}
+    assert _encode(value) == json.dumps(value, separators=(",", ":"))
+    assert _encode({"x": frozenset()}) == '{"x":"frozenset()"}'
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(ValueError):  # as the standard encoder says it
+        _encode({"x": loop})
