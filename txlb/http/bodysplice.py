@@ -26,13 +26,17 @@ from typing import Callable, Optional
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from zope.interface import implementer
 
-from txlb.splice import CHUNK, available, spliceable
+from txlb.splice import available, spliceable
 
 __all__ = ["BodySplice", "CLOSED", "MIN_SPLICE", "SINK", "SOURCE", "available", "buffered", "spliceable"]
 
 #: Bodies with fewer bytes than this still to come are copied as usual: a
 #: pipe and the reactor's registrations cost more than they save.
 MIN_SPLICE = 64 * 1024
+
+#: Bytes asked of one splice call, and the largest pipe asked for: 1 MiB
+#: costs a third of the CPU time of 64 KiB per byte moved.
+CHUNK = 1 << 20
 
 _F_SETPIPE_SZ = 1031
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -108,6 +112,10 @@ class BodySplice:
     def waitingForSink(self) -> bool:
         """The pipe holds bytes the sink has not taken (else: waiting for the source)."""
         return self.pending > 0
+
+    @property
+    def started(self) -> bool:
+        return self.pipe is not None or self.done
 
     def start(self) -> None:
         read, write = self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from txlb.cache import storedResponse
 from txlb.http.backend import BackendConnection
-from txlb.http.bodysplice import CLOSED, SINK, SOURCE, BodySplice, buffered, spliceable
+from txlb.http.bodysplice import SINK, SOURCE, BodySplice, buffered, spliceable
 from txlb.http.headers import requestId, responseHead
 from txlb.pool import Pool
 from txlb.wire import sendNow
@@ -265,6 +265,9 @@ class Exchange:
         frontend.gate.pause("splice")
         conn.splice = BodySplice(backend.reactor, backend.socket, client.socket, left,
                                  self._spliceMoved, self._spliceEnded)
+        service = frontend.service
+        self.lastMoved = service.clock.seconds()
+        frontend._arm(_spliceTimeout(service), self._spliceStalled)
         if buffered(client):
             # The head (or the start of the body) is still in Twisted's
             # buffer: splice once it is out, so that bytes keep their order.
@@ -273,12 +276,8 @@ class Exchange:
             self._spliceStart()
 
     def _spliceStart(self) -> None:
-        if self.conn is None or self.conn.splice is None:
-            return  # a side went away meanwhile
-        service = self.frontend.service
-        self.lastMoved = service.clock.seconds()
-        self.frontend._arm(_spliceTimeout(service), self._spliceStalled)
-        self.conn.splice.start()
+        if self.conn is not None and self.conn.splice is not None:  # else a side went away meanwhile
+            self.conn.splice.start()
 
     def _spliceMoved(self, count: int) -> None:
         self.bytesSent += count
@@ -295,7 +294,7 @@ class Exchange:
         splice = self.conn.splice if self.conn is not None else None
         if splice is None:
             return
-        slow = splice.waitingForSink
+        slow = splice.waitingForSink or not splice.started  # (waiting for Twisted's buffer to drain)
         timeout = service.clientTimeout if slow else service.backendTimeout
         quiet = service.clock.seconds() - self.lastMoved
         if not timeout or quiet < timeout:
@@ -305,7 +304,7 @@ class Exchange:
         if slow:
             self._spliceEnded(f"the client read nothing for {timeout:g}s", SINK)
         else:
-            self._spliceEnded(f"{self.server.name} sent nothing for {timeout:g}s", SOURCE)
+            self._spliceEnded(f"sent nothing for {timeout:g}s", SOURCE)
 
     def _spliceEnded(self, error: Optional[str], side: Optional[str]) -> None:
         """The splice is over and has given both sockets back."""
@@ -318,7 +317,7 @@ class Exchange:
             conn.spliced()
         elif side == SOURCE:
             # As if the backend connection had broken under the parser.
-            conn._fail(f"{self.server.name} {error}" if error == CLOSED else f"{self.server.name}: {error}")
+            conn._fail(f"{self.server.name} {error}" if error[:1].islower() else f"{self.server.name}: {error}")
         else:
             # As the client's transport would have found it gone (or stalled).
             self.error = error if error.startswith("the client") else "client closed the connection"
