@@ -117,6 +117,8 @@ class _Socket:
     pending = 0
     #: This socket sent EOF and it was passed on.
     done = False
+    #: The reactor is watching it for reading.
+    watched = False
     peer: "_Socket"
 
     def __init__(self, pair: "SplicePair", sock: socket.socket, upstream: bool) -> None:
@@ -167,8 +169,9 @@ class SplicePair:
         self.closed = False
 
     def start(self) -> None:
-        self.reactor.addReader(self.client)
-        self.reactor.addReader(self.server)
+        for side in (self.client, self.server):
+            self.reactor.addReader(side)
+            side.watched = True
 
     def _pump(self, src: _Socket) -> None:
         """
@@ -205,7 +208,9 @@ class SplicePair:
                 except BlockingIOError:
                     # The receiver is slow: stop reading until it drains.
                     src.pending = pending
-                    self.reactor.removeReader(src)
+                    if src.watched:
+                        src.watched = False
+                        self.reactor.removeReader(src)
                     self.reactor.addWriter(src.peer)
                     return
                 except OSError as e:
@@ -216,13 +221,18 @@ class SplicePair:
                 break
         src.pipe = None
         self.pool.put(pipe)
+        if not src.watched and not self.closed:
+            src.watched = True
+            self.reactor.addReader(src)
 
     def _eof(self, src: _Socket) -> None:
         """C{src} sent EOF (its pipe is empty): pass it on as a half-close."""
         src.done = True
         self.pool.put(src.pipe)
         src.pipe = None
-        self.reactor.removeReader(src)
+        if src.watched:
+            src.watched = False
+            self.reactor.removeReader(src)
         if src.peer.done:
             # Closing both sockets ends this direction too: no shutdown needed.
             self.close(None)
@@ -233,7 +243,11 @@ class SplicePair:
             pass
 
     def _writable(self, src: _Socket) -> None:
-        """The peer of C{src}, whose direction stalled, has room again."""
+        """
+        The peer of C{src}, whose direction stalled, has room again: write
+        what the pipe holds, then read on at once (a sender held back by
+        backpressure has more waiting) rather than after another poll.
+        """
         dst = src.peer
         self.reactor.removeWriter(dst)
         readEnd = src.pipe[0]
@@ -251,10 +265,8 @@ class SplicePair:
                 self._fail(e.strerror)
                 return
         src.pending = 0
-        self.pool.put(src.pipe)
-        src.pipe = None
         if not self.closed:
-            self.reactor.addReader(src)
+            self._pump(src)
 
     def _fail(self, message: str) -> None:
         self.close(message or "connection lost")
