@@ -24,6 +24,7 @@ import pytest
 from tests.support import Backend, Txlb, connect, freePort, httpRequests, waitFor
 from tests.test_http_frontend import OK, Harness, head
 from txlb.http import bodysplice
+from txlb.http.backend import LARGE_READ
 from txlb.http.bodysplice import CLOSED, MIN_SPLICE, SINK, SOURCE, BodySplice
 from txlb.http.exchange import Exchange, _WhenDrained
 
@@ -303,6 +304,22 @@ def test_the_splice_waits_for_twisteds_buffer_to_drain():
     transport.dataBuffer, transport.offset, transport._tempDataBuffer = b"", 0, []
     transport.producer.resumeProducing()
     assert started == [True] and transport.producer is None
+
+
+def test_a_large_body_that_stays_in_python_is_read_in_larger_reads():
+    h = Harness(servers=1)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    backend, server = h.answer()
+    server.bufferSize = 65536
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    assert server.bufferSize == LARGE_READ
+    backend.dataReceived(b"0\r\n\r\n")
+    assert server.bufferSize == 65536
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert server.bufferSize == 65536  # a small body never asks
+    assert client.value().count(b"hello") == 2
 
 
 # End to end: twistd txlb in front of a raw-socket backend.

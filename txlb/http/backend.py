@@ -28,6 +28,11 @@ from txlb.http.bodysplice import MIN_SPLICE
 from txlb.pool import Server
 from txlb.wire import sendNow
 
+#: Bytes asked of one read while a large body streams through Python (one
+#: that cannot be spliced: over TLS, chunked, being cached): a quarter of
+#: the reads of Twisted's 64 KiB, and about a third less CPU time per byte.
+LARGE_READ = 256 * 1024
+
 #: Idle connections kept per server, and how long one may stay idle.
 MAX_IDLE_PER_SERVER = 256
 IDLE_TIMEOUT = 30.0
@@ -72,6 +77,8 @@ class BackendConnection(Protocol):
     #: the parser has seen.
     length = -1
     bodyRead = 0
+    #: Twisted's read size before this response raised it to LARGE_READ.
+    _readSize = None
 
     def __init__(self, server: Server, owner: "BackendConnections") -> None:
         self.server = server
@@ -124,11 +131,17 @@ class BackendConnection(Protocol):
         finally:
             if held:
                 cork.flush()
-        if self.length - self.bodyRead >= MIN_SPLICE and not self.done and not self.piping \
-                and self.exchange is exchange:
-            # A large rest of a body: the kernel may move it
-            # (txlb.http.bodysplice); the parser will not see it.
-            exchange.spliceBody(self.length - self.bodyRead)
+        if not self.done and not self.inHead and not self.piping and self.exchange is exchange:
+            left = self.length - self.bodyRead
+            if left >= MIN_SPLICE:
+                # A large rest of a body: the kernel may move it
+                # (txlb.http.bodysplice); the parser will not see it.
+                exchange.spliceBody(left)
+            if self.splice is None and self._readSize is None and (left >= MIN_SPLICE or self.length < 0):
+                # Still a large (or unknown) rest to copy: larger reads.
+                transport = self.transport
+                self._readSize = getattr(transport, "bufferSize", LARGE_READ)
+                transport.bufferSize = LARGE_READ
 
     def _parse(self, exchange: ResponseSink, data: bytes) -> None:
         try:
@@ -155,6 +168,8 @@ class BackendConnection(Protocol):
             exchange.backendFailed(message, self.gotBytes)
 
     def _complete(self) -> None:
+        if self._readSize is not None:
+            self.transport.bufferSize, self._readSize = self._readSize, None
         exchange, self.exchange = self.exchange, None
         reusable = self.keepAlive and not self.extra
         exchange.responseEnd(reusable)
