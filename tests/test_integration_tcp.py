@@ -64,6 +64,26 @@ def test_round_robin_spreads_evenly_and_logs_each_connection(backends):
     assert "durationMs" in event
 
 
+def test_servers_named_by_host_name_are_spliced_too(backends):
+    """
+    A literal IP is connected directly; a host name goes through Twisted's
+    endpoint (and resolver), and the two sockets are then spliced the same.
+    """
+    for b in backends:
+        b.address = f"localhost:{b.port}"
+    port = freePort()
+    with balancer(backends, port) as lb:
+        landed = Counter(whoAnswers(port) for _ in range(9))
+        assert landed == {"server-1": 3, "server-2": 3, "server-3": 3}
+        with connect(port) as s:
+            assert recvLine(s).startswith(b"server-")
+            s.sendall(b"echo this\n")
+            assert recvLine(s) == b"echo this\n"
+        events = waitFor(lambda: len(lb.events("connection")) == 10 and lb.events("connection"))
+    assert all(e["splice"] for e in events)
+    assert sum(e["bytesIn"] for e in events) == len(b"echo this\n")
+
+
 def test_a_dead_server_costs_no_client_a_connection(backends):
     port = freePort()
     dead = backends[1]
