@@ -32,6 +32,7 @@ from txlb.wire import sendNow
 #: that cannot be spliced: over TLS, chunked, being cached): a quarter of
 #: the reads of Twisted's 64 KiB, and about a third less CPU time per byte.
 LARGE_READ = 256 * 1024
+_DEFAULT_READ = 64 * 1024
 
 #: Idle connections kept per server, and how long one may stay idle.
 MAX_IDLE_PER_SERVER = 256
@@ -137,8 +138,9 @@ class BackendConnection(Protocol):
                 # A large rest of a body: the kernel may move it
                 # (txlb.http.bodysplice); the parser will not see it.
                 exchange.spliceBody(left)
-            if self.splice is None and self._readSize is None and (left >= MIN_SPLICE or self.length < 0):
-                # Still a large (or unknown) rest to copy: larger reads.
+            if self.splice is None and self._readSize is None and (left >= _DEFAULT_READ or self.length < 0):
+                # More than one of Twisted's reads (or an unknown amount)
+                # still to copy: larger reads.
                 transport = self.transport
                 self._readSize = getattr(transport, "bufferSize", LARGE_READ)
                 transport.bufferSize = LARGE_READ
