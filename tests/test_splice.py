@@ -1,7 +1,7 @@
 """
 The splice(2) path driven by hand: real loopback TCP sockets, a reactor
-stand-in that records what is watched, and doRead/doWrite called as the
-reactor would.
+stand-in that records what is watched, and the splice loop's epoll set
+polled (with bounded waits) as the reactor would.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ def tcpPair() -> tuple[socket.socket, socket.socket]:
 
 
 class Watching:
+    """A reactor stand-in: what is watched, nothing more."""
+
     def __init__(self) -> None:
         self.readers: set = set()
-        self.writers: set = set()
 
     def addReader(self, s) -> None:
         self.readers.add(s)
@@ -39,11 +40,13 @@ class Watching:
     def removeReader(self, s) -> None:
         self.readers.discard(s)
 
-    def addWriter(self, s) -> None:
-        self.writers.add(s)
 
-    def removeWriter(self, s) -> None:
-        self.writers.discard(s)
+def turn(pair: splice.SplicePair, timeout: float = 1.0) -> bool:
+    """One turn of the reactor for the splice loop: wait (bounded) for events, handle them."""
+    ready, _, _ = select.select([pair.loop], [], [], timeout)
+    if ready:
+        pair.loop.doRead()
+    return bool(ready)
 
 
 @pytest.fixture
@@ -75,13 +78,23 @@ def readAll(sock: socket.socket) -> bytes:
         out += chunk
 
 
+def test_the_reactor_watches_one_set_for_every_pair(spliced):
+    pair, reactor, client, server, counted, ended = spliced
+    other = splice.SplicePair(reactor, *tcpPair(), lambda up, down: None, lambda error: None)
+    other.start()
+    assert reactor.readers == {pair.loop} and other.loop is pair.loop
+    assert set(pair.loop.sockets) == {pair.client.fd, pair.server.fd, other.client.fd, other.server.fd}
+    other.close(None)
+    assert set(pair.loop.sockets) == {pair.client.fd, pair.server.fd}
+
+
 def test_bytes_move_both_ways_and_are_counted(spliced):
     pair, reactor, client, server, counted, ended = spliced
     client.sendall(b"hello")
-    pair.client.doRead()
+    assert turn(pair)
     assert readAll(server) == b"hello"
     server.sendall(b"world!")
-    pair.server.doRead()
+    assert turn(pair)
     assert readAll(client) == b"world!"
     assert counted == [(5, 0), (0, 6)]
 
@@ -100,42 +113,39 @@ def test_a_slow_receiver_stops_reading_the_sender(spliced):
             sent += client.send(block)
         except BlockingIOError:
             select.select([], [client], [], 0.2)
-        if pair.client not in reactor.readers:
+        turn(pair, 0.2)
+        if not pair.client.wantRead:
             break
-        select.select([pair.client], [], [], 0.2)
-        pair.client.doRead()
-    assert pair.client not in reactor.readers  # backpressure: no more reading
-    assert pair.server in reactor.writers      # waiting for the server to drain
+    assert not pair.client.wantRead  # backpressure: no more reading
+    assert pair.server.wantWrite     # waiting for the server to drain
+    assert pair.loop.sockets[pair.server.fd] is pair.server
     received = 0
     for _ in range(10_000):
         if received >= sent:
             break
         select.select([server], [], [], 1.0)
         received += len(readAll(server))
-        if pair.server in reactor.writers:
-            pair.server.doWrite()
-        if pair.client in reactor.readers:
-            pair.client.doRead()
+        turn(pair, 0)
     assert received == sent
-    assert pair.client in reactor.readers and pair.server not in reactor.writers
+    assert pair.client.wantRead and not pair.server.wantWrite
 
 
 def test_half_close_is_passed_on_and_both_ends_close(spliced):
     pair, reactor, client, server, counted, ended = spliced
     client.sendall(b"request")
     client.shutdown(socket.SHUT_WR)
-    pair.client.doRead()
-    pair.client.doRead()  # EOF
+    assert turn(pair)  # the bytes and the EOF behind them, in one turn
     assert readAll(server) == b"request"
     assert server.recv(10) == b""  # the EOF came through
     assert ended == []
+    assert pair.client.fd not in pair.loop.sockets  # nothing more to read from it: not watched
     server.sendall(b"answer")
-    pair.server.doRead()
+    assert turn(pair)
     assert readAll(client) == b"answer"
     server.shutdown(socket.SHUT_WR)
-    pair.server.doRead()
+    assert turn(pair)
     assert ended == [None]
-    assert not reactor.readers and not reactor.writers
+    assert pair.loop.sockets == {}
 
 
 def test_abort_resets_both(spliced):
@@ -163,11 +173,11 @@ def test_a_pipe_is_held_only_while_bytes_are_in_it(spliced):
     """
     pair, reactor, client, server, counted, ended = spliced
     client.sendall(b"hello")
-    pair.client.doRead()
+    assert turn(pair)
     assert pair.client.pipe is None
     [pipe] = pair.pool.free
     server.sendall(b"world!")
-    pair.server.doRead()
+    assert turn(pair)
     assert pair.pool.free == [pipe]
     assert readAll(client) == b"world!"
 
@@ -180,8 +190,7 @@ def test_a_stalled_direction_keeps_its_pipe_and_closing_discards_it(spliced):
             client.send(block)
         except BlockingIOError:
             pass
-        select.select([pair.client], [], [], 0.2)
-        pair.client.doRead()
+        turn(pair, 0.2)
         if pair.client.pending:
             break
     assert pair.client.pending and pair.client.pipe is not None
@@ -204,3 +213,17 @@ def test_the_pool_keeps_a_bounded_number_of_empty_pipes():
     pool.discard(taken[1])
     pool.clear()
     assert not isOpen(taken[0][0])
+
+
+def test_a_failing_handler_closes_its_pair_and_is_logged(spliced, events):
+    pair, reactor, client, server, counted, ended = spliced
+
+    def broken(up: int, down: int) -> None:
+        raise RuntimeError("accounting broke")
+
+    pair.count = broken
+    client.sendall(b"hello")
+    assert turn(pair)
+    assert ended == ["internal error"]
+    assert pair.loop.sockets == {}
+    assert any(e.get("log_failure") and e["log_failure"].check(RuntimeError) for e in events)

@@ -469,7 +469,9 @@ class TestDirect:
         assert d.factory.open.open == set()
         [event] = [e for e in events if e.get("event") == "connection"]
         assert (event["selectedServer"], event["splice"], event["bytesIn"], event["bytesOut"]) == ("s0", True, 5, 6)
-        assert not d.reactor.readers and not d.reactor.writers
+        loop = splice.loopFor(d.reactor)
+        assert d.reactor.readers == {loop} and not d.reactor.writers  # the splice loop, empty
+        assert loop.sockets == {}
         d.close()
 
     def test_a_refused_connect_tries_another_server(self, listeners, events):
