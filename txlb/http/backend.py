@@ -68,6 +68,9 @@ class BackendConnection(Protocol):
     """
 
     exchange: Optional[ResponseSink] = None
+    #: The response being read: chunked, or its Content-Length as sent.
+    chunked = False
+    lengthValue: Optional[bytes] = None
     reused = False
     piping = False
     closed = False
@@ -211,6 +214,8 @@ class BackendConnection(Protocol):
                 chunked = True
             elif n == b"content-length":
                 length = v
+        self.chunked = chunked
+        self.lengthValue = length
         if self.noBody or status in (204, 304):
             self.done = True
         elif chunked:

@@ -135,7 +135,10 @@ class Exchange:
         self.status = status
         self.responseStarted = True
         self.pool.observeResponseTime(self.server, time.monotonic() - self.dispatched)
-        self.pool.reportResult(self.server, status < 500, f"HTTP {status}")
+        if status < 500:
+            self.pool.reportResult(self.server, True)
+        else:
+            self.pool.reportResult(self.server, False, f"HTTP {status}")
         conn = self.conn
         affinity = self.affinity
         extra = () if affinity is None else frontend.service.sticky.answered(affinity, self.server, frontend.client,
@@ -154,8 +157,8 @@ class Exchange:
                 return
         if conn.done:  # no body: HEAD, 204, 304
             framing = _lengthLine(headers) if status != 204 else None
-        elif not conn.closeDelimited and not _isChunked(headers):
-            framing = _lengthLine(headers)
+        elif not conn.closeDelimited and not conn.chunked:
+            framing = b"Content-Length: " + conn.lengthValue
         elif self.version == "1.1":
             framing = b"Transfer-Encoding: chunked"
             self.toClientChunked = True
@@ -474,8 +477,3 @@ def _headerValue(headers: list, name: bytes) -> Optional[bytes]:
 def _lengthLine(headers: list) -> Optional[bytes]:
     value = _headerValue(headers, b"content-length")
     return None if value is None else b"Content-Length: " + value
-
-
-def _isChunked(headers: list) -> bool:
-    value = _headerValue(headers, b"transfer-encoding")
-    return value is not None and value.lower().rstrip().endswith(b"chunked")
