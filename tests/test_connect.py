@@ -15,6 +15,9 @@ from twisted.internet.testing import MemoryReactorClock
 
 from txlb.connect import Deadlines, PendingConnect, connectSocket
 from txlb.endpoints import EndpointCache
+from txlb.splice import SpliceLoop, available, loopFor
+
+needsLoop = pytest.mark.skipif(not available, reason="no epoll or splice on this platform")
 
 
 @pytest.fixture
@@ -48,12 +51,12 @@ def fullListener():
         filler.close()
 
 
-def finish(reactor: MemoryReactorClock, pending: PendingConnect, timeout: float = 5.0) -> None:
-    """Wait (bounded) for the pending socket to be writable, as the reactor would."""
-    assert pending in reactor.writers
-    _, writable, _ = select.select([], [pending], [], timeout)
-    assert writable, "the connect did not finish in time"
-    pending.doWrite()
+def finish(loop: SpliceLoop, pending: PendingConnect, timeout: float = 5.0) -> None:
+    """Wait (bounded) for the loop to report the pending socket, as the reactor would."""
+    assert loop.sockets[pending.fd] is pending
+    readable, _, _ = select.select([loop], [], [], timeout)
+    assert readable, "the connect did not finish in time"
+    loop.doRead()
 
 
 def test_a_loopback_connect_is_usually_over_at_once(listener):
@@ -67,50 +70,80 @@ def test_a_loopback_connect_is_usually_over_at_once(listener):
         sock.close()
 
 
+@needsLoop
 def test_a_pending_connect_reports_connected(fullListener):
-    reactor = MemoryReactorClock()
+    loop = loopFor(MemoryReactorClock())
     sock, err = connectSocket(socket.AF_INET, fullListener.getsockname())
     assert err == errno.EINPROGRESS
     outcome = []
-    pending = PendingConnect(reactor, sock, outcome.append, outcome.append)
+    pending = PendingConnect(loop, sock, outcome.append, outcome.append)
     pending.start()
-    assert pending in reactor.writers
     conn, _ = fullListener.accept()  # room in the queue: the handshake is retried and completes
     try:
-        finish(reactor, pending, timeout=10.0)
-        assert outcome == [sock] and pending not in reactor.writers
+        finish(loop, pending, timeout=10.0)
+        assert outcome == [sock]
+        assert loop.sockets == {}  # nobody took the socket over: it left the set
     finally:
         conn.close()
         sock.close()
 
 
+@needsLoop
+def test_the_connected_socket_keeps_its_place_in_the_loop(fullListener):
+    """
+    The handler that takes the socket over (its splice pair) inherits its
+    registration: one change of interest, not a removal and an addition.
+    """
+    loop = loopFor(MemoryReactorClock())
+    sock, err = connectSocket(socket.AF_INET, fullListener.getsockname())
+    assert err == errno.EINPROGRESS
+
+    class Next:
+        mask = 0
+        fd = sock.fileno()
+
+    successor = Next()
+    pending = PendingConnect(loop, sock, lambda s: loop.watch(successor, select.EPOLLIN), lambda why: None)
+    pending.start()
+    conn, _ = fullListener.accept()
+    try:
+        finish(loop, pending, timeout=10.0)
+        assert loop.sockets == {sock.fileno(): successor} and successor.mask == select.EPOLLIN
+        assert pending.mask == 0
+    finally:
+        conn.close()
+        sock.close()
+
+
+@needsLoop
 def test_refused_is_reported(closedPort):
-    reactor = MemoryReactorClock()
+    loop = loopFor(MemoryReactorClock())
     sock, err = connectSocket(socket.AF_INET, closedPort)
     if sock is None:
         assert err == errno.ECONNREFUSED
         return
     outcome = []
-    pending = PendingConnect(reactor, sock, lambda s: outcome.append("connected"), outcome.append)
+    pending = PendingConnect(loop, sock, lambda s: outcome.append("connected"), outcome.append)
     pending.start()
-    finish(reactor, pending)
+    finish(loop, pending)
     assert outcome == ["Connection refused"]
     assert sock.fileno() == -1  # closed
 
 
+@needsLoop
 def test_cancel_closes_and_reports_once(fullListener):
-    reactor = MemoryReactorClock()
+    loop = loopFor(MemoryReactorClock())
     sock, err = connectSocket(socket.AF_INET, fullListener.getsockname())
     assert err == errno.EINPROGRESS
     outcome = []
-    pending = PendingConnect(reactor, sock, outcome.append, outcome.append)
+    pending = PendingConnect(loop, sock, outcome.append, outcome.append)
     pending.start()
     pending.cancel("timed out after 2s")
     pending.cancel("again")
-    pending.doWrite()
+    pending.ready(select.EPOLLOUT)
     assert outcome == ["timed out after 2s"]
     assert sock.fileno() == -1
-    assert pending not in reactor.writers
+    assert loop.sockets == {}
 
 
 class TestDeadlines:

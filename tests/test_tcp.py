@@ -509,6 +509,29 @@ class TestDirect:
         client.close()
         d.close()
 
+    def test_a_slow_connect_is_spliced_once_it_completes(self, listeners):
+        with socket.socket() as full:
+            full.bind(("127.0.0.1", 0))
+            full.listen(0)
+            filler = socket.create_connection(full.getsockname(), timeout=5)
+            d = Direct([full.getsockname()])
+            frontend, client = d.accept()
+            assert frontend._connecting is not None and not frontend.spliced
+            full.accept()[0].close()  # room in the queue: the handshake is retried
+            d.until(lambda: frontend.spliced, "the slow connect", timeout=10.0)
+            server = served(full)
+            loop = splice.loopFor(d.reactor)
+            assert loop.sockets[frontend.splice.server.fd] is frontend.splice.server
+            assert len(d.factory.connecting) == 0 and d.servers[0].failures == 0
+            client.sendall(b"late but here")
+            d.until(lambda: frontend.bytesIn == 13, "the request")
+            assert recvExactly(server, 13) == b"late but here"
+            filler.close()
+            server.close()
+        client.close()
+        d.until(lambda: frontend.closed, "both sides to close")
+        d.close()
+
     def test_a_client_leaving_while_connecting_releases_the_server(self, listeners, events):
         with socket.socket() as full:
             full.bind(("127.0.0.1", 0))

@@ -10,7 +10,8 @@ thrown away once connected.  For a server address that is a literal IP
 (L{txlb.endpoints.EndpointCache.plainTCP}) L{connectSocket} makes the
 socket itself; on loopback and fast networks the handshake is over by the
 time C{connect} returns, and a second C{connect} says so without a trip
-through the reactor.  Otherwise L{PendingConnect} watches the socket until
+through the reactor.  Otherwise L{PendingConnect} watches the socket, in
+the epoll set where it will be spliced (L{txlb.splice.SpliceLoop}), until
 it is writable.
 """
 
@@ -18,12 +19,11 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 from collections import deque
 from typing import Callable, Hashable, Optional
 
-from twisted.internet.interfaces import IWriteDescriptor
-from zope.interface import implementer
 
 _CONNECTED = frozenset({0, errno.EISCONN})
 _PENDING = frozenset({errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN})
@@ -57,19 +57,22 @@ def connectSocket(family: int, address: tuple) -> tuple[Optional[socket.socket],
     return None, err
 
 
-@implementer(IWriteDescriptor)
 class PendingConnect:
     """
-    A socket whose connect is under way, watched until it is writable.
+    A socket whose connect is under way, watched until it is writable in a
+    L{txlb.splice.SpliceLoop} (where the connected socket will be spliced).
 
     Exactly one of C{connected(sock)} or C{failed(why)} is called: when the
     handshake ends, or when L{cancel} gives up on it (the socket is closed
-    first).
+    first).  C{connected} may hand the socket's place in the loop to its
+    new handler; if it does not, the socket leaves the loop.
     """
 
-    def __init__(self, reactor, sock: socket.socket, connected: Callable[[socket.socket], None],
+    mask = 0
+
+    def __init__(self, loop, sock: socket.socket, connected: Callable[[socket.socket], None],
                  failed: Callable[[str], None]) -> None:
-        self.reactor = reactor
+        self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
         self.connected = connected
@@ -77,39 +80,34 @@ class PendingConnect:
         self.done = False
 
     def start(self) -> None:
-        self.reactor.addWriter(self)
+        self.loop.watch(self, select.EPOLLOUT)
 
-    def fileno(self) -> int:
-        return self.fd
-
-    def logPrefix(self) -> str:
-        return "txlb-connect"
-
-    def doWrite(self) -> None:
-        self._finish()
-
-    def connectionLost(self, reason) -> None:
-        # An error or hang-up event: SO_ERROR says which.
-        self._finish()
-
-    def _finish(self) -> None:
+    def ready(self, events: int) -> None:
+        """Writable, or an error or hang-up: C{SO_ERROR} says which."""
         if self.done:
             return
         self.done = True
-        self.reactor.removeWriter(self)
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
+            self.loop.forget(self)
             self.sock.close()
             self.failed(os.strerror(err))
-        else:
+            return
+        try:
             self.connected(self.sock)
+        finally:
+            if self.loop.sockets.get(self.fd) is self:
+                self.loop.watch(self, 0)
+
+    def abandon(self) -> None:
+        self.cancel("internal error")
 
     def cancel(self, why: str = "connect cancelled") -> None:
         """Stop waiting: close the socket and report C{why} as the failure."""
         if self.done:
             return
         self.done = True
-        self.reactor.removeWriter(self)
+        self.loop.forget(self)
         self.sock.close()
         self.failed(why)
 

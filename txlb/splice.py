@@ -136,6 +136,19 @@ class _Socket:
         #: The client's socket: what it sends is counted as C{toServer}.
         self.upstream = upstream
 
+    def ready(self, events: int) -> None:
+        """What the loop's epoll set reported for this socket."""
+        pair = self.pair
+        if events & _READY_OUT and self.wantWrite:
+            pair._writable(self.peer)
+        if events & _READY_IN and self.wantRead and not pair.closed:
+            pair._pump(self, events & _HUP)
+
+    def abandon(self) -> None:
+        """L{ready} failed: give up on the pair."""
+        if self.pair is not None:
+            self.pair.close("internal error")
+
 
 _EPOLLIN, _EPOLLOUT, _EPOLLERR, _EPOLLHUP, _EPOLLRDHUP = (
     getattr(select, name, bit) for name, bit in
@@ -168,7 +181,9 @@ class SpliceLoop:
 
     def __init__(self, reactor) -> None:
         self.epoll = select.epoll()
-        self.sockets: dict[int, _Socket] = {}
+        #: What handles each watched file descriptor (a L{_Socket}, or a
+        #: L{txlb.connect.PendingConnect}).
+        self.sockets: dict[int, object] = {}
         reactor.addReader(self)
 
     def fileno(self) -> int:
@@ -179,47 +194,57 @@ class SpliceLoop:
 
     def update(self, side: _Socket) -> None:
         """Watch C{side} for what it wants now."""
-        mask = (_IN if side.wantRead else 0) | (_OUT if side.wantWrite else 0)
-        if mask == side.mask:
+        self.watch(side, (_IN if side.wantRead else 0) | (_OUT if side.wantWrite else 0))
+
+    def watch(self, handler, mask: int) -> None:
+        """
+        Watch C{handler.fd} for the events of C{mask} (0: not at all), and
+        call C{handler.ready(events)} when they come.  One handler per file
+        descriptor: a new one takes over the old one's place in the set (a
+        connected socket goes from L{txlb.connect.PendingConnect} to its
+        pair), with one C{epoll_ctl}.
+        """
+        fd = handler.fd
+        old = self.sockets.get(fd)
+        if old is not None and old is not handler:
+            handler.mask, old.mask = old.mask, 0
+            self.sockets[fd] = handler
+        if mask == handler.mask:
             return
-        if not side.mask:
-            self.epoll.register(side.fd, mask)
-            self.sockets[side.fd] = side
+        if not handler.mask:
+            self.epoll.register(fd, mask)
+            self.sockets[fd] = handler
         elif mask:
-            self.epoll.modify(side.fd, mask)
+            self.epoll.modify(fd, mask)
         else:
             # Hang-ups are reported whatever the mask: out of the set.
-            self.epoll.unregister(side.fd)
-            del self.sockets[side.fd]
-        side.mask = mask
+            self.epoll.unregister(fd)
+            del self.sockets[fd]
+        handler.mask = mask
 
-    def forget(self, side: _Socket) -> None:
-        """C{side} is about to be closed, which takes it out of the set."""
-        if side.mask:
-            side.mask = 0
-            del self.sockets[side.fd]
+    def forget(self, handler) -> None:
+        """C{handler}'s socket is about to be closed, which takes it out of the set."""
+        if handler.mask:
+            handler.mask = 0
+            if self.sockets.get(handler.fd) is handler:
+                del self.sockets[handler.fd]
 
     def doRead(self) -> None:
         sockets = self.sockets
         for fd, events in self.epoll.poll(0, _BATCH):
-            side = sockets.get(fd)
-            if side is None:
+            handler = sockets.get(fd)
+            if handler is None:
                 continue  # closed by an earlier event of this turn
-            pair = side.pair
             try:
-                if events & _READY_OUT and side.wantWrite:
-                    pair._writable(side.peer)
-                if events & _READY_IN and side.wantRead and not pair.closed:
-                    pair._pump(side, events & _HUP)
+                handler.ready(events)
             except Exception:
                 _log.failure("splicing failed")
-                pair.close("internal error")
+                handler.abandon()
 
     def connectionLost(self, reason) -> None:
         """The reactor stops: close what is left."""
-        for side in list(self.sockets.values()):
-            if side.pair is not None:
-                side.pair.close(reason.getErrorMessage())
+        for handler in list(self.sockets.values()):
+            handler.abandon()
         self.epoll.close()
         for reactor, loop in list(_loops.items()):
             if loop is self:

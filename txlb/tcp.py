@@ -35,7 +35,7 @@ from txlb.drain import OpenConnections
 from txlb.endpoints import EndpointCache
 from txlb.interfaces import PickContext
 from txlb.pool import Pool, Server
-from txlb.splice import SplicePair, spliceable
+from txlb.splice import SplicePair, loopFor, spliceable
 
 _log = Logger(namespace="txlb.tcp")
 
@@ -201,6 +201,7 @@ class Frontend(_Side):
     _waiter = None
     _paused = False
     _lastActivity = 0.0
+    _connectTimeout = 0.0
 
     def __init__(self, factory: TCPBalancerFactory, client: str) -> None:
         self.factory = factory
@@ -278,6 +279,7 @@ class Frontend(_Side):
         connecting = self._connecting = _TwistedConnect(self, d)
         connecting.start()
         if self._connecting is connecting:  # not over already
+            self._connectTimeout = pool.connectTimeout
             factory.connecting.add(self, pool.connectTimeout, self._connectTimedOut)
 
     def _connectSocket(self, family: int, address: tuple, timeout: float) -> None:
@@ -290,15 +292,16 @@ class Frontend(_Side):
         else:
             self._pause()
             pending = self._connecting = PendingConnect(
-                self.factory.fdReactor, sock, self._socketConnected, self._connectFailed
+                loopFor(self.factory.fdReactor), sock, self._socketConnected, self._connectFailed
             )
             pending.start()
-            self.factory.connecting.add(self, min(timeout, self.factory.pool.connectTimeout), self._connectTimedOut)
+            timeout = self._connectTimeout = min(timeout, self.factory.pool.connectTimeout)
+            self.factory.connecting.add(self, timeout, self._connectTimedOut)
 
     def _connectTimedOut(self) -> None:
         connecting = self._connecting
         if connecting is not None:
-            connecting.cancel(f"timed out after {self.factory.pool.connectTimeout:g}s")
+            connecting.cancel(f"timed out after {self._connectTimeout:g}s")
 
     def _socketConnected(self, sock) -> None:
         self._connected()
