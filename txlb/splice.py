@@ -30,6 +30,7 @@ import socket
 import weakref
 from typing import Callable, Optional
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -53,8 +54,11 @@ available = hasattr(os, "splice") and hasattr(select, "epoll")
 
 
 def spliceable(transport) -> bool:
-    """A plain TCP transport whose socket we can take over."""
-    return available and type(transport).__module__ == "twisted.internet.tcp" and hasattr(transport, "socket")
+    """
+    A plain TCP transport whose socket we can take over: Twisted's own (or
+    one L{txlb.readloop} reads), not speaking TLS.
+    """
+    return available and isinstance(transport, (tcp.Server, tcp.Client)) and not transport.TLS
 
 
 class PipePool:

@@ -14,12 +14,7 @@ buffering and producer flow control stay Twisted's.
 
 from __future__ import annotations
 
-from twisted.internet import tcp
-
-#: Transports whose socket we may write to directly: plain TCP only (a TLS
-#: transport's bytes must go through OpenSSL; a test's StringTransport has
-#: no socket).
-_PLAIN = frozenset({tcp.Server, tcp.Client})
+from txlb.readloop import PLAIN as _PLAIN
 
 
 def sendNow(transport, data: bytes) -> None:
@@ -27,6 +22,8 @@ def sendNow(transport, data: bytes) -> None:
     Write C{data} to C{transport}: straight to its socket when its buffer
     is empty, the rest (if the socket is full) through C{transport.write}.
     """
+    # Plain TCP only: a TLS transport's bytes must go through OpenSSL; a
+    # test's StringTransport has no socket.
     if (
         type(transport) not in _PLAIN
         or transport._tempDataBuffer

@@ -26,6 +26,7 @@ from zope.interface import implementer
 from txlb.endpoints import EndpointCache
 from txlb.http.bodysplice import MIN_SPLICE
 from txlb.pool import Server
+from txlb.readloop import adopt
 from txlb.wire import sendNow
 
 #: Bytes asked of one read while a large body streams through Python (one
@@ -92,6 +93,9 @@ class BackendConnection(Protocol):
         #: The parser ended its last message where llhttp thinks it ended,
         #: so it can read the next response (not after HEAD, say).
         self._clean = False
+
+    def connectionMade(self) -> None:
+        adopt(self.transport)
 
     # Serving an exchange.
 

@@ -41,6 +41,7 @@ from txlb.hashkey import hashKeyOf
 from txlb.interfaces import PickContext
 from txlb.logs import emit
 from txlb.pool import Pool
+from txlb.readloop import adopt
 from txlb.wire import Cork, sendNow
 
 _log = Logger(namespace="txlb.http")
@@ -236,6 +237,7 @@ class HTTPFrontend(Protocol):
     # Connection.
 
     def connectionMade(self) -> None:
+        adopt(self.transport)
         self.factory.open.add(self)
         if self.service.metrics is not None:
             self.service.metrics.connectionStarted(self.service.name)
