@@ -153,7 +153,12 @@ class AdminResource(Resource):
         except ApiError as e:
             status, body = e.status, {"error": e.message}
         if self.workers is not None and method not in ("GET", "HEAD") and status < 400:
-            self.workers.changed()
+            if isinstance(body, Deferred):
+                self.workers.changed()
+            else:
+                # Answer once every worker has the change.
+                answer = body
+                body = self.workers.pushNow().addCallback(lambda _: answer)
         if isinstance(body, Deferred):
             gone: list = []
             request.notifyFinish().addErrback(gone.append)

@@ -443,6 +443,26 @@ class Workers(Service):
         for proc in self.live:
             proc.channel.notify({"op": "state", "pools": state})
 
+    def pushNow(self) -> Deferred:
+        """
+        Send every ready worker the state and fire once each has applied it
+        (or has not answered within L{SNAPSHOT_TIMEOUT}): an admin change
+        is answered only when every worker acts on it, so that a drained
+        server gets no new request after the operator's call returns.
+        """
+        state = self.state()
+        self._pushed = state
+        acks = []
+        for proc in self.live:
+            if proc.ready:
+                d = proc.channel.request({"op": "state", "pools": state})
+                d.addTimeout(SNAPSHOT_TIMEOUT, self.reactor)
+                d.addErrback(lambda f: None)
+                acks.append(d)
+            else:
+                proc.channel.notify({"op": "state", "pools": state})
+        return gatherResults(acks)
+
     def _observe(self, event: dict) -> None:
         if event.get("event") in POOL_EVENTS:
             self.changed()
