@@ -67,13 +67,16 @@ class PipePool:
 
     A pipe is only ever returned here empty, so whoever takes one can fill
     it at once.  At most C{keep} are kept; beyond that, returned pipes are
-    closed.
+    closed.  Pipes count against a user's pipe budget whether full or not
+    (C{/proc/sys/fs/pipe-user-pages-soft}, 64 MiB by default, past which
+    new pipes get two pages and cannot grow), so few are kept: traffic that
+    is not stalled needs one or two.
 
     @param size: the capacity asked for a new pipe (C{F_SETPIPE_SZ}); the
         system's default stands if it refuses.
     """
 
-    def __init__(self, size: int = CHUNK, keep: int = 64) -> None:
+    def __init__(self, size: int = CHUNK, keep: int = 16) -> None:
         self.size = size
         self.keep = keep
         self.free: list[tuple[int, int]] = []
