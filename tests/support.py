@@ -319,3 +319,15 @@ class RedisServer:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+def tcpPair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of a loopback TCP connection, both non-blocking."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        outer = socket.create_connection(listener.getsockname())
+        inner, _ = listener.accept()
+    for s in (outer, inner):
+        s.setblocking(False)
+    return outer, inner

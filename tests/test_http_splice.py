@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from tests.support import Backend, Txlb, connect, freePort, httpRequests, waitFor
+from tests.support import Backend, Txlb, connect, freePort, httpRequests, tcpPair, waitFor
 from tests.test_http_frontend import OK, Harness, head
 from txlb.http import bodysplice
 from txlb.http.backend import LARGE_READ
@@ -34,17 +34,6 @@ needsSplice = pytest.mark.skipif(not bodysplice.available, reason="no os.splice 
 
 
 # BodySplice by hand.
-
-
-def tcpPair() -> tuple[socket.socket, socket.socket]:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        outer = socket.create_connection(listener.getsockname())
-        inner, _ = listener.accept()
-    for s in (outer, inner):
-        s.setblocking(False)
-    return outer, inner
 
 
 class Watching:

@@ -12,20 +12,10 @@ import socket
 
 import pytest
 
+from tests.support import tcpPair
 from txlb import splice
 
 pytestmark = pytest.mark.skipif(not splice.available, reason="no os.splice on this platform")
-
-
-def tcpPair() -> tuple[socket.socket, socket.socket]:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        outer = socket.create_connection(listener.getsockname())
-        inner, _ = listener.accept()
-    for s in (outer, inner):
-        s.setblocking(False)
-    return outer, inner
 
 
 class Watching:
