@@ -671,3 +671,36 @@ def test_idle_backend_connections_are_closed_by_a_sweep():
     assert not server.disconnecting
     h.reactor.advance(h.connections.idleTimeout / 2)
     assert server.disconnecting
+
+
+def test_a_body_that_stops_coming_times_out_after_the_backend_timeout(events):
+    h = Harness(backendTimeout=5.0, clientTimeout=60.0)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst")
+    h.reactor.advance(4)
+    backend.dataReceived(b"more")  # progress: the backend's clock starts again
+    h.reactor.advance(4)
+    assert not getattr(client, "aborted", False)
+    h.reactor.advance(1)
+    assert client.aborted and server.aborted
+    frontend.connectionLost(Failure(ConnectionDone()))  # what the aborted transport reports
+    [event] = [e for e in events if e.get("event") == "request"]
+    assert event["error"] == "s0 sent nothing for 5s"
+    assert h.servers[0].active == 0
+
+
+def test_a_streamed_body_keeps_the_connection_while_bytes_flow():
+    h = Harness(backendTimeout=5.0)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, server = h.answer()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n")
+    for _ in range(10):
+        h.reactor.advance(3)
+        backend.dataReceived(b"abc")
+    assert not getattr(client, "aborted", False)
+    assert client.value().endswith(b"abc" * 10)
+    h.reactor.advance(100)  # then the keep-alive idle timeout, not a body timeout
+    assert client.disconnecting and not getattr(client, "aborted", False)

@@ -97,3 +97,20 @@ def test_cork_gathers_then_sends_once() -> None:
     assert writes == [b"head body"]
     cork.write(b"direct")
     assert writes == [b"head body", b"direct"]
+
+
+def test_a_client_backlog_is_seen_through_a_wrapper(pair) -> None:
+    """What the body stall timeout reads to blame the client, not the backend."""
+    from txlb.http.exchange import _backlogged
+
+    transport, peer, reactor = pair
+
+    class Wrapper:  # as TLS wraps the TCP transport
+        pass
+
+    wrapper = Wrapper()
+    wrapper.transport = transport
+    assert not _backlogged(transport) and not _backlogged(wrapper)
+    transport.write(b"queued")  # not sent until the reactor's next turn
+    assert _backlogged(transport) and _backlogged(wrapper)
+    assert not _backlogged(StringTransport())

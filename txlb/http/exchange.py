@@ -20,6 +20,7 @@ from txlb.http.backend import BackendConnection
 from txlb.http.bodysplice import SINK, SOURCE, BodySplice, buffered, spliceable
 from txlb.http.headers import requestId, responseHead
 from txlb.pool import Pool
+from txlb.readloop import PLAIN
 from txlb.wire import sendNow
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -172,6 +173,9 @@ class Exchange:
         if not conn.done:
             frontend.transport.registerProducer(conn.transport, True)
             self.producing = True
+            service = frontend.service
+            self.lastMoved = service.clock.seconds()
+            frontend._arm(_spliceTimeout(service), self._bodyStalled)
 
     producing = False
 
@@ -204,6 +208,7 @@ class Exchange:
         return headers, (*extra, b"X-Cache: " + self.cacheResult.encode("ascii"))
 
     def responseBody(self, data: bytes) -> None:
+        self.lastMoved = self.frontend.service.clock.seconds()
         fill = self.cacheFill
         if fill is not None and not fill.add(data):
             self.cacheFill = None
@@ -308,6 +313,29 @@ class Exchange:
             self._spliceEnded(f"the client read nothing for {timeout:g}s", SINK)
         else:
             self._spliceEnded(f"sent nothing for {timeout:g}s", SOURCE)
+
+    def _bodyStalled(self) -> None:
+        """
+        A body copied through Python made no progress for a while: as for a
+        spliced one, the backend's timeout applies while the backend sends
+        nothing, the client's while it leaves what it was sent unread.
+        """
+        frontend = self.frontend
+        service = frontend.service
+        conn = self.conn
+        if conn is None or self.finished or conn.splice is not None:
+            return
+        slow = _backlogged(frontend.transport)
+        timeout = service.clientTimeout if slow else service.backendTimeout
+        quiet = service.clock.seconds() - self.lastMoved
+        if not timeout or quiet < timeout:
+            frontend._arm(timeout - quiet if timeout else _spliceTimeout(service), self._bodyStalled)
+            return
+        if slow:
+            self.error = f"the client read nothing for {timeout:g}s"
+            frontend.transport.abortConnection()
+        else:
+            conn._fail(f"{self.server.name} sent nothing for {timeout:g}s")
 
     def _spliceEnded(self, error: Optional[str], side: Optional[str]) -> None:
         """The splice is over and has given both sockets back."""
@@ -424,6 +452,18 @@ class Exchange:
             self.frontend.transport.unregisterProducer()
         self._release()
         self.frontend._fail(self, 504, f"{self.server.name} did not answer within {self.frontend.service.backendTimeout:g}s")
+
+
+def _backlogged(transport) -> bool:
+    """
+    The client's side of the connection holds bytes it could not send yet
+    (its plain TCP transport, under TLS if there is one, has a backlog).
+    """
+    while type(transport) not in PLAIN:
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return False
+    return buffered(transport)
 
 
 def _spliceTimeout(service) -> float:
