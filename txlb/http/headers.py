@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from itertools import count
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -64,15 +64,6 @@ def requestId(incoming: Optional[bytes]) -> str:
     if incoming is not None and _REQUEST_ID.fullmatch(incoming):
         return incoming.decode("ascii")
     return newRequestId()
-
-
-def connectionTokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
-    """The lower-cased names listed in every C{Connection} header."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return tokens
 
 
 #: What never goes on as it came: made once, not per request.
