@@ -23,6 +23,7 @@ import pytest
 
 from tests.support import Backend, Txlb, connect, freePort, httpRequests, tcpPair, waitFor
 from tests.test_http_frontend import OK, Harness, head
+from txlb import splice
 from txlb.http import bodysplice
 from txlb.http.backend import LARGE_READ
 from txlb.http.bodysplice import CLOSED, MIN_SPLICE, SINK, SOURCE, BodySplice
@@ -201,11 +202,25 @@ def test_stop_says_nothing_and_gives_the_sockets_back(spliced):
     s.splice.stop()
     assert s.ended == [] and s.splice.pipe is None
     assert not s.reactor.readers and not s.reactor.writers
+    # Empty, the pipe goes back to the shared pool for the next splice.
+    assert pipe in splice.pipes.free
+    splice.pipes.free.remove(pipe)
+    splice.pipes.discard(pipe)
+    s.source.close()
+    assert s.splice.source.fileno() == -1  # the reactor then removes it by identity
+
+
+@needsSplice
+def test_a_pipe_left_with_bytes_in_it_is_closed(spliced):
+    s = spliced(MIN_SPLICE)
+    pipe = s.splice.pipe
+    os.write(pipe[1], b"stranded")
+    s.splice.pending = 8  # as if the client had stopped taking them
+    s.splice.stop()
+    assert pipe not in splice.pipes.free
     for fd in pipe:
         with pytest.raises(OSError):
             os.fstat(fd)
-    s.source.close()
-    assert s.splice.source.fileno() == -1  # the reactor then removes it by identity
 
 
 # The backend connection's decision, on a memory reactor.

@@ -18,7 +18,6 @@ is empty, so a slow client stops the backend and nothing piles up in txlb.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 from typing import Callable, Optional
@@ -26,7 +25,7 @@ from typing import Callable, Optional
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from zope.interface import implementer
 
-from txlb.splice import available, spliceable
+from txlb.splice import available, pipes, spliceable
 
 __all__ = ["BodySplice", "CLOSED", "MIN_SPLICE", "SINK", "SOURCE", "available", "buffered", "spliceable"]
 
@@ -34,11 +33,11 @@ __all__ = ["BodySplice", "CLOSED", "MIN_SPLICE", "SINK", "SOURCE", "available", 
 #: pipe and the reactor's registrations cost more than they save.
 MIN_SPLICE = 64 * 1024
 
-#: Bytes asked of one splice call, and the largest pipe asked for: 1 MiB
-#: costs a third of the CPU time of 64 KiB per byte moved.
+#: Bytes asked of one splice call: the size of the shared pool's pipes
+#: (L{txlb.splice.pipes}); 1 MiB costs a third of the CPU time of 64 KiB
+#: per byte moved.
 CHUNK = 1 << 20
 
-_F_SETPIPE_SZ = 1031
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 #: Which side an error came from, as L{BodySplice}'s C{ended} is told.
@@ -118,11 +117,7 @@ class BodySplice:
         return self.pipe is not None or self.done
 
     def start(self) -> None:
-        read, write = self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(write, _F_SETPIPE_SZ, min(CHUNK, max(self.left, 65536)))
-        except OSError:
-            pass  # the system's default pipe size will do
+        self.pipe = pipes.get()  # an empty pipe, shared with the TCP services' splicing
         self.reactor.addReader(self.source)
 
     def _readable(self) -> None:
@@ -185,6 +180,8 @@ class BodySplice:
             self.reactor.removeReader(end)
             self.reactor.removeWriter(end)
         if self.pipe is not None:
-            for fd in self.pipe:
-                os.close(fd)
+            if self.pending:
+                pipes.discard(self.pipe)  # bytes nobody will read
+            else:
+                pipes.put(self.pipe)
             self.pipe = None
