@@ -190,6 +190,17 @@ class Txlb:
                 out.append(event)
         return out
 
+    def requestEvent(self, requestId: str) -> dict:
+        """The C{request} event of C{requestId}, once it has been written."""
+
+        def find():
+            for e in self.events("request"):
+                if e["requestId"] == requestId:
+                    return e
+            return None
+
+        return waitFor(find, what=f"the request event of {requestId}")
+
     def rss(self) -> int:
         """Resident memory of the txlb process, in bytes."""
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():

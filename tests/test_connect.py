@@ -36,21 +36,6 @@ def closedPort():
         yield s.getsockname()
 
 
-@pytest.fixture
-def fullListener():
-    """
-    A listener whose accept queue is full (a backlog of 0 and one connection
-    nobody accepts): the kernel drops further handshakes, so a connect to
-    it stays pending.
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(0)
-        filler = socket.create_connection(s.getsockname(), timeout=5)
-        yield s
-        filler.close()
-
-
 def finish(loop: SpliceLoop, pending: PendingConnect, timeout: float = 5.0) -> None:
     """Wait (bounded) for the loop to report the pending socket, as the reactor would."""
     assert loop.sockets[pending.fd] is pending

@@ -406,13 +406,7 @@ class Lab:
         self.lb = Txlb(config).start(listening=2)
 
     def event(self, requestId: str) -> dict:
-        def find():
-            for e in self.lb.events("request"):
-                if e["requestId"] == requestId:
-                    return e
-            return None
-
-        return waitFor(find, what=f"the request event of {requestId}")
+        return self.lb.requestEvent(requestId)
 
     def stop(self) -> None:
         self.lb.stop()
@@ -544,10 +538,10 @@ def test_what_cannot_or_need_not_be_spliced_goes_the_usual_way(lab, path, method
     assert "spliced" not in event and "error" not in event
 
 
-def test_a_backend_that_closes_mid_body_aborts_the_client(lab):
-    total = 10 * MiB
-    with connect(lab.port["web"], timeout=30) as s:
-        s.sendall(get(f"/cut?bytes={total}&after={MiB}", "sp-cut"))
+def receivedUntilCut(port: int, path: str, rid: str) -> int:
+    """Body bytes a client gets before txlb cuts the connection."""
+    with connect(port, timeout=30) as s:
+        s.sendall(get(path, rid))
         buffered = bytearray()
         readHead(s, buffered)
         received = len(buffered)
@@ -559,27 +553,19 @@ def test_a_backend_that_closes_mid_body_aborts_the_client(lab):
                 received += len(chunk)
         except ConnectionResetError:
             pass
-    assert received < total
+    return received
+
+
+def test_a_backend_that_closes_mid_body_aborts_the_client(lab):
+    total = 10 * MiB
+    assert receivedUntilCut(lab.port["web"], f"/cut?bytes={total}&after={MiB}", "sp-cut") < total
     event = lab.event("sp-cut")
     assert event["error"] == "big-1 closed the connection"
     assert event["spliced"] > 0
 
 
 def test_a_backend_that_stalls_mid_body_times_out(lab):
-    with connect(lab.port["short"], timeout=30) as s:
-        s.sendall(get(f"/hang?bytes={10 * MiB}&after={MiB}", "sp-hang"))
-        buffered = bytearray()
-        readHead(s, buffered)
-        received = len(buffered)
-        try:
-            while True:
-                chunk = s.recv(MiB)
-                if not chunk:
-                    break
-                received += len(chunk)
-        except ConnectionResetError:
-            pass
-    assert received < 10 * MiB
+    assert receivedUntilCut(lab.port["short"], f"/hang?bytes={10 * MiB}&after={MiB}", "sp-hang") < 10 * MiB
     event = lab.event("sp-hang")
     assert event["error"] == "big-1 sent nothing for 0.4s"
     assert event["spliced"] > 0

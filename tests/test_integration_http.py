@@ -317,13 +317,7 @@ class World:
         return f"http://127.0.0.1:{self.port[service]}{path}"
 
     def requestEvent(self, requestId: str) -> dict:
-        def find():
-            for e in self.lb.events("request"):
-                if e["requestId"] == requestId:
-                    return e
-            return None
-
-        return waitFor(find, what=f"the request event of {requestId}")
+        return self.lb.requestEvent(requestId)
 
     def stop(self) -> None:
         self.lb.stop()

@@ -488,67 +488,52 @@ class TestDirect:
         client.close()
         d.close()
 
-    def test_a_connect_that_hangs_times_out_and_the_next_server_is_tried(self, listeners, events):
-        with socket.socket() as full:
-            full.bind(("127.0.0.1", 0))
-            full.listen(0)
-            filler = socket.create_connection(full.getsockname(), timeout=5)
-            d = Direct([full.getsockname(), listeners[1].getsockname()])
-            frontend, client = d.accept()
-            assert not frontend.spliced
-            assert frontend.transport not in d.reactor.readers  # nothing is read from the client meanwhile
-            d.reactor.advance(1.9)
-            assert d.servers[0].failures == 0
-            d.reactor.advance(0.1)
-            assert d.servers[0].failures == 1 and d.servers[0].active == 0
-            [failed] = [e for e in events if e.get("event") == "connect_failed"]
-            assert failed["why"] == "timed out after 2s"
-            d.until(lambda: frontend.spliced, "the second server")
-            assert frontend.server is d.servers[1]
-            filler.close()
+    def test_a_connect_that_hangs_times_out_and_the_next_server_is_tried(self, listeners, fullListener, events):
+        d = Direct([fullListener.getsockname(), listeners[1].getsockname()])
+        frontend, client = d.accept()
+        assert not frontend.spliced
+        assert frontend.transport not in d.reactor.readers  # nothing is read from the client meanwhile
+        d.reactor.advance(1.9)
+        assert d.servers[0].failures == 0
+        d.reactor.advance(0.1)
+        assert d.servers[0].failures == 1 and d.servers[0].active == 0
+        [failed] = [e for e in events if e.get("event") == "connect_failed"]
+        assert failed["why"] == "timed out after 2s"
+        d.until(lambda: frontend.spliced, "the second server")
+        assert frontend.server is d.servers[1]
         client.close()
         d.close()
 
-    def test_a_slow_connect_is_spliced_once_it_completes(self, listeners):
-        with socket.socket() as full:
-            full.bind(("127.0.0.1", 0))
-            full.listen(0)
-            filler = socket.create_connection(full.getsockname(), timeout=5)
-            d = Direct([full.getsockname()])
-            frontend, client = d.accept()
-            assert frontend._connecting is not None and not frontend.spliced
-            full.accept()[0].close()  # room in the queue: the handshake is retried
-            d.until(lambda: frontend.spliced, "the slow connect", timeout=10.0)
-            server = served(full)
-            loop = splice.loopFor(d.reactor)
-            assert loop.sockets[frontend.splice.server.fd] is frontend.splice.server
-            assert len(d.factory.connecting) == 0 and d.servers[0].failures == 0
-            client.sendall(b"late but here")
-            d.until(lambda: frontend.bytesIn == 13, "the request")
-            assert recvExactly(server, 13) == b"late but here"
-            filler.close()
-            server.close()
+    def test_a_slow_connect_is_spliced_once_it_completes(self, listeners, fullListener):
+        d = Direct([fullListener.getsockname()])
+        frontend, client = d.accept()
+        assert frontend._connecting is not None and not frontend.spliced
+        fullListener.accept()[0].close()  # room in the queue: the handshake is retried
+        d.until(lambda: frontend.spliced, "the slow connect", timeout=10.0)
+        server = served(fullListener)
+        loop = splice.loopFor(d.reactor)
+        assert loop.sockets[frontend.splice.server.fd] is frontend.splice.server
+        assert len(d.factory.connecting) == 0 and d.servers[0].failures == 0
+        client.sendall(b"late but here")
+        d.until(lambda: frontend.bytesIn == 13, "the request")
+        assert recvExactly(server, 13) == b"late but here"
+        server.close()
         client.close()
         d.until(lambda: frontend.closed, "both sides to close")
         d.close()
 
-    def test_a_client_leaving_while_connecting_releases_the_server(self, listeners, events):
-        with socket.socket() as full:
-            full.bind(("127.0.0.1", 0))
-            full.listen(0)
-            filler = socket.create_connection(full.getsockname(), timeout=5)
-            d = Direct([full.getsockname(), listeners[1].getsockname()])
-            frontend, client = d.accept()
-            pending = frontend._connecting
-            frontend.connectionLost(Failure(ConnectionDone()))
-            assert pending.sock.fileno() == -1
-            assert [s.active for s in d.servers] == [0, 0]
-            assert d.servers[0].failures == 0
-            assert len(d.factory.connecting) == 0
-            assert not [e for e in events if e.get("event") == "connect_failed"]
-            d.reactor.advance(5)
-            assert d.servers[1].total == 0  # no retry for a client that left
-            filler.close()
+    def test_a_client_leaving_while_connecting_releases_the_server(self, listeners, fullListener, events):
+        d = Direct([fullListener.getsockname(), listeners[1].getsockname()])
+        frontend, client = d.accept()
+        pending = frontend._connecting
+        frontend.connectionLost(Failure(ConnectionDone()))
+        assert pending.sock.fileno() == -1
+        assert [s.active for s in d.servers] == [0, 0]
+        assert d.servers[0].failures == 0
+        assert len(d.factory.connecting) == 0
+        assert not [e for e in events if e.get("event") == "connect_failed"]
+        d.reactor.advance(5)
+        assert d.servers[1].total == 0  # no retry for a client that left
         client.close()
         d.close()
 

@@ -13,7 +13,7 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 
-from txlb.wire import Cork, sendNow
+from txlb.wire import Cork, backlogged, sendNow
 
 
 @pytest.fixture
@@ -101,8 +101,6 @@ def test_cork_gathers_then_sends_once() -> None:
 
 def test_a_client_backlog_is_seen_through_a_wrapper(pair) -> None:
     """What the body stall timeout reads to blame the client, not the backend."""
-    from txlb.http.exchange import _backlogged
-
     transport, peer, reactor = pair
 
     class Wrapper:  # as TLS wraps the TCP transport
@@ -110,7 +108,7 @@ def test_a_client_backlog_is_seen_through_a_wrapper(pair) -> None:
 
     wrapper = Wrapper()
     wrapper.transport = transport
-    assert not _backlogged(transport) and not _backlogged(wrapper)
+    assert not backlogged(transport) and not backlogged(wrapper)
     transport.write(b"queued")  # not sent until the reactor's next turn
-    assert _backlogged(transport) and _backlogged(wrapper)
-    assert not _backlogged(StringTransport())
+    assert backlogged(transport) and backlogged(wrapper)
+    assert not backlogged(StringTransport())

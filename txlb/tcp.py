@@ -34,6 +34,7 @@ from txlb.connect import Deadlines, PendingConnect, connectSocket
 from txlb.drain import OpenConnections
 from txlb.endpoints import EndpointCache
 from txlb.interfaces import PickContext
+from txlb.logs import emit
 from txlb.pool import Pool, Server
 from txlb.splice import SplicePair, loopFor, spliceable
 
@@ -479,7 +480,7 @@ class Frontend(_Side):
         )
         if self.error:
             fields["error"] = self.error
-        _log.info("connection", event="connection", **fields)
+        emit(_log, "connection", fields)
 
 
 @implementer(IHalfCloseableProtocol)

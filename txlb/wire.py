@@ -17,6 +17,24 @@ from __future__ import annotations
 from txlb.readloop import PLAIN as _PLAIN
 
 
+def buffered(transport) -> bool:
+    """Twisted still holds bytes to write on this plain TCP C{transport}."""
+    return bool(transport._tempDataBuffer or transport.offset != len(transport.dataBuffer))
+
+
+def backlogged(transport) -> bool:
+    """
+    A connection holds bytes it could not send yet: its plain TCP
+    transport, under TLS (or another wrapper) if there is one, has a
+    backlog.  False for transports with no socket beneath (a test's).
+    """
+    while type(transport) not in _PLAIN:
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return False
+    return buffered(transport)
+
+
 def sendNow(transport, data: bytes) -> None:
     """
     Write C{data} to C{transport}: straight to its socket when its buffer
@@ -26,8 +44,7 @@ def sendNow(transport, data: bytes) -> None:
     # test's StringTransport has no socket.
     if (
         type(transport) not in _PLAIN
-        or transport._tempDataBuffer
-        or transport.offset != len(transport.dataBuffer)
+        or buffered(transport)
         or transport.disconnecting
         or not transport.connected
         or transport._writeDisconnected

@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from txlb.splice import available, pipes, spliceable
 
-__all__ = ["BodySplice", "CLOSED", "MIN_SPLICE", "SINK", "SOURCE", "available", "buffered", "spliceable"]
+__all__ = ["BodySplice", "CLOSED", "MIN_SPLICE", "SINK", "SOURCE", "available", "spliceable"]
 
 #: Bodies with fewer bytes than this still to come are copied as usual: a
 #: pipe and the reactor's registrations cost more than they save.
@@ -45,11 +45,6 @@ SOURCE = "source"
 SINK = "sink"
 #: The error when the source ends before the body does.
 CLOSED = "closed the connection"
-
-
-def buffered(transport) -> bool:
-    """Twisted still holds bytes to write on this plain TCP C{transport}."""
-    return bool(transport._tempDataBuffer or transport.offset != len(transport.dataBuffer))
 
 
 @implementer(IReadDescriptor, IWriteDescriptor)

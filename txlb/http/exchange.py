@@ -17,11 +17,10 @@ from zope.interface import implementer
 
 from txlb.cache import storedResponse
 from txlb.http.backend import BackendConnection
-from txlb.http.bodysplice import SINK, SOURCE, BodySplice, buffered, spliceable
+from txlb.http.bodysplice import SINK, SOURCE, BodySplice, spliceable
 from txlb.http.headers import requestId, responseHead
 from txlb.pool import Pool
-from txlb.readloop import PLAIN
-from txlb.wire import sendNow
+from txlb.wire import backlogged, buffered, sendNow
 
 if TYPE_CHECKING:  # pragma: no cover
     from txlb.http.frontend import HTTPFrontend
@@ -275,7 +274,7 @@ class Exchange:
                                  self._spliceMoved, self._spliceEnded)
         service = frontend.service
         self.lastMoved = service.clock.seconds()
-        frontend._arm(_spliceTimeout(service), self._spliceStalled)
+        frontend._arm(_spliceTimeout(service), self._bodyStalled)
         if buffered(client):
             # The head (or the start of the body) is still in Twisted's
             # buffer: splice once it is out, so that bytes keep their order.
@@ -292,67 +291,59 @@ class Exchange:
         self.spliced += count
         self.lastMoved = self.frontend.service.clock.seconds()
 
-    def _spliceStalled(self) -> None:
-        """
-        No byte moved for a while: the backend's timeout applies while the
-        backend sends nothing, the client's while it reads nothing.
-        """
-        frontend = self.frontend
-        service = frontend.service
-        splice = self.conn.splice if self.conn is not None else None
-        if splice is None:
-            return
-        slow = splice.waitingForSink or not splice.started  # (waiting for Twisted's buffer to drain)
-        timeout = service.clientTimeout if slow else service.backendTimeout
-        quiet = service.clock.seconds() - self.lastMoved
-        if not timeout or quiet < timeout:
-            frontend._arm(timeout - quiet if timeout else _spliceTimeout(service), self._spliceStalled)
-            return
-        splice.stop()
-        if slow:
-            self._spliceEnded(f"the client read nothing for {timeout:g}s", SINK)
-        else:
-            self._spliceEnded(f"sent nothing for {timeout:g}s", SOURCE)
-
     def _bodyStalled(self) -> None:
         """
-        A body copied through Python made no progress for a while: as for a
-        spliced one, the backend's timeout applies while the backend sends
-        nothing, the client's while it leaves what it was sent unread.
+        A response body, spliced or copied, made no progress for a while:
+        the backend's timeout applies while the backend sends nothing, the
+        client's while it leaves what it was sent unread.
         """
         frontend = self.frontend
         service = frontend.service
         conn = self.conn
-        if conn is None or self.finished or conn.splice is not None:
+        if conn is None or self.finished:
             return
-        slow = _backlogged(frontend.transport)
+        splice = conn.splice
+        if splice is not None:
+            slow = splice.waitingForSink or not splice.started  # (waiting for Twisted's buffer to drain)
+        else:
+            slow = backlogged(frontend.transport)
         timeout = service.clientTimeout if slow else service.backendTimeout
         quiet = service.clock.seconds() - self.lastMoved
         if not timeout or quiet < timeout:
             frontend._arm(timeout - quiet if timeout else _spliceTimeout(service), self._bodyStalled)
             return
         if slow:
-            self.error = f"the client read nothing for {timeout:g}s"
-            frontend.transport.abortConnection()
+            error, side = f"the client read nothing for {timeout:g}s", SINK
         else:
-            conn._fail(f"{self.server.name} sent nothing for {timeout:g}s")
+            error, side = f"sent nothing for {timeout:g}s", SOURCE
+        if splice is not None:
+            splice.stop()
+            self._spliceEnded(error, side)
+        else:
+            self._bodyFailed(error, side)
 
     def _spliceEnded(self, error: Optional[str], side: Optional[str]) -> None:
         """The splice is over and has given both sockets back."""
         frontend = self.frontend
-        frontend._disarm(self._spliceStalled)
+        frontend._disarm(self._bodyStalled)
         conn = self.conn
         conn.splice = None
         if error is None:
             frontend.gate.resume("splice")
             conn.spliced()
-        elif side == SOURCE:
+        else:
+            self._bodyFailed(error, side)
+
+    def _bodyFailed(self, error: str, side: Optional[str]) -> None:
+        """A response body cannot go on: end it as the side at fault broke."""
+        if side == SOURCE:
             # As if the backend connection had broken under the parser.
-            conn._fail(f"{self.server.name} {error}" if error[:1].islower() else f"{self.server.name}: {error}")
+            name = self.server.name
+            self.conn._fail(f"{name} {error}" if error[:1].islower() else f"{name}: {error}")
         else:
             # As the client's transport would have found it gone (or stalled).
             self.error = error if error.startswith("the client") else "client closed the connection"
-            frontend.transport.abortConnection()
+            self.frontend.transport.abortConnection()
 
     def backendFailed(self, message: str, gotBytes: bool) -> None:
         """The backend connection broke or sent garbage."""
@@ -452,18 +443,6 @@ class Exchange:
             self.frontend.transport.unregisterProducer()
         self._release()
         self.frontend._fail(self, 504, f"{self.server.name} did not answer within {self.frontend.service.backendTimeout:g}s")
-
-
-def _backlogged(transport) -> bool:
-    """
-    The client's side of the connection holds bytes it could not send yet
-    (its plain TCP transport, under TLS if there is one, has a backlog).
-    """
-    while type(transport) not in PLAIN:
-        transport = getattr(transport, "transport", None)
-        if transport is None:
-            return False
-    return buffered(transport)
 
 
 def _spliceTimeout(service) -> float:
