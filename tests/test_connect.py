@@ -36,6 +36,17 @@ def closedPort():
         yield s.getsockname()
 
 
+def pendingTo(listener: socket.socket):
+    """A connect to C{listener} (whose queue is full) watched by a loop, reporting into C{outcome}."""
+    loop = loopFor(MemoryReactorClock())
+    sock, err = connectSocket(socket.AF_INET, listener.getsockname())
+    assert err == errno.EINPROGRESS
+    outcome: list = []
+    pending = PendingConnect(loop, sock, outcome.append, outcome.append)
+    pending.start()
+    return loop, sock, pending, outcome
+
+
 def finish(loop: SpliceLoop, pending: PendingConnect, timeout: float = 5.0) -> None:
     """Wait (bounded) for the loop to report the pending socket, as the reactor would."""
     assert loop.sockets[pending.fd] is pending
@@ -57,12 +68,7 @@ def test_a_loopback_connect_is_usually_over_at_once(listener):
 
 @needsLoop
 def test_a_pending_connect_reports_connected(fullListener):
-    loop = loopFor(MemoryReactorClock())
-    sock, err = connectSocket(socket.AF_INET, fullListener.getsockname())
-    assert err == errno.EINPROGRESS
-    outcome = []
-    pending = PendingConnect(loop, sock, outcome.append, outcome.append)
-    pending.start()
+    loop, sock, pending, outcome = pendingTo(fullListener)
     conn, _ = fullListener.accept()  # room in the queue: the handshake is retried and completes
     try:
         finish(loop, pending, timeout=10.0)
@@ -117,12 +123,7 @@ def test_refused_is_reported(closedPort):
 
 @needsLoop
 def test_cancel_closes_and_reports_once(fullListener):
-    loop = loopFor(MemoryReactorClock())
-    sock, err = connectSocket(socket.AF_INET, fullListener.getsockname())
-    assert err == errno.EINPROGRESS
-    outcome = []
-    pending = PendingConnect(loop, sock, outcome.append, outcome.append)
-    pending.start()
+    loop, sock, pending, outcome = pendingTo(fullListener)
     pending.cancel("timed out after 2s")
     pending.cancel("again")
     pending.ready(select.EPOLLOUT)
