@@ -32,6 +32,16 @@ _log = Logger(namespace="txlb.control")
 #: servers stays far below it.
 MAX_MESSAGE = 64 * 1024 * 1024
 
+#: Events about servers that the master logs (its pools decide); a worker
+#: logging them too would say everything N + 1 times.
+POOL_EVENTS = frozenset({
+    "server_state", "server_added", "server_draining", "server_drained", "server_removed",
+    "server_ejected", "server_enabled",
+})
+
+#: The file descriptor a worker writes its control messages to.
+CONTROL_FD = 3
+
 _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 

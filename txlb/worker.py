@@ -40,21 +40,11 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, globalLogBeginner
 
 from txlb.aggregate import serverFigures, statsPart
-from txlb.control import ControlChannel
+from txlb.control import CONTROL_FD, POOL_EVENTS, ControlChannel
 from txlb.logs import LogFile, TxlbLogObserver, jsonLine, textLine
 from txlb.pool import Pool, Server, ServerState
 
 _log = Logger(namespace="txlb.worker")
-
-#: Events about servers that the master logs (its pools decide); a worker
-#: logging them too would say everything N + 1 times.
-POOL_EVENTS = frozenset({
-    "server_state", "server_added", "server_draining", "server_drained", "server_removed",
-    "server_ejected", "server_enabled",
-})
-
-#: The file descriptor a worker writes its control messages to.
-CONTROL_FD = 3
 
 _PIPE_BUF = 4096
 

@@ -56,9 +56,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogPublisher
 
 from txlb.aggregate import MergedMetrics, applyServerFigures, mergeDecisions, mergeExpositions
-from txlb.control import ControlChannel
+from txlb.control import CONTROL_FD, POOL_EVENTS, ControlChannel
 from txlb.pool import Pool
-from txlb.worker import CONTROL_FD, POOL_EVENTS
 
 _log = Logger(namespace="txlb.workers")
 
