@@ -56,3 +56,47 @@ def test_installed_copy_runs_under_twistd(wheel, tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
     )
     assert imported.stdout.startswith(str(target))
+
+
+def test_wheel_carries_the_license(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert [n for n in names if n.endswith(".dist-info/LICENSE") or "/licenses/LICENSE" in n]
+
+
+def _thirdPartyImports() -> set[str]:
+    """Top-level names of every module txlb imports that is neither stdlib nor its own."""
+    import ast
+
+    found: set[str] = set()
+    for path in [*(ROOT / "txlb").rglob("*.py"), *(ROOT / "twisted" / "plugins").glob("txlb*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                found.add(node.module.split(".")[0])
+    return {name for name in found if name not in sys.stdlib_module_names and name != "txlb"}
+
+
+def test_every_imported_distribution_is_declared(wheel):
+    """
+    A module txlb imports comes from a distribution its metadata asks for
+    (a requirement or an extra), so a plain C{pip install} never ends in an
+    ImportError.
+    """
+    import re
+    from importlib.metadata import packages_distributions
+
+    metadata = zipfile.ZipFile(wheel).read(
+        next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".dist-info/METADATA"))
+    ).decode()
+    declared = {
+        re.split(r"[\s;<>=!\[]", line.split(":", 1)[1].strip(), maxsplit=1)[0].lower().replace("_", "-")
+        for line in metadata.splitlines() if line.startswith("Requires-Dist:")
+    }
+    providers = packages_distributions()
+    missing = {}
+    for name in _thirdPartyImports():
+        dists = {d.lower().replace("_", "-") for d in providers.get(name, [name])}
+        if not dists & declared:
+            missing[name] = sorted(dists)
+    assert not missing, f"imported but not declared in setup.cfg: {missing}"
