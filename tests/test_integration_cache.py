@@ -151,5 +151,5 @@ def test_purge_and_metrics(lb):
     assert stats["requests"]["HIT"] == 1 and stats["requests"]["MISS"] == 4 and stats["entries"] == 1
     with urllib.request.urlopen(f"http://127.0.0.1:{api}/metrics", timeout=10) as response:
         text = response.read().decode()
-    assert 'txlb_cache_requests_total{result="HIT",service="web"} 1.0' in text
+    assert 'txlb_cache_requests_total{result="hit",service="web"} 1.0' in text
     assert 'txlb_cache_entries{service="web"} 1.0' in text

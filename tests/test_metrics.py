@@ -109,6 +109,26 @@ def test_requests_counted_and_exposed():
     assert total(found, "txlb_active_connections", service="web") == 2
 
 
+def test_build_info_names_the_version():
+    from txlb import __version__
+
+    _, _, metrics = setup()
+    [info] = samples(metrics)["txlb_build_info"]
+    assert info.labels == {"version": __version__} and info.value == 1
+
+
+def test_label_values_are_lower_case():
+    _, _, metrics = setup()
+    metrics.cacheRequests[("web", "HIT")] = 2
+    metrics.cacheRequests[("web", "MISS")] = 1
+    found = samples(metrics)
+    assert total(found, "txlb_cache_requests_total", result="hit") == 2
+    assert total(found, "txlb_cache_requests_total", result="miss") == 1
+    values = [v for sampled in found.values() for s in sampled for k, v in s.labels.items()
+              if k not in ("service", "pool", "server", "version", "le")]
+    assert values and all(v == v.lower() for v in values)
+
+
 def test_server_gauges_read_the_pool_at_scrape_time():
     clock, pool, metrics = setup()
     pool.setState(pool.server("c"), ServerState.DOWN)

@@ -199,6 +199,8 @@ def test_expositions_add_up_but_server_states_are_the_masters():
     assert 'txlb_server_up{pool="p",server="a"} 0.0' in text
     assert 'txlb_health_checks_total{pool="p",result="failed",server="a"} 1.0' in text
     assert 'result="passed"' not in text
+    from txlb import __version__
+    assert f'txlb_build_info{{version="{__version__}"}} 1.0' in text  # once, not once per worker
 
 
 def test_server_figures_add_up_and_finish_drains():

@@ -27,10 +27,11 @@ from txlb.metrics import HISTORY, Metrics
 from txlb.pool import Pool
 from txlb.stats import Window
 
-#: Families the master alone knows: server states and health checks are
-#: decided there, and ejections, though seen first by a worker, are counted
-#: once the master has applied them.
-MASTER_FAMILIES = frozenset({"txlb_server_up", "txlb_health_checks", "txlb_ejections"})
+#: Families the master alone knows: its version (one, however many
+#: workers), server states and health checks, which are decided there, and
+#: ejections, though seen first by a worker, are counted once the master
+#: has applied them.
+MASTER_FAMILIES = frozenset({"txlb_build_info", "txlb_server_up", "txlb_health_checks", "txlb_ejections"})
 
 
 # What a worker sends.

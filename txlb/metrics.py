@@ -32,6 +32,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.service import Service
 from twisted.logger import globalLogPublisher
 
+from txlb import __version__
 from txlb.pool import Pool, Server, ServerState
 from txlb.stats import DecisionLog, Window, latencyBucket
 
@@ -237,6 +238,11 @@ class Metrics(Service):
                 out[name] = cache
         return out
 
+    def udpServices(self) -> dict[str, Any]:
+        """The UDP services' balancers (L{txlb.udp.UDPBalancer}), by name: they keep their own counts."""
+        return {name: info.factory for name, info in list(self.services.items())
+                if info.protocol == "udp" and hasattr(info.factory, "counters")}
+
     def _cacheStats(self, name: str, cache: Any) -> dict[str, Any]:
         results = {r: self.cacheRequests.get((name, r), 0) for r in ("HIT", "MISS", "STALE", "BYPASS")}
         return {"entries": len(cache), "bytes": cache.size, "maxBytes": cache.maxSize,
@@ -317,6 +323,10 @@ class _Collector:
 
     def collect(self) -> Iterator:
         m = self.metrics
+        build = GaugeMetricFamily("txlb_build_info", "Always 1; the version of txlb that runs.", labels=["version"])
+        build.add_metric([__version__], 1)
+        yield build
+
         requests = CounterMetricFamily(
             "txlb_requests", "HTTP requests answered, by service, pool, server and status code.",
             labels=["service", "pool", "server", "code"],
@@ -379,9 +389,12 @@ class _Collector:
                         ["pool", "server", "result"], m.healthChecks)
         yield _counters("txlb_ejections", "Servers ejected by passive outlier detection.",
                         ["pool", "server"], m.ejections)
+        # Label values are lower-case, as Prometheus conventions have them;
+        # the X-Cache header keeps HTTP's upper-case words.
         yield _counters("txlb_cache_requests",
-                        "Requests to caching services, by service and result (HIT, MISS, STALE, BYPASS).",
-                        ["service", "result"], m.cacheRequests)
+                        "Requests to caching services, by service and result (hit, miss, stale, bypass).",
+                        ["service", "result"],
+                        {(service, result.lower()): n for (service, result), n in list(m.cacheRequests.items())})
 
         cacheBytes = GaugeMetricFamily("txlb_cache_bytes", "Bytes the stored responses take, by service.",
                                        labels=["service"])
@@ -391,6 +404,28 @@ class _Collector:
             cacheEntries.add_metric([name], len(cache))
         yield cacheBytes
         yield cacheEntries
+
+        # UDP services: read from their balancers at scrape time, nothing per datagram here.
+        datagrams = CounterMetricFamily(
+            "txlb_udp_datagrams", "Datagrams relayed by UDP services, by service, pool, server and direction "
+            "(in: client to server, out: server to client).", labels=["service", "pool", "server", "direction"])
+        udpBytes = CounterMetricFamily(
+            "txlb_udp_bytes", "Bytes of the datagrams relayed by UDP services, by service, pool, server and "
+            "direction.", labels=["service", "pool", "server", "direction"])
+        dropped = CounterMetricFamily(
+            "txlb_udp_dropped", "Datagrams UDP services dropped, by service and reason (max_flows, no_server, "
+            "socket, send).", labels=["service", "reason"])
+        for name, balancer in m.udpServices().items():
+            for (pool, server), (dIn, dOut, bIn, bOut) in balancer.counters().items():
+                datagrams.add_metric([name, pool, server, "in"], dIn)
+                datagrams.add_metric([name, pool, server, "out"], dOut)
+                udpBytes.add_metric([name, pool, server, "in"], bIn)
+                udpBytes.add_metric([name, pool, server, "out"], bOut)
+            for reason, n in balancer.dropped.items():
+                dropped.add_metric([name, reason], n)
+        yield datagrams
+        yield udpBytes
+        yield dropped
 
 
 def _counters(name: str, documentation: str, labels: list[str], counts: Mapping) -> CounterMetricFamily:
