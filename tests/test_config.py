@@ -564,12 +564,109 @@ def test_a_service_needs_name_listen_and_pool():
     ]
 
 
-def test_protocol_must_be_tcp_or_http():
-    assert problem(POOL + service('protocol = "udp"\n')) == (
+def test_protocol_must_be_tcp_http_or_udp():
+    assert problem(POOL + service('protocol = "sctp"\n')) == (
         7,
         "services[0].protocol",
-        "must be one of 'tcp', 'http', not 'udp'",
+        "must be one of 'tcp', 'http', 'udp', not 'sctp'",
     )
+
+
+# UDP services.
+
+
+def udpService(extra: str = "", listen: str = '"udp:5353:interface=127.0.0.1"', pool: str = "api") -> str:
+    """A valid UDP service, lines 1-5 of what it adds (listen on line 3), with C{extra} after."""
+    return service('protocol = "udp"\n' + extra, listen=listen, pool=pool, name="dns")
+
+
+def test_a_udp_service_has_its_defaults():
+    config = parse(toml(POOL + udpService()))
+    [dns] = config.services
+    assert dns.protocol == "udp"
+    assert dns.listen == ("udp:5353:interface=127.0.0.1",)
+    assert dns.timeouts.idle == 60.0
+    assert dns.limits.max_flows == 10_000
+    assert dns.tls is None and dns.sticky is None
+
+
+def test_a_udp_service_takes_idle_and_max_flows():
+    config = parse(toml(POOL + udpService('timeouts = { idle = "5s" }\nlimits = { max_flows = 50 }\n')))
+    [dns] = config.services
+    assert (dns.timeouts.idle, dns.limits.max_flows) == (5.0, 50)
+
+
+def test_udp_keys_that_do_not_apply_are_refused():
+    found = problems(POOL + udpService(
+        'timeouts = { idle = "0", backend = "1s" }\n'
+        "limits = { max_flows = 0, max_body = 10 }\n"
+        'sticky = { mode = "ip" }\n'
+        "forwarded = true\n"
+        'tls = { certificates = [{ cert = "a.pem", key = "a.key" }] }\n'
+    ))
+    assert [(line, path) for line, path, _ in found] == [
+        (8, "services[0].timeouts.backend"),
+        (8, "services[0].timeouts.idle"),
+        (9, "services[0].limits.max_body"),
+        (9, "services[0].limits.max_flows"),
+        (10, "services[0].sticky"),
+        (11, "services[0].forwarded"),
+        (12, "services[0].tls"),
+    ]
+    messages = dict((path, message) for _, path, message in found)
+    assert "ip_hash" in messages["services[0].sticky"]
+    assert messages["services[0].timeouts.idle"] == "must be longer than 0"
+    assert messages["services[0].limits.max_flows"] == "must be between 1 and 1000000, not 0"
+
+
+def test_max_flows_is_for_udp_services_only():
+    found = problem(POOL + service('protocol = "http"\nlimits = { max_flows = 5 }\n'))
+    assert found == (8, "services[0].limits.max_flows", 'applies to UDP services only (protocol = "udp")')
+
+
+@pytest.mark.parametrize("listen, why", [
+    ('"udp:5353:interfce=127.0.0.1"', "unknown parameter 'interfce'"),
+    ('"udp:99999"', "'99999' is not a port 0-65535"),
+    ('"udp:53:interface=localhost"', "interface 'localhost' is not an IP address"),
+    ('"tcp:53"', "is not a UDP address"),
+    ('"udp:53:extra"', "unexpected 'extra'"),
+])
+def test_udp_listen_addresses_are_read_strictly(listen, why):
+    line, path, message = problem(POOL + udpService(listen=listen))
+    assert (line, path) == (5, "services[0].listen")
+    assert why in message
+
+
+def test_a_udp_address_on_a_tcp_service_says_what_it_needs():
+    assert problem(POOL + service(listen='"udp:53"')) == (
+        5, "services[0].listen", "'udp:53' is a UDP address: it needs protocol = \"udp\"",
+    )
+
+
+def test_a_udp_pool_needs_ip_addresses_and_no_tls():
+    pools = """
+[pools.api]
+servers = [{ name = "s1", address = "127.0.0.1:53" }, { name = "s2", address = "dns.example:53" }]
+tls = { verify = false }
+"""
+    found = problems(pools + udpService())
+    assert [(line, path) for line, path, _ in found] == [(7, "services[0].pool"), (7, "services[0].pool")]
+    assert "remove the pool's tls" in found[0][2]
+    assert found[1][2].startswith("pool 'api', server 's2': 'dns.example' is not an IP address")
+
+
+def test_udp_and_tcp_may_share_a_port_number_but_udp_sockets_collide():
+    text = POOL + udpService(listen='"udp:5353"') + service(listen='"tcp:5353"', name="t")
+    assert len(parse(toml(text)).services) == 2
+    found = problem(POOL + udpService(listen='"udp:5353"') + udpService(listen='"udp:5353:interface=127.0.0.1"')
+                    .replace('name = "dns"', 'name = "dns2"'))
+    assert found[1] == "services[1].listen"
+    assert "is already used by services[0].listen" in found[2]
+
+
+def test_workers_serve_udp_services():
+    config = parse(toml("[txlb]\nworkers = 2\n" + POOL + udpService()))
+    assert config.txlb.workers == 2
 
 
 # Durations and sizes.

@@ -17,8 +17,11 @@ from txlb.endpoints import (
     EndpointError,
     checkClient,
     checkServer,
+    isUDP,
+    parseUDPListen,
     sameSocket,
     serverAddress,
+    udpTarget,
 )
 
 
@@ -227,3 +230,56 @@ def test_endpoint_cache_connects_with_its_reactor():
     ((host, port, _, _, _),) = reactor.tcpClients
     assert (host, port) == ("10.0.0.5", 9001)
 
+
+
+# UDP addresses: Twisted has no UDP server endpoint, so txlb reads them.
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("udp:53", (53, "")),
+    ("udp:0", (0, "")),
+    ("udp:port=5353", (5353, "")),
+    ("udp:5353:interface=127.0.0.1", (5353, "127.0.0.1")),
+    ("udp:port=5353:interface=127.0.0.1", (5353, "127.0.0.1")),
+    ("udp:interface=127.0.0.1:port=5353", (5353, "127.0.0.1")),
+    ("udp:5353:interface=\\:\\:1", (5353, "::1")),
+    ("UDP:53", (53, "")),
+])
+def test_udp_listen_addresses(text, expected):
+    assert isUDP(text)
+    assert parseUDPListen(text) == expected
+
+
+@pytest.mark.parametrize("text, why", [
+    ("udp:", "'' is not a port"),
+    ("udp:65536", "is not a port 0-65535"),
+    ("udp:-1", "is not a port 0-65535"),
+    ("udp:53:interfce=127.0.0.1", "unknown parameter 'interfce'"),
+    ("udp:53:127.0.0.1", "unexpected '127.0.0.1'"),
+    ("udp:53:port=54", "port given twice"),
+    ("udp:interface=127.0.0.1", "missing port"),
+    ("udp:53:interface=::1", "unexpected ''"),
+    ("udp:53:interface=localhost", "is not an IP address"),
+    ("udp:53\\", "lone"),
+    ("tcp:53", "is not a UDP address"),
+])
+def test_bad_udp_listen_addresses(text, why):
+    with pytest.raises(EndpointError) as info:
+        parseUDPListen(text)
+    assert why in str(info.value)
+
+
+def test_udp_targets_are_literal_ip_addresses():
+    assert udpTarget(serverAddress("10.0.0.5:53")) == ("10.0.0.5", 53)
+    assert udpTarget(serverAddress("[::1]:5353")) == ("::1", 5353)
+    for address in ("dns.example:53", "unix:/run/dns.sock"):
+        with pytest.raises(EndpointError):
+            udpTarget(serverAddress(address))
+
+
+def test_udp_sockets_collide_as_tcp_ones_do():
+    assert sameSocket("udp:53", "udp:53:interface=127.0.0.1")
+    assert sameSocket("udp:port=53", "udp:53")
+    assert not sameSocket("udp:53", "tcp:53")
+    assert not sameSocket("udp:53:interface=127.0.0.1", "udp:53:interface=127.0.0.2")
+    assert not sameSocket("udp:0", "udp:0")

@@ -156,9 +156,115 @@ def _explain(text: str, error: Exception, expected: str) -> str:
 
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 
+_UDP_EXPECTED = "a UDP listening address like udp:5353:interface=127.0.0.1"
+
+
+def _splitEndpoint(text: str) -> list[str]:
+    """
+    The fields of an endpoint string, as Twisted writes them: separated by
+    C{:}, with C{\\} escaping the next character (C{interface=\\:\\:1}).
+    Each field keeps its escapes, so that a C{=} in a value stays a value.
+    """
+    fields, current, escaped = [], [], False
+    for char in text:
+        if escaped:
+            current.append("\\" + char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if escaped:
+        raise EndpointError(f"{text!r} ends with a lone \\; expected {_UDP_EXPECTED}")
+    fields.append("".join(current))
+    return fields
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def parseUDPListen(text: str) -> tuple[int, str]:
+    """
+    C{udp:PORT[:interface=ADDR]} (or C{udp:port=PORT:...}) as C{(port,
+    interface)}, C{interface} empty for every IPv4 address.  Twisted has no
+    UDP server endpoint, so this reads the string by the same conventions
+    (fields split on C{:}, C{\\} escapes, C{key=value} or positional), and
+    refuses anything else: a mistyped key must not listen somewhere else.
+
+    @raise EndpointError: not such an address.
+    """
+    fields = _splitEndpoint(text.strip())
+    if fields[0].lower() != "udp":
+        raise EndpointError(f"{text!r} is not a UDP address; expected {_UDP_EXPECTED}")
+    values: dict[str, str] = {}
+    for i, field in enumerate(fields[1:]):
+        m = re.match(r"((?:[^=\\]|\\.)*)=(.*)", field)
+        if m is not None:
+            key, value = m.group(1), m.group(2)
+        else:
+            key, value = ("port", field) if i == 0 else ("", field)
+        key = _unescape(key)
+        if key not in ("port", "interface"):
+            what = f"unknown parameter {key!r}" if key else f"unexpected {field!r}"
+            if "::" in text.replace("\\:", ""):
+                what += r"; write the colons of an IPv6 address as \:, like interface=\:\:1"
+            raise EndpointError(f"{text!r} is not a valid address ({what}); expected {_UDP_EXPECTED}")
+        if key in values:
+            raise EndpointError(f"{text!r} is not a valid address ({key} given twice); expected {_UDP_EXPECTED}")
+        values[key] = _unescape(value)
+    port = values.get("port")
+    if port is None:
+        raise EndpointError(f"{text!r} is not a valid address (missing port); expected {_UDP_EXPECTED}")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise EndpointError(
+            f"{text!r} is not a valid address ({port!r} is not a port 0-65535); expected {_UDP_EXPECTED}"
+        )
+    interface = values.get("interface", "")
+    if interface and not (isIPAddress(interface) or isIPv6Address(interface)):
+        raise EndpointError(f"{text!r} is not a valid address (interface {interface!r} is not an IP address); "
+                            f"expected {_UDP_EXPECTED}")
+    return int(port), interface
+
+
+def isUDP(text: str) -> bool:
+    """Whether an endpoint string names a UDP address (C{udp:...})."""
+    return text.strip()[:4].lower() == "udp:"
+
+
+def udpTarget(address: str) -> tuple[str, int]:
+    """
+    The C{(ip, port)} a UDP service sends a server's datagrams to, from the
+    server's address (C{host:port}, already a C{tcp:} endpoint string): a
+    literal IP address, as a datagram socket connects without a resolver.
+
+    @raise EndpointError: not a literal IP address and port.
+    """
+    try:
+        endpoint = clientFromString(_NoReactor(), address)
+    except Exception as e:
+        raise EndpointError(_explain(address, e, _CLIENT_EXPECTED))
+    host, port = getattr(endpoint, "_host", None), getattr(endpoint, "_port", None)
+    if (type(endpoint) not in (TCP4ClientEndpoint, TCP6ClientEndpoint) or not isinstance(port, int)
+            or not (isIPAddress(host) or (isIPv6Address(host) and "%" not in host))):
+        raise EndpointError(f"{host or address!r} is not an IP address: a UDP service sends datagrams "
+                            "to an IP address and port, like 10.0.0.5:53")
+    if not 0 < port < 65536:
+        raise EndpointError(f"{address!r}: port {port} is out of range (1-65535)")
+    return host, port
+
 
 def _binding(text: str) -> tuple[str, object, str]:
     """What a listening endpoint binds: C{(kind, port or path, interface)}."""
+    if isUDP(text):
+        try:
+            port, interface = parseUDPListen(text)
+        except EndpointError:
+            return ("?", text, "")
+        return ("udp", port, interface)
     try:
         endpoint = serverFromString(_NoReactor(), text)
     except Exception:
@@ -184,7 +290,7 @@ def sameSocket(a: str, b: str) -> bool:
     kindB, whereB, ifaceB = _binding(b)
     if kindA != kindB or whereA != whereB:
         return False
-    if kindA == "tcp":
+    if kindA in ("tcp", "udp"):
         return whereA != 0 and (ifaceA == ifaceB or ifaceA in _WILDCARDS or ifaceB in _WILDCARDS)
     return True
 

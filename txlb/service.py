@@ -39,7 +39,7 @@ from txlb.cluster import ClusterService, Standalone
 from txlb.config import Config, ConfigError, PoolConfig, ServerConfig, ServiceConfig, load
 from txlb.demo import demoService
 from txlb.dns import DNSService, Responder
-from txlb.endpoints import EndpointCache, sameSocket
+from txlb.endpoints import EndpointCache, isUDP, parseUDPListen, sameSocket
 from txlb.http.backend import BackendConnections
 from txlb.http.frontend import HTTPProxyFactory, HTTPService
 from txlb.http.routing import Route, Router
@@ -53,6 +53,7 @@ from txlb.sessions import makeStore
 from txlb.sticky import Sticky
 from txlb.tcp import TCPBalancerFactory
 from txlb.tls import ServerTLS
+from txlb.udp import MAX_DATAGRAM, UDPBalancer, UDPListener, openServerSocket
 
 _log = Logger(namespace="txlb")
 
@@ -291,7 +292,7 @@ class TxlbService(MultiService):
         for _, listen, factory in self.listeners:
             entry = self._entries.get(listen)
             if entry is None:
-                entry = self._entries[listen] = _Entry()
+                entry = self._entries[listen] = _newEntry(listen)
             entry.switch(factory)
 
     def _tls(self, service: ServiceConfig) -> Optional[ServerTLS]:
@@ -313,7 +314,18 @@ class TxlbService(MultiService):
         secured.open = factory.open
         return secured
 
-    def _factory(self, service: ServiceConfig) -> TCPBalancerFactory | HTTPProxyFactory:
+    def _factory(self, service: ServiceConfig) -> TCPBalancerFactory | HTTPProxyFactory | UDPBalancer:
+        if service.protocol == "udp":
+            return UDPBalancer(
+                service.name,
+                self.pools[service.pool],
+                self.reactor,
+                openServerSocket(self.reactor),
+                idleTimeout=service.timeouts.idle,
+                maxFlows=service.limits.max_flows,
+                accessLog=self.config.log.access,
+                metrics=self.metrics,
+            )
         if service.protocol == "tcp":
             return TCPBalancerFactory(
                 service.name,
@@ -386,6 +398,12 @@ class TxlbService(MultiService):
         Listen on C{listen} now, or raise L{ListenError}.  Endpoints that
         answer later (not TCP) report a late failure to C{late}.
         """
+        if isUDP(listen):
+            port, interface = parseUDPListen(listen)
+            try:
+                return self.reactor.listenUDP(port, factory, interface=interface, maxPacketSize=MAX_DATAGRAM)
+            except CannotListenError as e:
+                raise ListenError(f"txlb: service {name}: cannot listen on {listen!r}: {e.socketError}")
         d = serverFromString(self.reactor, listen).listen(factory)
         result: list = []
         d.addBoth(result.append)
@@ -450,6 +468,8 @@ class TxlbService(MultiService):
             fd, family, backlog = self.sockets[listen]
             skt = socket.socket(fileno=fd)
             try:
+                if isUDP(listen):
+                    return self.reactor.adoptDatagramPort(skt.fileno(), family, entry, maxPacketSize=MAX_DATAGRAM)
                 skt.listen(backlog)  # the master bound it; its first worker makes it listen
                 return self.reactor.adoptStreamPort(skt.fileno(), family, entry)
             finally:
@@ -673,7 +693,7 @@ class TxlbService(MultiService):
                                 f"{listen!r} is the socket {running!r} listens on, written differently: "
                                 "write it the same way, or move it in two reloads"
                             ])
-                    entry = self._entries[listen] = self._entries.get(listen) or _Entry()
+                    entry = self._entries[listen] = self._entries.get(listen) or _newEntry(listen)
                     opened[listen] = self._listenService(self._ownerIn(new, listen), listen, entry,
                                                          self._reloadListenFailure)
             if new.admin is not None and new.admin.listen != _adminListen(self.config):
@@ -777,6 +797,11 @@ class TxlbService(MultiService):
         """New settings for a running service's next requests and connections."""
         if isinstance(factory, HTTPProxyFactory):
             factory.service.update(**self._httpSettings(service))
+        elif isinstance(factory, UDPBalancer):
+            factory.setPool(self.pools[service.pool])
+            factory.idleTimeout = service.timeouts.idle
+            factory.maxFlows = service.limits.max_flows
+            factory.accessLog = self.config.log.access
         else:
             factory.pool = self.pools[service.pool]
             factory.idleTimeout = service.timeouts.idle
@@ -787,7 +812,7 @@ class TxlbService(MultiService):
         A service removed or rebuilt: its connections finish on their own
         (HTTP: after the request in hand), and are drained at shutdown.
         """
-        if isinstance(factory, HTTPProxyFactory):
+        if isinstance(factory, (HTTPProxyFactory, UDPBalancer)):
             factory.finish()
         if len(factory.open):
             self.retired.add(factory)
@@ -806,6 +831,11 @@ def settleHeap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def _newEntry(listen: str):
+    """What a new listening socket delivers to: an L{_Entry}, or a L{UDPListener} for C{udp:}."""
+    return UDPListener() if isUDP(listen) else _Entry()
 
 
 def _adminListen(config: Config) -> Optional[str]:

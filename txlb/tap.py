@@ -57,7 +57,10 @@ def summary(config: Config) -> list[str]:
     if config.txlb.workers > 1:
         lines.append(f"{config.txlb.workers} worker processes")
     for s in config.services:
-        lines.append(f"service {s.name} ({s.protocol}) on {', '.join(s.listen)} -> pool {s.pool}")
+        line = f"service {s.name} ({s.protocol}) on {', '.join(s.listen)} -> pool {s.pool}"
+        if s.protocol == "udp":
+            line += f" (flows idle after {s.timeouts.idle:g}s, at most {s.limits.max_flows})"
+        lines.append(line)
     for p in config.pools.values():
         servers = ", ".join(f"{s.name}={s.address}" for s in p.servers) or "no servers"
         lines.append(f"pool {p.name} ({p.algorithm}): {servers}")

@@ -14,7 +14,10 @@ lets whichever worker wakes first take a whole burst).  A worker inherits
 its slot's socket as a file descriptor and accepts on it; the master keeps
 its own copy open and never accepts, so connections waiting in a socket's
 queue survive a worker's restart.  A unix socket is bound once and shared
-by every worker.
+by every worker.  A UDP endpoint is bound as a TCP one is, N datagram
+sockets with C{SO_REUSEPORT}: the kernel picks a socket by hashing the
+client's address and port, so every datagram of a flow reaches the same
+worker, which alone holds the flow and its server.
 
 State.  The master's pools are the one source of truth for servers:
 health, drain, weight, ejection, servers added and removed.  Whenever they
@@ -57,6 +60,7 @@ from twisted.logger import Logger, globalLogPublisher
 
 from txlb.aggregate import MergedMetrics, applyServerFigures, mergeDecisions, mergeExpositions
 from txlb.control import CONTROL_FD, POOL_EVENTS, ControlChannel
+from txlb.endpoints import isUDP, parseUDPListen
 from txlb.pool import Pool
 
 _log = Logger(namespace="txlb.workers")
@@ -119,8 +123,10 @@ def bindShared(reactor, listen: str, count: int) -> SharedListener:
     Bind C{listen}'s sockets for C{count} workers (not listening yet).
 
     @raise CannotListenError: the address cannot be bound.
-    @raise ValueError: not a TCP or unix endpoint (the config refuses those).
+    @raise ValueError: not a TCP, UDP or unix endpoint (the config refuses those).
     """
+    if isUDP(listen):
+        return _bindUDP(listen, count)
     endpoint = serverFromString(reactor, listen)
     sockets: list[socket.socket] = []
     try:
@@ -154,6 +160,29 @@ def bindShared(reactor, listen: str, count: int) -> SharedListener:
     for skt in sockets:
         skt.setblocking(False)
     return SharedListener(listen, sockets, endpoint._backlog)
+
+
+def _bindUDP(listen: str, count: int) -> SharedListener:
+    """C{count} datagram sockets bound to C{listen}'s address with C{SO_REUSEPORT}."""
+    number, interface = parseUDPListen(listen)
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            skt = socket.socket(family, socket.SOCK_DGRAM)
+            sockets.append(skt)
+            skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                skt.bind((interface, number))
+            except OSError as e:
+                raise CannotListenError(interface, number, e)
+            number = skt.getsockname()[1]  # port 0: the others share the first one's
+            skt.setblocking(False)
+    except BaseException:
+        for skt in sockets:
+            skt.close()
+        raise
+    return SharedListener(listen, sockets, 0)
 
 
 # Workers.

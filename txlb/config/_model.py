@@ -105,7 +105,7 @@ class PoolConfig:
 
 @attrs.frozen
 class Timeouts:
-    """A service's C{timeouts}; C{0} means none.  TCP services use C{idle} only."""
+    """A service's C{timeouts}; C{0} means none.  TCP and UDP services use C{idle} only."""
 
     client: float = 60.0
     backend: float = 30.0
@@ -125,10 +125,14 @@ class RouteConfig:
 
 @attrs.frozen
 class Limits:
-    """An HTTP service's C{limits}; C{max_body = 0} means unlimited."""
+    """
+    A service's C{limits}; C{max_body = 0} means unlimited.  HTTP services
+    use the first two, UDP services C{max_flows} only.
+    """
 
     max_header_bytes: int = 32 * 1024
     max_body: int = 0
+    max_flows: int = 10_000
 
 
 @attrs.frozen

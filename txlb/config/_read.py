@@ -71,7 +71,7 @@ from txlb.config._table import (
 )
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 
-from txlb.endpoints import checkServer, sameSocket
+from txlb.endpoints import EndpointError, checkServer, isUDP, parseUDPListen, sameSocket, udpTarget
 from txlb.interfaces import SchedulerOptionsError
 
 # The sections.
@@ -89,9 +89,11 @@ def _readProcess(t: _Table) -> ProcessConfig:
 
 def _shareable(listen: str) -> bool:
     """
-    Whether worker processes can share C{listen}'s socket: a TCP or unix
-    one (L{txlb.workers.bindShared}).
+    Whether worker processes can share C{listen}'s socket: a TCP, UDP or
+    unix one (L{txlb.workers.bindShared}).
     """
+    if isUDP(listen):
+        return True
     try:
         endpoint = checkServer(listen)
     except ValueError:
@@ -421,9 +423,21 @@ def _loopbackOnly(listen: str) -> bool:
     return interface.startswith("127.") or interface in ("::1", "localhost")
 
 
+#: How long a UDP flow lives without a datagram either way, by default.
+UDP_IDLE = 60.0
+
+
 def _readTimeouts(t: Optional[_Table], protocol: str) -> Timeouts:
     if t is None:
-        return Timeouts(idle=600.0 if protocol == "tcp" else 75.0)
+        return Timeouts(idle={"tcp": 600.0, "udp": UDP_IDLE}.get(protocol, 75.0))
+    if protocol == "udp":
+        for key in ("client", "backend"):
+            if key in t.data:
+                t.seen.add(key)
+                t.error(key, 'applies to HTTP services; a UDP service has only "idle"')
+        timeouts = Timeouts(idle=t.get("idle", _positiveDuration, UDP_IDLE))
+        t.finish()
+        return timeouts
     if protocol == "tcp":
         for key in ("client", "backend"):
             if key in t.data:
@@ -496,9 +510,20 @@ def _readRoutes(t: _Table, pools: Mapping[str, Any]) -> tuple[RouteConfig, ...]:
     return tuple(routes)
 
 
-def _readLimits(t: Optional[_Table]) -> Limits:
+def _readLimits(t: Optional[_Table], protocol: str = "http") -> Limits:
     if t is None:
         return Limits()
+    if protocol == "udp":
+        for key in ("max_header_bytes", "max_body"):
+            if key in t.data:
+                t.seen.add(key)
+                t.error(key, 'applies to HTTP services; a UDP service has only "max_flows"')
+        limits = Limits(max_flows=t.get("max_flows", _integer(1, 1_000_000), Limits().max_flows))
+        t.finish()
+        return limits
+    if "max_flows" in t.data:
+        t.seen.add("max_flows")
+        t.error("max_flows", 'applies to UDP services only (protocol = "udp")')
     limits = Limits(
         max_header_bytes=t.get("max_header_bytes", parseSize, 32 * 1024),
         max_body=t.get("max_body", parseSize, 0),
@@ -528,9 +553,58 @@ def _readCache(t: Optional[_Table]) -> Optional[CacheConfig]:
 _HTTP_ONLY = ("routes", "limits", "forwarded", "cache")
 
 
+#: Keys of a service that a UDP service refuses, and what to do instead.
+_NOT_UDP = {
+    **{key: 'applies to HTTP services only (protocol = "http")' for key in _HTTP_ONLY if key != "limits"},
+    "tls": "does not apply to UDP services (TLS needs a stream; DTLS is not supported)",
+    "sticky": 'does not apply to UDP services: a flow keeps its server; for a client to keep it '
+              'across flows, use a pool with algorithm = "ip_hash" or "consistent_hash"',
+}
+
+
+def _udpServiceListen(value: Any) -> str:
+    """A UDP service's listening address (L{parseUDPListen})."""
+    text = _string(value)
+    try:
+        parseUDPListen(text)
+    except EndpointError as e:
+        raise _Invalid(str(e))
+    return text
+
+
+def _streamListen(value: Any) -> str:
+    """A TCP or HTTP service's listening endpoint; C{udp:} says where it belongs."""
+    if isinstance(value, str) and isUDP(value):
+        raise _Invalid(f'{value!r} is a UDP address: it needs protocol = "udp"')
+    return _listenEndpoint(value)
+
+
+def _checkUDPPool(t: _Table, pool: Any) -> None:
+    """A UDP service's pool: its servers at IP addresses, no TLS, hashing on the client."""
+    if pool.tls is not None:
+        t.error("pool", f"pool {pool.name!r} has tls, but a UDP service sends plain datagrams: remove the pool's tls")
+    if pool.hash_key != "client_ip":
+        t.error("pool", f"pool {pool.name!r} has hash_key = {pool.hash_key!r}, but a UDP service"
+                        ' can only hash on the client address: use hash_key = "client_ip"')
+    for server in pool.servers:
+        if server.address is None:
+            continue
+        try:
+            udpTarget(server.address)
+        except EndpointError as e:
+            t.error("pool", f"pool {pool.name!r}, server {server.name!r}: {e}")
+
+
 def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
-    protocol = t.get("protocol", _oneOf("tcp", "http"), "tcp")
+    protocol = t.get("protocol", _oneOf("tcp", "http", "udp"), "tcp")
     pool = _poolName(t, pools)
+    if protocol == "udp":
+        for key, why in _NOT_UDP.items():
+            if key in t.data:
+                t.seen.add(key)
+                t.error(key, why)
+        if pool in pools:
+            _checkUDPPool(t, pools[pool])
     if protocol == "tcp":
         for key in _HTTP_ONLY:
             if key in t.data:
@@ -545,11 +619,11 @@ def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
     service = ServiceConfig(
         name=t.get("name", _name),
         protocol=protocol,
-        listen=t.get("listen", _stringList(_listenEndpoint)),
+        listen=t.get("listen", _stringList(_udpServiceListen if protocol == "udp" else _streamListen)),
         pool=pool,
         timeouts=_readTimeouts(t.table("timeouts", "timeouts"), protocol),
-        tls=_readTLS(t.table("tls", "tls")),
-        sticky=_readSticky(t.table("sticky", "sticky"), protocol),
+        tls=None if protocol == "udp" else _readTLS(t.table("tls", "tls")),
+        sticky=None if protocol == "udp" else _readSticky(t.table("sticky", "sticky"), protocol),
     )
     if protocol == "http":
         service = attrs.evolve(
@@ -559,6 +633,8 @@ def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
             forwarded=t.get("forwarded", _boolean, False),
             cache=_readCache(t.table("cache", "cache")),
         )
+    elif protocol == "udp":
+        service = attrs.evolve(service, limits=_readLimits(t.table("limits", "limits"), protocol))
     t.finish()
     return service
 
