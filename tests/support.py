@@ -241,6 +241,79 @@ def tcpServiceToml(name: str, port: int, pool: str, extra: str = "") -> str:
     )
 
 
+def freeUDPPort() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class UDPBackend:
+    """
+    A UDP server on 127.0.0.1 run in a thread: answers each datagram with
+    the backend's name, C{:}, and the datagram.  C{clients} counts the
+    datagrams from each client address (txlb's flow sockets).  With
+    C{tcp}, it also accepts TCP connections on the same port number, for a
+    C{kind = "tcp"} health check; L{closeTCP} makes that check fail.
+    """
+
+    def __init__(self, name: str, tcp: bool = False) -> None:
+        self.name = name
+        self.clients: dict[tuple, int] = {}
+        self.lock = threading.Lock()
+        self.tcp: Optional[_Server] = None
+        for _ in range(50):  # a port number free for both UDP and TCP
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            self.sock.bind(("127.0.0.1", 0))
+            self.port = self.sock.getsockname()[1]
+            if not tcp:
+                break
+            try:
+                self.tcp = _Server(("127.0.0.1", self.port), socketserver.BaseRequestHandler)
+                break
+            except OSError:
+                self.sock.close()
+        else:
+            raise AssertionError("no port number free for both UDP and TCP")
+        self.address = f"127.0.0.1:{self.port}"
+        if self.tcp is not None:
+            threading.Thread(target=self.tcp.serve_forever, daemon=True).start()
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        prefix = self.name.encode() + b":"
+        self.sock.settimeout(0.2)
+        while self.running:
+            try:
+                data, address = self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self.clients[address] = self.clients.get(address, 0) + 1
+            self.sock.sendto(prefix + data, address)
+
+    @property
+    def datagrams(self) -> int:
+        with self.lock:
+            return sum(self.clients.values())
+
+    def closeTCP(self) -> None:
+        if self.tcp is not None:
+            self.tcp.shutdown()
+            self.tcp.server_close()
+            self.tcp = None
+
+    def stop(self) -> None:
+        self.running = False
+        self.closeTCP()
+        self.thread.join(5)
+        self.sock.close()
+
+
 def connect(port: int, timeout: float = 10.0) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
