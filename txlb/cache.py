@@ -679,22 +679,25 @@ def _notModified(entry: Entry, headers: Headers) -> bool:
 
 def storedResponse(entry: Entry, now: float, method: bytes, requestHeaders: Headers, *, requestId: str,
                    close: bool, keepAliveHeader: bool, result: str = HIT,
-                   extra: Iterable[bytes] = ()) -> tuple[int, bytes]:
+                   extra: Iterable[bytes] = (), rules=None, values: Sequence[bytes] = ()) -> tuple[int, bytes]:
     """
     C{(status, bytes)} of the answer to a request from a stored response:
     its head with a current C{Age} and C{X-Cache}, and its body (none for
-    HEAD, nor for the 304 of a request whose own condition holds).
+    HEAD, nor for the 304 of a request whose own condition holds).  The
+    response header C{rules} apply as to any response (the entry holds the
+    backend's head as it came, or as compression rewrote it).
     """
     extra = [b"Age: %d" % int(entry.age(now)), b"X-Cache: " + result.encode("ascii"), *extra]
     headers = [(n, v) for n, v in entry.headers if n.lower() not in (b"age", b"x-cache")]
     if _notModified(entry, requestHeaders):
         headers = [(n, v) for n, v in headers if n.lower() in _NOT_MODIFIED_FIELDS]
         return 304, responseHead(304, b"Not Modified", headers, requestId=requestId, framing=None,
-                                 close=close, keepAliveHeader=keepAliveHeader, extra=extra)
+                                 close=close, keepAliveHeader=keepAliveHeader, extra=extra, rules=rules,
+                                 values=values)
     status = entry.status
     framing = None if status == 204 else b"Content-Length: %d" % len(entry.body)
     head = responseHead(status, entry.reason, headers, requestId=requestId, framing=framing, close=close,
-                        keepAliveHeader=keepAliveHeader, extra=extra)
+                        keepAliveHeader=keepAliveHeader, extra=extra, rules=rules, values=values)
     if method == b"HEAD" or status == 204:
         return status, head
     return status, head + entry.body

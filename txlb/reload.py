@@ -35,7 +35,8 @@ POOL_SETTINGS = (
 )
 
 #: Service settings a reload applies to new requests and connections.
-SERVICE_SETTINGS = ("pool", "timeouts", "routes", "limits", "forwarded", "tls", "sticky")
+SERVICE_SETTINGS = ("pool", "timeouts", "routes", "limits", "forwarded", "tls", "sticky", "header_rules",
+                    "compress")
 
 
 @attrs.frozen

@@ -41,12 +41,15 @@ from txlb.demo import demoService
 from txlb.dns import DNSService, Responder
 from txlb.endpoints import EndpointCache, isUDP, parseUDPListen, sameSocket
 from txlb.http.backend import BackendConnections
+from txlb.http.compress import Compression
 from txlb.http.frontend import HTTPProxyFactory, HTTPService
 from txlb.http.routing import Route, Router
 from txlb.health import HealthChecks, healthCheckFactories
 from txlb.interfaces import IHealthCheckFactory, ISchedulerFactory
 from txlb.logs import makeObserver, reopenOnSignal
 from txlb.metrics import Metrics
+from txlb.policy.headers import compileRules
+from txlb.policy.redirect import Redirect
 from txlb.pool import Pool, Server
 from txlb.reload import ConfigDiff, ServerDiff, describe, diffConfigs, diffServers, serversOnly
 from txlb.sessions import makeStore
@@ -279,7 +282,7 @@ class TxlbService(MultiService):
 
     def _addBalancer(self, service: ServiceConfig, factory: Factory, tls) -> None:
         self.balancers[service.name] = _Balancer(service, factory, self._secure(service, factory, tls))
-        pools = (service.pool, *(r.pool for r in service.routes if r.pool != service.pool))
+        pools = (service.pool, *(r.pool for r in service.routes if r.pool not in (service.pool, None)))
         self.metrics.addService(service.name, service.protocol, tuple(dict.fromkeys(pools)), factory)
 
     @property
@@ -359,6 +362,7 @@ class TxlbService(MultiService):
 
     def _httpSettings(self, service: ServiceConfig) -> dict:
         """What an L{HTTPService} takes from its config (and a reload updates)."""
+        rules, compress = compileRules(service.header_rules), Compression.fromConfig(service.compress)
         routes = [
             Route(
                 r.pool,
@@ -366,11 +370,15 @@ class TxlbService(MultiService):
                 path_prefix=r.path_prefix,
                 methods=frozenset(m.encode("ascii") for m in r.methods),
                 headers={k.lower().encode("latin-1"): v.encode("latin-1") for k, v in r.headers.items()},
+                # A route's header rules apply after its service's; its compress replaces the service's.
+                rules=rules if r.header_rules is None else compileRules(service.header_rules, r.header_rules),
+                compress=compress if r.compress is None else Compression.fromConfig(r.compress),
+                redirect=Redirect.fromConfig(r.redirect, r.path_prefix),
             )
             for r in service.routes
         ]
         return dict(
-            router=Router(service.pool, routes),
+            router=Router(service.pool, routes, rules, compress),
             clientTimeout=service.timeouts.client,
             backendTimeout=service.timeouts.backend,
             idleTimeout=service.timeouts.idle,

@@ -16,7 +16,7 @@ from typing import TextIO
 from twisted.python import usage
 
 from txlb import __version__
-from txlb.config import Config, ConfigError, load
+from txlb.config import Config, ConfigError, describeTransforms, load
 
 DEFAULT_PATHS = ("txlb.toml", "/etc/txlb/txlb.toml")
 
@@ -61,6 +61,7 @@ def summary(config: Config) -> list[str]:
         if s.protocol == "udp":
             line += f" (flows idle after {s.timeouts.idle:g}s, at most {s.limits.max_flows})"
         lines.append(line)
+        lines += [f"  {detail}" for detail in describeTransforms(s)]
     for p in config.pools.values():
         servers = ", ".join(f"{s.name}={s.address}" for s in p.servers) or "no servers"
         lines.append(f"pool {p.name} ({p.algorithm}): {servers}")

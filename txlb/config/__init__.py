@@ -34,6 +34,8 @@ from txlb.config._model import (
     TLSConfig,
 )
 from txlb.config._read import load, parse
+from txlb.config._rules import CompressConfig, HeaderOps, HeaderRules, RedirectConfig
+from txlb.config._transform import describeTransforms
 from txlb.config._table import PLANNED, parseDuration, parseSize
 
 __all__ = [
@@ -42,4 +44,5 @@ __all__ = [
     "PoolConfig", "Problem", "ProcessConfig", "RouteConfig", "ServerConfig", "ServiceConfig",
     "SessionsConfig", "StickyConfig", "Timeouts", "TLSConfig", "PLANNED", "load", "parse",
     "parseDuration", "parseSize",
+    "CompressConfig", "HeaderOps", "HeaderRules", "RedirectConfig", "describeTransforms",
 ]

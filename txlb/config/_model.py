@@ -12,6 +12,8 @@ from typing import Any, Callable, Collection, Mapping, Optional
 
 import attrs
 
+from txlb.config._rules import CompressConfig, HeaderRules, RedirectConfig
+
 #: Scheduler factories by the name C{algorithm =} uses, as
 #: L{txlb.schedulers.schedulerFactories} gives them: called with a pool's
 #: C{options}, they raise L{SchedulerOptionsError} when those do not suit.
@@ -114,13 +116,20 @@ class Timeouts:
 
 @attrs.frozen
 class RouteConfig:
-    """One C{[[services.routes]]} table: every condition given must hold."""
+    """
+    One C{[[services.routes]]} table: every condition given must hold.
+    C{header_rules} and C{compress} apply to the requests it takes; a
+    route with C{redirect} answers them itself and has no C{pool}.
+    """
 
-    pool: str
+    pool: Optional[str]
     host: Optional[str] = None
     path_prefix: Optional[str] = None
     methods: tuple[str, ...] = ()
     headers: Mapping[str, str] = MappingProxyType({})
+    header_rules: Optional[HeaderRules] = None
+    compress: Optional[CompressConfig] = None
+    redirect: Optional[RedirectConfig] = None
 
 
 @attrs.frozen
@@ -166,6 +175,9 @@ class ServiceConfig:
     tls: Optional[TLSConfig] = None
     sticky: Optional[StickyConfig] = None
     cache: Optional[CacheConfig] = None
+    #: C{headers}: the header rules of an HTTP service.
+    header_rules: Optional[HeaderRules] = None
+    compress: Optional[CompressConfig] = None
 
 
 @attrs.frozen

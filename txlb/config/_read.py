@@ -71,6 +71,7 @@ from txlb.config._table import (
 )
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 
+from txlb.config._transform import readCompress, readHeaderRules, readRedirect, routeHeaders
 from txlb.endpoints import EndpointError, checkServer, isUDP, parseUDPListen, sameSocket, udpTarget
 from txlb.interfaces import SchedulerOptionsError
 
@@ -497,13 +498,22 @@ def _headerMatches(value: Any) -> Mapping[str, str]:
 def _readRoutes(t: _Table, pools: Mapping[str, Any]) -> tuple[RouteConfig, ...]:
     routes = []
     for r in t.tables("routes", "route"):
+        path_prefix = r.get("path_prefix", _pathPrefix, None)
+        redirect = readRedirect(r.table("redirect", "redirect"), path_prefix)
+        if redirect is not None and "pool" in r.data:
+            r.seen.add("pool")
+            r.error("pool", "a redirect route answers itself and has no pool: remove pool, or redirect")
+        matches, rules = routeHeaders(r, _headerMatches)
         routes.append(
             RouteConfig(
-                pool=_poolName(r, pools),
+                pool=_poolName(r, pools) if redirect is None else None,
                 host=r.get("host", _string, None),
-                path_prefix=r.get("path_prefix", _pathPrefix, None),
+                path_prefix=path_prefix,
                 methods=r.get("methods", _methods, ()),
-                headers=r.get("headers", _headerMatches, MappingProxyType({})),
+                headers=matches,
+                header_rules=rules,
+                compress=readCompress(r.table("compress", "compress")),
+                redirect=redirect,
             )
         )
         r.finish()
@@ -550,7 +560,7 @@ def _readCache(t: Optional[_Table]) -> Optional[CacheConfig]:
 
 
 #: Keys of a service that only mean something for HTTP.
-_HTTP_ONLY = ("routes", "limits", "forwarded", "cache")
+_HTTP_ONLY = ("routes", "limits", "forwarded", "cache", "headers", "compress")
 
 
 #: Keys of a service that a UDP service refuses, and what to do instead.
@@ -632,6 +642,8 @@ def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
             limits=_readLimits(t.table("limits", "limits")),
             forwarded=t.get("forwarded", _boolean, False),
             cache=_readCache(t.table("cache", "cache")),
+            header_rules=readHeaderRules(t.table("headers", "headers")),
+            compress=readCompress(t.table("compress", "compress")),
         )
     elif protocol == "udp":
         service = attrs.evolve(service, limits=_readLimits(t.table("limits", "limits"), protocol))

@@ -19,6 +19,7 @@ from txlb.cache import storedResponse
 from txlb.http.backend import BackendConnection
 from txlb.http.bodysplice import SINK, SOURCE, BodySplice, spliceable
 from txlb.http.headers import requestId, responseHead
+from txlb.policy.headers import variables
 from txlb.pool import Pool
 from txlb.wire import backlogged, buffered, sendNow
 
@@ -60,6 +61,15 @@ class Exchange:
     cacheResult: Optional[str] = None
     cacheFill = None
     cacheWait = None
+    #: The operator's header rules (a L{txlb.policy.headers.HeaderPolicy})
+    #: and compression (a L{txlb.http.compress.Compression}) for this
+    #: request's route, when it has any; the body's
+    #: L{txlb.http.compress.Encoder} while one encodes it, and the
+    #: encoding's name once it did.
+    rules = None
+    compress = None
+    encoder = None
+    encoding: Optional[str] = None
 
     def __init__(self, frontend: "HTTPFrontend", method: bytes, target: bytes, headers: list,
                  keepAlive: bool, version: str) -> None:
@@ -143,20 +153,33 @@ class Exchange:
         affinity = self.affinity
         extra = () if affinity is None else frontend.service.sticky.answered(affinity, self.server, frontend.client,
                                                                              headers)
+        rules, values = self.responseRules()
         if status == 101 and self.upgrade is not None:
             head = responseHead(status, reason, headers, requestId=self.requestId, framing=None,
                                 close=False, upgrade=_headerValue(headers, b"upgrade") or self.upgrade,
-                                extra=extra)
+                                extra=extra, rules=rules, values=values)
             self._write(head)
             return
         if self.upgrade is not None:
             self.closeAfter = True  # the client's parser is past the upgrade request
+        if self.compress is not None and not conn.done:
+            # Before the cache sees the head: what is stored is what is sent.
+            headers, self.encoder = self.compress.start(self.method, status, self.headers, headers)
         if self.cacheResult is not None:
             headers, extra = self._cacheHead(status, reason, headers, extra)
             if headers is None:
+                self.encoder = None
                 return
         if conn.done:  # no body: HEAD, 204, 304
             framing = _lengthLine(headers) if status != 204 else None
+        elif self.encoder is not None:
+            self.encoding = self.encoder.encoding
+            if self.version == "1.1":
+                framing = b"Transfer-Encoding: chunked"
+                self.toClientChunked = True
+            else:
+                framing = None
+                self.closeAfter = True
         elif not conn.closeDelimited and not conn.chunked:
             framing = b"Content-Length: " + conn.lengthValue
         elif self.version == "1.1":
@@ -167,7 +190,8 @@ class Exchange:
             self.closeAfter = True
         head = responseHead(status, reason, headers, requestId=self.requestId, framing=framing,
                             close=self.closeAfter or frontend.closing,
-                            keepAliveHeader=self.version == "1.0" and not self.closeAfter, extra=extra)
+                            keepAliveHeader=self.version == "1.0" and not self.closeAfter, extra=extra,
+                            rules=rules, values=values)
         self._write(head)
         if not conn.done:
             frontend.transport.registerProducer(conn.transport, True)
@@ -177,6 +201,22 @@ class Exchange:
             frontend._arm(_spliceTimeout(service), self._bodyStalled)
 
     producing = False
+
+    def responseRules(self):
+        """
+        C{(rules, values)} for a response head to this request: the
+        response side's L{txlb.policy.headers.SideRules} (or L{None}) and
+        the values of their variables.
+        """
+        policy = self.rules
+        if policy is None or policy.response is None:
+            return None, ()
+        rules = policy.response
+        if not rules.dynamic:
+            return rules, ()
+        server = self.server
+        return rules, variables(self.frontend.client, self.requestId, self.frontend.service.name,
+                                server.name if server is not None else None)
 
     def _cacheHead(self, status: int, reason: bytes, headers: list, extra):
         """
@@ -192,11 +232,12 @@ class Exchange:
             if not fill.storing:
                 self.cacheFill = None
             if entry is not None:
+                rules, values = self.responseRules()
                 self.status, data = storedResponse(
                     entry, frontend.service.clock.seconds(), self.method, fill.requestHeaders,
                     requestId=self.requestId, close=self.closeAfter or frontend.closing,
                     keepAliveHeader=self.version == "1.0" and not self.closeAfter, result=self.cacheResult,
-                    extra=extra)
+                    extra=extra, rules=rules, values=values)
                 self._write(data)
                 return None, None
         elif status < 400 and self.method not in (b"GET", b"HEAD", b"OPTIONS", b"TRACE"):
@@ -208,6 +249,15 @@ class Exchange:
 
     def responseBody(self, data: bytes) -> None:
         self.lastMoved = self.frontend.service.clock.seconds()
+        encoder = self.encoder
+        if encoder is not None:
+            data = encoder.compress(data)
+            if not data:
+                return  # zlib keeps it for now (a zero-length chunk would end the body)
+        self._bodyOut(data)
+
+    def _bodyOut(self, data: bytes) -> None:
+        """Body bytes as the client gets them: into the cache's fill, framed, out."""
         fill = self.cacheFill
         if fill is not None and not fill.add(data):
             self.cacheFill = None
@@ -215,7 +265,23 @@ class Exchange:
             data = b"%x\r\n%s\r\n" % (len(data), data)
         self._write(data)
 
+    def responseRead(self) -> None:
+        """
+        The backend connection is done with one read: what the encoder
+        holds of it goes out now, so that the client sees the body as it
+        comes and nothing builds up here.
+        """
+        encoder = self.encoder
+        if encoder is not None:
+            data = encoder.flush()
+            if data:
+                self._bodyOut(data)
+
     def responseEnd(self, reusable: bool) -> None:
+        encoder = self.encoder
+        if encoder is not None:
+            self.encoder = None
+            self._bodyOut(encoder.finish())
         fill = self.cacheFill
         if fill is not None:
             self.cacheFill = None
@@ -261,7 +327,7 @@ class Exchange:
         conn = self.conn
         client = frontend.transport
         backend = conn.transport
-        if (self.toClientChunked or self.cacheFill is not None or not self.requestDone
+        if (self.toClientChunked or self.cacheFill is not None or self.encoder is not None or not self.requestDone
                 or frontend.out.out is not None or not spliceable(client) or not spliceable(backend)
                 or client.disconnecting or backend.disconnecting or buffered(backend)):
             return

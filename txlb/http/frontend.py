@@ -40,6 +40,7 @@ from txlb.http.routing import Router
 from txlb.hashkey import hashKeyOf
 from txlb.interfaces import PickContext
 from txlb.logs import emit
+from txlb.policy.headers import variables
 from txlb.pool import Pool
 from txlb.readloop import adopt
 from txlb.wire import Cork, sendNow
@@ -438,11 +439,37 @@ class HTTPFrontend(Protocol):
             self._refuseNow(exchange)
             return
         service = self.service
-        poolName = service.router.pool(exchange.host, exchange.target, exchange.method, exchange.headers)
+        router = service.router
+        route = router.route(exchange.host, exchange.target, exchange.method, exchange.headers)
+        if route is None:
+            poolName = router.default
+            exchange.rules = router.rules
+            exchange.compress = router.compress
+        else:
+            exchange.rules = route.rules
+            exchange.compress = route.compress
+            if route.redirect is not None:
+                self._redirect(exchange, route.redirect)
+                return
+            poolName = route.pool
         exchange.pool = service.pools[poolName]
         if service.cache is not None and self._fromCache(exchange, service.cache):
             return
         self._dispatch(exchange)
+
+    def _redirect(self, exchange: Exchange, redirect) -> None:
+        """Answer with a redirect route's L{txlb.policy.redirect.Redirect}: no backend is asked."""
+        exchange.status = redirect.status
+        exchange.reason = "redirect"
+        exchange.closeAfter = exchange.closeAfter or not exchange.requestDone
+        rules, values = exchange.responseRules()
+        data = redirect.answer(self.service.proto, exchange.host, exchange.target, exchange.method,
+                               requestId=exchange.requestId, close=exchange.closeAfter or self.closing,
+                               keepAliveHeader=exchange.version == "1.0" and not exchange.closeAfter,
+                               rules=rules, values=values)
+        exchange.finished = True
+        exchange._write(data)
+        self._exchangeDone(exchange)
 
     def _fromCache(self, exchange: Exchange, cache: ResponseCache, collapse: bool = True) -> bool:
         """
@@ -455,10 +482,12 @@ class HTTPFrontend(Protocol):
                              wake=lambda: self._cacheWoken(exchange), timeout=self.service.backendTimeout or 30.0)
         exchange.cacheResult = plan.result
         if plan.entry is not None:
+            rules, values = exchange.responseRules()
             exchange.status, data = storedResponse(
                 plan.entry, cache.clock.seconds(), exchange.method, exchange.headers,
                 requestId=exchange.requestId, close=exchange.closeAfter or self.closing,
-                keepAliveHeader=exchange.version == "1.0" and not exchange.closeAfter, result=plan.result)
+                keepAliveHeader=exchange.version == "1.0" and not exchange.closeAfter, result=plan.result,
+                rules=rules, values=values)
             exchange.finished = True
             exchange._write(data)
             self._exchangeDone(exchange)
@@ -587,10 +616,14 @@ class HTTPFrontend(Protocol):
             framing = b"Content-Length: %d" % exchange.length
         else:
             framing = None
+        policy = exchange.rules
+        rules = None if policy is None else policy.request
         head = requestHead(
             exchange.method, exchange.target, exchange.headers, client=self.client,
             host=exchange.host, proto=service.proto, requestId=exchange.requestId,
             framing=framing, forwarded=service.forwarded, upgrade=exchange.upgrade,
+            rules=rules, values=() if rules is None or not rules.dynamic else variables(
+                self.client, exchange.requestId, service.name, exchange.server.name),
         )
         exchange.dispatched = time.monotonic()
         exchange.lastSent = service.clock.seconds()
@@ -742,4 +775,6 @@ class HTTPFrontend(Protocol):
             fields["error"] = exchange.error
         if exchange.spliced:
             fields["spliced"] = exchange.spliced  # body bytes the kernel moved (txlb.http.bodysplice)
+        if exchange.encoding is not None:
+            fields["encoding"] = exchange.encoding  # the body was compressed (txlb.http.compress)
         emit(_log, "request", fields)

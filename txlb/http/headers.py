@@ -43,7 +43,7 @@ _counter = count(1)
 REASONS = {
     100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 201: b"Created",
     202: b"Accepted", 204: b"No Content", 301: b"Moved Permanently", 302: b"Found",
-    304: b"Not Modified", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
+    304: b"Not Modified", 307: b"Temporary Redirect", 308: b"Permanent Redirect", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
     404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
     413: b"Content Too Large", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable",
@@ -114,6 +114,8 @@ def requestHead(
     framing: Optional[bytes],
     forwarded: bool = False,
     upgrade: Optional[bytes] = None,
+    rules=None,
+    values: Sequence[bytes] = (),
 ) -> bytes:
     """
     The header block sent to a backend, always as HTTP/1.1.
@@ -122,12 +124,17 @@ def requestHead(
         chunked"} or L{None} for no body.
     @param upgrade: the protocol asked for in C{Upgrade} (WebSocket), kept
         with C{Connection: upgrade}.
+    @param rules: the operator's header rules for requests (a
+        L{txlb.policy.headers.SideRules}), applied after txlb's own
+        headers, with C{values} for their variables.
     """
-    kept, dropped = _sift(headers, _REQUEST_DROP_FORWARDED if forwarded else _REQUEST_DROP)
+    drop = _REQUEST_DROP_FORWARDED if forwarded else _REQUEST_DROP
+    kept, dropped = _sift(headers, drop if rules is None else drop | rules.drop)
     lines = [method + b" " + target + b" HTTP/1.1"]
-    if host is None:
+    if host is None and (rules is None or b"host" not in rules.drop):
         lines.append(b"Host: ")  # an HTTP/1.0 client sent none; 1.1 needs one (RFC 9112 3.2)
     lines += kept
+    start = len(lines)
     xff = [v for v in dropped.get(b"x-forwarded-for", ()) if v.strip(b" \t,")]
     xff.append(client.encode("ascii"))
     lines.append(b"X-Forwarded-For: " + b", ".join(xff))
@@ -142,6 +149,8 @@ def requestHead(
         prior = dropped.get(b"forwarded", [])
         lines.append(b"Forwarded: " + b", ".join(prior + [part.encode("latin-1")]))
     lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
+    if rules is not None:
+        lines = _ruled(lines, start, rules, values)
     if upgrade is not None:
         lines.append(b"Connection: upgrade")
         lines.append(b"Upgrade: " + upgrade)
@@ -149,6 +158,20 @@ def requestHead(
         lines.append(framing)
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
+
+
+def _ruled(lines: list[bytes], start: int, rules, values: Sequence[bytes]) -> list[bytes]:
+    """
+    C{lines} with the rules applied to those from C{start} on (the
+    client's or backend's own were sifted already): the names the rules
+    drop taken out, their lines added.
+    """
+    drop = rules.drop
+    if drop:
+        lines = lines[:start] + [line for line in lines[start:]
+                                 if line[:line.index(b":")].lower() not in drop]
+    lines += rules.lines(values)
+    return lines
 
 
 def responseHead(
@@ -162,6 +185,8 @@ def responseHead(
     keepAliveHeader: bool = False,
     upgrade: Optional[bytes] = None,
     extra: Sequence[bytes] = (),
+    rules=None,
+    values: Sequence[bytes] = (),
 ) -> bytes:
     """
     The header block sent to the client.
@@ -170,11 +195,22 @@ def responseHead(
         body, or a body delimited by closing the connection).
     @param keepAliveHeader: say C{Connection: keep-alive} (to an HTTP/1.0
         client that asked for it).
+    @param rules: the operator's header rules for responses (a
+        L{txlb.policy.headers.SideRules}), applied after txlb's own
+        headers (C{X-Request-ID}, C{extra}), with C{values} for their
+        variables.
     """
     lines = [b"HTTP/1.1 %d %s" % (status, reason or REASONS.get(status, b"Unknown"))]
-    lines += _sift(headers, _RESPONSE_DROP)[0]
-    lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
-    lines.extend(extra)
+    if rules is None:
+        lines += _sift(headers, _RESPONSE_DROP)[0]
+        lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
+        lines.extend(extra)
+    else:
+        lines += _sift(headers, _RESPONSE_DROP | rules.drop)[0]
+        start = len(lines)
+        lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
+        lines.extend(extra)
+        lines = _ruled(lines, start, rules, values)
     if upgrade is not None:
         lines.append(b"Connection: upgrade")
         lines.append(b"Upgrade: " + upgrade)

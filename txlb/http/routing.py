@@ -23,13 +23,23 @@ class Route:
         compared without case and without the port.
     @ivar methods: upper-case method names.
     @ivar headers: lower-case header name to exact value.
+    @ivar rules: the header rules of requests that take this route (its
+        service's, then its own: a L{txlb.policy.headers.HeaderPolicy}),
+        or L{None}.
+    @ivar compress: the compression of their responses (a
+        L{txlb.http.compress.Compression}), or L{None}.
+    @ivar redirect: a L{txlb.policy.redirect.Redirect} answering every
+        request that takes this route, which then has no C{pool}.
     """
 
-    pool: str
+    pool: Optional[str]
     host: Optional[str] = None
     path_prefix: Optional[str] = None
     methods: frozenset[bytes] = frozenset()
     headers: Mapping[bytes, bytes] = attrs.field(factory=dict)
+    rules: object = None
+    compress: object = None
+    redirect: object = None
     _hostPattern: Optional[re.Pattern] = attrs.field(init=False, default=None)
     _pathPrefix: Optional[bytes] = attrs.field(init=False, default=None)
 
@@ -66,17 +76,30 @@ def hostOf(value: Optional[bytes]) -> bytes:
 
 
 class Router:
-    def __init__(self, default: str, routes: Sequence[Route] = ()) -> None:
+    """
+    The routes of one service, and what applies when none matches: the
+    service's C{default} pool, header C{rules} and C{compress}.
+    """
+
+    def __init__(self, default: str, routes: Sequence[Route] = (), rules=None, compress=None) -> None:
         self.default = default
         self.routes = tuple(routes)
+        self.rules = rules
+        self.compress = compress
 
-    def pool(self, host: Optional[bytes], target: bytes, method: bytes, headers) -> str:
+    def route(self, host: Optional[bytes], target: bytes, method: bytes, headers) -> Optional[Route]:
+        """The first route the request matches, or L{None}."""
         if not self.routes:
-            return self.default
+            return None
         hostname = hostOf(host)
         query = target.find(b"?")
         path = target if query < 0 else target[:query]
         for route in self.routes:
             if route.matches(hostname, path, method, headers):
-                return route.pool
-        return self.default
+                return route
+        return None
+
+    def pool(self, host: Optional[bytes], target: bytes, method: bytes, headers) -> Optional[str]:
+        """The name of the pool the request goes to (L{None}: a redirect route)."""
+        route = self.route(host, target, method, headers)
+        return self.default if route is None else route.pool
