@@ -238,3 +238,13 @@ def test_per_request_cost_is_a_few_microseconds():
         metrics.request("web", pool, a, 200, 0.02, 100, 1000, 0, "r", "fewest active connections (0)")
     perRequest = (time.perf_counter() - start) / n
     assert perRequest < 50e-6
+
+
+def test_refusals_are_counted_by_service_and_reason():
+    clock, pool, metrics = setup()
+    metrics.refused("web", "deny")
+    metrics.refused("web", "deny")
+    metrics.refused("web", "rate_limit")
+    found = samples(metrics)
+    assert total(found, "txlb_refused_total", service="web", reason="deny") == 2
+    assert total(found, "txlb_refused_total", reason="rate_limit") == 1

@@ -93,6 +93,7 @@ class Metrics(Service):
         self.healthChecks: dict[tuple, int] = {}
         self.ejections: dict[tuple, int] = {}
         self.cacheRequests: dict[tuple, int] = {}
+        self.refusals: dict[tuple, int] = {}
 
     # Setting up.
 
@@ -207,6 +208,15 @@ class Metrics(Service):
     def connectionStarted(self, service: str) -> None:
         """A client connected to C{service}."""
         self.connections[service] = self.connections.get(service, 0) + 1
+
+    def refused(self, service: str, reason: str) -> None:
+        """
+        A client of C{service} was turned away before any backend was
+        touched: C{reason} names the rule (C{deny}, C{rate_limit},
+        C{proxy_header}, C{client_cert}, ...), lower-case, one word.
+        """
+        key = (service, reason)
+        self.refusals[key] = self.refusals.get(key, 0) + 1
 
     def healthCheck(self, pool: str, server: str, ok: bool) -> None:
         """
@@ -387,6 +397,8 @@ class _Collector:
                         ["service", "pool"], m.retries)
         yield _counters("txlb_health_checks", "Active health checks, by pool, server and result (passed or failed).",
                         ["pool", "server", "result"], m.healthChecks)
+        yield _counters("txlb_refused", "Clients turned away before reaching a backend, by service and reason "
+                        "(deny, rate_limit, proxy_header, ...).", ["service", "reason"], m.refusals)
         yield _counters("txlb_ejections", "Servers ejected by passive outlier detection.",
                         ["pool", "server"], m.ejections)
         # Label values are lower-case, as Prometheus conventions have them;
