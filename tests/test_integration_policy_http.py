@@ -1,0 +1,366 @@
+"""
+Header rules, redirects and compression end to end: C{twistd txlb} in a
+subprocess in front of a raw-socket HTTP backend (which answers with
+exactly the framing and headers each test needs, and reports the request
+heads it got), with real clients: C{curl} (C{--compressed}), C{requests}
+and raw sockets.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import zlib
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+
+from tests.support import Backend, Txlb, connect, freePort, httpRequests, waitFor
+
+MiB = 1 << 20
+
+
+def jsonLines(size: int, seed: int = 7) -> bytes:
+    """C{size} bytes of JSON-like lines that compress about as an API's answers do (4 to 5 times)."""
+    rng = random.Random(seed)
+    out, total = [], 0
+    while total < size:
+        line = json.dumps({"id": rng.randrange(10**6), "name": f"user-{rng.randrange(10**5)}",
+                           "score": round(rng.random(), 4), "tags": rng.sample(["a", "b", "c", "d", "e"], 2)})
+        out.append(line.encode() + b"\n")
+        total += len(out[-1])
+    return b"".join(out)[:size]
+
+
+BLOCK = jsonLines(MiB)
+TEXT = BLOCK[:300_000]
+GZ = gzip.compress(TEXT, 1, mtime=0)  # fixed bytes: the gzip header holds a timestamp
+
+
+class App:
+    """
+    What the backend answers, by path: C{/headers} the request head it got
+    (JSON); C{/text?chunked=1} L{TEXT}; C{/gz} a body it encoded itself;
+    C{/notransform}; C{/range} (206 to a C{Range}); C{/cached} fresh for a
+    minute; C{/stream?mib=N} N MiB of L{BLOCK}s, written as the client
+    takes them.
+    """
+
+    def __init__(self) -> None:
+        self.heads: list[dict] = []
+        self.cachedServed = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, sock: socket.socket, backend: Backend) -> None:
+        for raw in httpRequests(sock):
+            lines = raw.decode("latin-1").split("\r\n")
+            method, target, _ = lines[0].split(" ")
+            fields = [tuple(part.strip() for part in line.split(":", 1)) for line in lines[1:]]
+            url = urlsplit(target)
+            query = parse_qs(url.query)
+            with self.lock:
+                self.heads.append({"path": url.path, "fields": fields})
+            extra: list[str] = []
+            if url.path == "/headers":
+                status, body = 200, json.dumps(fields).encode()
+                extra = ["Content-Type: application/json", "Server: app/1.0", f"X-Backend: {backend.name}"]
+            elif url.path == "/text":
+                status, body = 200, TEXT
+                extra = ["Content-Type: text/plain; charset=utf-8", 'ETag: "t1"']
+            elif url.path == "/gz":
+                status, body = 200, GZ
+                extra = ["Content-Type: text/plain", "Content-Encoding: gzip"]
+            elif url.path == "/notransform":
+                status, body = 200, TEXT
+                extra = ["Content-Type: text/plain", "Cache-Control: no-transform"]
+            elif url.path == "/range":
+                ranged = any(n.lower() == "range" for n, _ in fields)
+                status, body = (206, TEXT[:100]) if ranged else (200, TEXT)
+                extra = ["Content-Type: text/plain", "Accept-Ranges: bytes"]
+                if ranged:
+                    extra.append(f"Content-Range: bytes 0-99/{len(TEXT)}")
+            elif url.path == "/cached":
+                with self.lock:
+                    self.cachedServed += 1
+                status, body = 200, TEXT
+                extra = ["Content-Type: text/plain", "Cache-Control: max-age=60"]
+            elif url.path == "/stream":
+                self.stream(sock, int(query["mib"][0]), method)
+                continue
+            else:
+                status, body = 404, b"no\n"
+            head = f"HTTP/1.1 {status} X\r\n" + "".join(f"{line}\r\n" for line in extra)
+            if query.get("chunked"):
+                data = head.encode() + b"Transfer-Encoding: chunked\r\n\r\n"
+                if method != "HEAD":
+                    for at in range(0, len(body), 16384):
+                        piece = body[at:at + 16384]
+                        data += b"%x\r\n%s\r\n" % (len(piece), piece)
+                    data += b"0\r\n\r\n"
+            else:
+                data = head.encode() + b"Content-Length: %d\r\n\r\n" % len(body)
+                if method != "HEAD":
+                    data += body
+            sock.sendall(data)
+
+    def stream(self, sock: socket.socket, mib: int, method: str) -> None:
+        sock.sendall(b"HTTP/1.1 200 X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (mib * MiB))
+        if method != "HEAD":
+            for _ in range(mib):
+                sock.sendall(BLOCK)
+
+
+def configText(port: int, cachedPort: int, backend: Backend, stamp: str = "prod") -> str:
+    return f'''
+[log]
+access = true
+
+[pools.app]
+algorithm = "round_robin"
+servers = [{{ name = "app-1", address = "{backend.address}" }}]
+
+[[services]]
+name = "web"
+protocol = "http"
+listen = "tcp:{port}:interface=127.0.0.1"
+pool = "app"
+headers = {{ request = {{ set = {{ "X-Env" = "{stamp}", "X-Who" = "${{client_ip}} ${{request_id}} ${{service}} ${{server}}" }}, remove = ["X-Debug"] }}, response = {{ set = {{ "Strict-Transport-Security" = "max-age=31536000" }}, add = {{ "X-Served-By" = "${{server}}" }}, remove = ["Server"] }} }}
+compress = {{ types = ["text/*", "application/json"], min_size = "1KiB" }}
+
+[[services.routes]]
+host = "old.example.com"
+redirect = {{ host = "new.example.com", status = 301 }}
+
+[[services.routes]]
+path_prefix = "/old/"
+redirect = {{ path_prefix = "/new/", status = 308 }}
+
+[[services.routes]]
+path_prefix = "/api/"
+pool = "app"
+headers = {{ request = {{ set = {{ "X-Env" = "api" }} }}, response = {{ remove = ["X-Backend"] }} }}
+
+[[services]]
+name = "cached"
+protocol = "http"
+listen = "tcp:{cachedPort}:interface=127.0.0.1"
+pool = "app"
+cache = {{ max_size = "16MiB", max_object = "1MiB" }}
+compress = {{ types = ["text/*"] }}
+'''
+
+
+class World:
+    def __init__(self) -> None:
+        self.app = App()
+        self.backend = Backend("app-1", self.app)
+        self.port, self.cachedPort = freePort(), freePort()
+        self.lb = Txlb(configText(self.port, self.cachedPort, self.backend)).start(listening=2)
+
+    def url(self, path: str, port: int = 0) -> str:
+        return f"http://127.0.0.1:{port or self.port}{path}"
+
+    def stop(self) -> None:
+        self.lb.stop()
+        self.backend.stop()
+
+
+@pytest.fixture(scope="module")
+def world():
+    w = World()
+    yield w
+    w.stop()
+
+
+def lastHead(world: World, path: str) -> dict:
+    with world.app.lock:
+        return next(h for h in reversed(world.app.heads) if h["path"] == path)
+
+
+# Header rules.
+
+
+def test_header_rules_reach_the_backend_and_the_client(world):
+    r = requests.get(world.url("/headers"), headers={"X-Debug": "1", "X-Env": "dev"}, timeout=10)
+    rid = r.headers["X-Request-ID"]
+    seen = {n.lower(): v for n, v in json.loads(r.content)}
+    assert "x-debug" not in seen
+    assert seen["x-env"] == "prod" and [n.lower() for n, _ in json.loads(r.content)].count("x-env") == 1
+    assert seen["x-who"] == f"127.0.0.1 {rid} web app-1"
+    assert seen["x-forwarded-for"] == "127.0.0.1" and seen["x-request-id"] == rid
+    assert "Server" not in r.headers
+    assert r.headers["Strict-Transport-Security"] == "max-age=31536000"
+    assert r.headers["X-Served-By"] == "app-1" and r.headers["X-Backend"] == "app-1"
+
+
+def test_a_route_s_rules_apply_after_the_service_s(world):
+    r = requests.get(world.url("/api/headers"), timeout=10)
+    assert r.status_code == 404  # the backend knows no /api/headers, but saw the head
+    seen = dict((n.lower(), v) for n, v in lastHead(world, "/api/headers")["fields"])
+    assert seen["x-env"] == "api" and seen["x-who"].endswith(" web app-1")
+    r = requests.get(world.url("/api/x"), timeout=10)
+    assert "X-Backend" not in r.headers and r.headers["X-Served-By"] == "app-1"
+
+
+# Redirects.
+
+
+def test_redirects_keep_the_rest_of_the_path_and_the_query(world):
+    before = len(world.app.heads)
+    r = requests.get(world.url("/a/b?x=1&y=two"), headers={"Host": "old.example.com"}, allow_redirects=False,
+                     timeout=10)
+    assert r.status_code == 301 and r.headers["Location"] == "http://new.example.com/a/b?x=1&y=two"
+    assert r.headers["Strict-Transport-Security"] == "max-age=31536000"
+    assert r.json()["location"] == r.headers["Location"]
+    event = world.lb.requestEvent(r.headers["X-Request-ID"])
+    assert (event["status"], event["pool"], event["selectedServer"]) == (301, None, None)
+    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
+                          world.url("/old/deep/page?q=a%20b&z")], capture_output=True, text=True, timeout=10)
+    assert out.stdout == f"308 {world.url('/new/deep/page?q=a%20b&z')}"
+    assert len(world.app.heads) == before  # no backend was asked
+
+
+# Compression.
+
+needsCurl = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+
+
+@needsCurl
+@pytest.mark.parametrize("query", ["", "?chunked=1"])
+def test_gzip_is_decoded_by_curl_and_requests_to_the_original_bytes(world, query):
+    out = subprocess.run(["curl", "-s", "--compressed", "-D", "-", world.url("/text" + query)],
+                         capture_output=True, timeout=20)
+    head, _, body = out.stdout.partition(b"\r\n\r\n")
+    assert b"\r\nContent-Encoding: gzip" in head and b"\r\nVary: Accept-Encoding" in head
+    assert b'\r\nETag: W/"t1"' in head and b"Transfer-Encoding: chunked" in head
+    assert body == TEXT
+    r = requests.get(world.url("/text" + query), timeout=10)
+    assert r.headers["Content-Encoding"] == "gzip" and r.content == TEXT
+    raw = requests.get(world.url("/text" + query), stream=True, timeout=10).raw.read(decode_content=False)
+    assert len(raw) < len(TEXT) / 2 and gzip.decompress(raw) == TEXT
+    assert world.lb.requestEvent(r.headers["X-Request-ID"])["encoding"] == "gzip"
+
+
+def test_without_accept_encoding_the_body_comes_as_is(world):
+    r = requests.get(world.url("/text"), headers={"Accept-Encoding": "identity"}, timeout=10)
+    assert "Content-Encoding" not in r.headers and r.headers["Content-Length"] == str(len(TEXT))
+    assert r.content == TEXT and r.headers["Vary"] == "Accept-Encoding"
+
+
+def rawGet(port: int, path: str, method: str = "GET", extra: str = "") -> tuple[bytes, bytes]:
+    """One request on a fresh connection; the head, and the body read to the Content-Length."""
+    with connect(port) as s:
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\n{extra}"
+                  "Connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+@pytest.mark.parametrize("path, method, extra, status, body", [
+    ("/notransform", "GET", "", 200, TEXT),
+    ("/text", "HEAD", "", 200, b""),
+    ("/range", "GET", "Range: bytes=0-99\r\n", 206, TEXT[:100]),
+    ("/gz", "GET", "", 200, GZ),
+])
+def test_what_must_not_be_compressed_is_untouched(world, path, method, extra, status, body):
+    head, got = rawGet(world.port, path, method, extra)
+    assert head.startswith(b"HTTP/1.1 %d" % status)
+    assert head.count(b"Content-Encoding") == (1 if path == "/gz" else 0)
+    assert b"Transfer-Encoding" not in head and b"Content-Length: %d" % len(body or TEXT) in head
+    assert got == body
+
+
+def test_50_mib_compressed_on_the_way_without_memory_growth_or_splicing(world):
+    requests.get(world.url("/text"), timeout=10)  # zlib and friends loaded
+    baseline = world.lb.rss()
+    peak = baseline
+    total = 50 * MiB
+    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    digest, expected = hashlib.sha256(), hashlib.sha256()
+    for _ in range(50):
+        expected.update(BLOCK)
+    decoded = wire = 0
+    with connect(world.port, timeout=60) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(b"GET /stream?mib=50 HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert b"Content-Encoding: gzip" in head and b"Transfer-Encoding: chunked" in head
+        framed = bytearray(rest)
+        reads = 0
+        while True:
+            chunk = s.recv(256 * 1024)
+            if not chunk:
+                break
+            framed += chunk
+            reads += 1
+            # Undo the chunked framing as far as it goes.
+            while True:
+                end = framed.find(b"\r\n")
+                if end < 0:
+                    break
+                size = int(framed[:end], 16)
+                if len(framed) < end + 2 + size + 2:
+                    break
+                piece = bytes(framed[end + 2:end + 2 + size])
+                del framed[:end + 2 + size + 2]
+                wire += size
+                out = decoder.decompress(piece)
+                decoded += len(out)
+                digest.update(out)
+            if reads % 16 == 0:
+                peak = max(peak, world.lb.rss())
+    assert decoded == total and digest.digest() == expected.digest()
+    assert wire < total / 3
+    assert peak - baseline < 32 * MiB, f"txlb grew by {(peak - baseline) / MiB:.1f} MiB"
+    event = world.lb.events("request")[-1]
+    assert event["path"] == "/stream" and event["encoding"] == "gzip" and "spliced" not in event
+
+
+def test_the_cache_serves_a_gzip_and_a_plain_variant_to_two_clients(world):
+    before = world.app.cachedServed
+    answers = []
+    for _ in range(2):
+        for accept in ("gzip", "identity"):
+            r = requests.get(world.url("/cached", world.cachedPort), headers={"Accept-Encoding": accept},
+                             stream=True, timeout=10)
+            answers.append((accept, r.headers["X-Cache"], r.headers.get("Content-Encoding"),
+                            r.raw.read(decode_content=False)))
+    assert world.app.cachedServed - before == 2
+    assert [(a, c, e) for a, c, e, _ in answers] == [
+        ("gzip", "MISS", "gzip"), ("identity", "MISS", None), ("gzip", "HIT", "gzip"), ("identity", "HIT", None)]
+    assert gzip.decompress(answers[0][3]) == TEXT and answers[2][3] == answers[0][3]
+    assert answers[1][3] == answers[3][3] == TEXT
+    out = subprocess.run(["curl", "-s", "--compressed", world.url("/cached", world.cachedPort)],
+                         capture_output=True, timeout=10)
+    assert out.stdout == TEXT
+
+
+# Reload.
+
+
+def test_a_reload_applies_new_rules_to_a_kept_connection(world):
+    with requests.Session() as session:
+        assert dict(json.loads(session.get(world.url("/headers"), timeout=10).content))["X-Env"] == "prod"
+        world.lb.configPath.write_text(configText(world.port, world.cachedPort, world.backend, stamp="blue"))
+        reloads = len(world.lb.events("config_reloaded"))
+        world.lb.process.send_signal(signal.SIGHUP)
+        waitFor(lambda: len(world.lb.events("config_reloaded")) > reloads, what="config_reloaded")
+        r = session.get(world.url("/headers"), timeout=10)
+        assert dict(json.loads(r.content))["X-Env"] == "blue"
+    world.lb.configPath.write_text(configText(world.port, world.cachedPort, world.backend))
+    world.lb.process.send_signal(signal.SIGHUP)
+    waitFor(lambda: len(world.lb.events("config_reloaded")) > reloads + 1, what="config_reloaded")
