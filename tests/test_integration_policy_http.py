@@ -17,13 +17,14 @@ import signal
 import socket
 import subprocess
 import threading
+import urllib.request
 import zlib
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
 
-from tests.support import Backend, Txlb, connect, freePort, httpRequests, waitFor
+from tests.support import Backend, Txlb, connect, freePort, httpRequests, recvAll, waitFor
 
 MiB = 1 << 20
 
@@ -48,7 +49,8 @@ GZ = gzip.compress(TEXT, 1, mtime=0)  # fixed bytes: the gzip header holds a tim
 class App:
     """
     What the backend answers, by path: C{/headers} the request head it got
-    (JSON); C{/text?chunked=1} L{TEXT}; C{/gz} a body it encoded itself;
+    (JSON); C{/text?chunked=1} L{TEXT}; C{/small} 1000 bytes of text;
+    C{/etag} (304 to its C{If-None-Match}); C{/gz} a body it encoded itself;
     C{/notransform}; C{/range} (206 to a C{Range}); C{/cached} fresh for a
     minute; C{/stream?mib=N} N MiB of L{BLOCK}s, written as the client
     takes them.
@@ -75,6 +77,13 @@ class App:
             elif url.path == "/text":
                 status, body = 200, TEXT
                 extra = ["Content-Type: text/plain; charset=utf-8", 'ETag: "t1"']
+            elif url.path == "/small":
+                status, body = 200, TEXT[:1000]
+                extra = ["Content-Type: text/plain"]
+            elif url.path == "/etag":
+                matched = any(n.lower() == "if-none-match" and v == '"e1"' for n, v in fields)
+                status, body = (304, b"") if matched else (200, TEXT)
+                extra = ["Content-Type: text/plain", 'ETag: "e1"']
             elif url.path == "/gz":
                 status, body = 200, GZ
                 extra = ["Content-Type: text/plain", "Content-Encoding: gzip"]
@@ -105,6 +114,8 @@ class App:
                         piece = body[at:at + 16384]
                         data += b"%x\r\n%s\r\n" % (len(piece), piece)
                     data += b"0\r\n\r\n"
+            elif status == 304:
+                data = head.encode() + b"\r\n"
             else:
                 data = head.encode() + b"Content-Length: %d\r\n\r\n" % len(body)
                 if method != "HEAD":
@@ -118,10 +129,25 @@ class App:
                 sock.sendall(BLOCK)
 
 
-def configText(port: int, cachedPort: int, backend: Backend, stamp: str = "prod") -> str:
+def configText(port: int, cachedPort: int, adminPort: int, backend: Backend, reloaded: bool = False) -> str:
+    """
+    The config the tests run; C{reloaded} is the one a reload brings in:
+    another C{X-Env}, one more redirect route, and C{/text}'s type no
+    longer compressed.
+    """
+    stamp = "blue" if reloaded else "prod"
+    types = '["application/json"]' if reloaded else '["text/*", "application/json"]'
+    gone = '''
+[[services.routes]]
+path_prefix = "/gone/"
+redirect = { path_prefix = "/here/", status = 301 }
+''' if reloaded else ""
     return f'''
 [log]
 access = true
+
+[admin]
+listen = "tcp:{adminPort}:interface=127.0.0.1"
 
 [pools.app]
 algorithm = "round_robin"
@@ -133,8 +159,8 @@ protocol = "http"
 listen = "tcp:{port}:interface=127.0.0.1"
 pool = "app"
 headers = {{ request = {{ set = {{ "X-Env" = "{stamp}", "X-Who" = "${{client_ip}} ${{request_id}} ${{service}} ${{server}}" }}, remove = ["X-Debug"] }}, response = {{ set = {{ "Strict-Transport-Security" = "max-age=31536000" }}, add = {{ "X-Served-By" = "${{server}}" }}, remove = ["Server"] }} }}
-compress = {{ types = ["text/*", "application/json"], min_size = "1KiB" }}
-
+compress = {{ types = {types}, min_size = "1KiB" }}
+{gone}
 [[services.routes]]
 host = "old.example.com"
 redirect = {{ host = "new.example.com", status = 301 }}
@@ -142,6 +168,14 @@ redirect = {{ host = "new.example.com", status = 301 }}
 [[services.routes]]
 path_prefix = "/old/"
 redirect = {{ path_prefix = "/new/", status = 308 }}
+
+[[services.routes]]
+path_prefix = "/secure/"
+redirect = {{ scheme = "https", status = 302 }}
+
+[[services.routes]]
+path_prefix = "/moved/"
+redirect = {{ scheme = "https", host = "new.example.com:8443", path_prefix = "/here/", status = 307 }}
 
 [[services.routes]]
 path_prefix = "/api/"
@@ -162,8 +196,11 @@ class World:
     def __init__(self) -> None:
         self.app = App()
         self.backend = Backend("app-1", self.app)
-        self.port, self.cachedPort = freePort(), freePort()
-        self.lb = Txlb(configText(self.port, self.cachedPort, self.backend)).start(listening=2)
+        self.port, self.cachedPort, self.adminPort = freePort(), freePort(), freePort()
+        self.lb = Txlb(self.config()).start(listening=3)
+
+    def config(self, reloaded: bool = False) -> str:
+        return configText(self.port, self.cachedPort, self.adminPort, self.backend, reloaded)
 
     def url(self, path: str, port: int = 0) -> str:
         return f"http://127.0.0.1:{port or self.port}{path}"
@@ -228,6 +265,35 @@ def test_redirects_keep_the_rest_of_the_path_and_the_query(world):
     assert len(world.app.heads) == before  # no backend was asked
 
 
+@pytest.mark.parametrize("host, target, status, location", [
+    ("old.example.com", "/?a=1", 301, "http://new.example.com/?a=1"),
+    ("shop.example.com:8080", "/secure/cart?id=7&x=%2F", 302, "https://shop.example.com:8080/secure/cart?id=7&x=%2F"),
+    ("shop.example.com", "/moved/a/b.html?v=2", 307, "https://new.example.com:8443/here/a/b.html?v=2"),
+    ("shop.example.com", "/old/?", 308, "/new/?"),
+])
+@pytest.mark.parametrize("method", ["GET", "POST", "HEAD"])
+def test_each_redirect_status_with_scheme_host_and_path_prefix(world, host, target, status, location, method):
+    before = len(world.app.heads)
+    with connect(world.port) as s:
+        body = b"x=1" if method == "POST" else b""
+        s.sendall(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                  + body)
+        reader = Responses(s)
+        got, head, content = reader.read(method)
+        if method == "POST":
+            # The body is not read when the answer is known: the connection ends after it.
+            assert head["connection"] == "close" and recvAll(s) == b""
+        else:
+            s.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            again = reader.read()  # the connection was kept
+            assert again[0] == status and again[1]["location"] == location
+    assert got == status and head["location"] == location
+    assert content == (b"" if method == "HEAD" else
+                       json.dumps({"location": location, "requestId": head["x-request-id"]}).encode() + b"\n")
+    assert head["strict-transport-security"] == "max-age=31536000"  # the service's response rules apply
+    assert len(world.app.heads) == before
+
+
 # Compression.
 
 needsCurl = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
@@ -246,6 +312,10 @@ def test_gzip_is_decoded_by_curl_and_requests_to_the_original_bytes(world, query
     assert r.headers["Content-Encoding"] == "gzip" and r.content == TEXT
     raw = requests.get(world.url("/text" + query), stream=True, timeout=10).raw.read(decode_content=False)
     assert len(raw) < len(TEXT) / 2 and gzip.decompress(raw) == TEXT
+    asked = urllib.request.Request(world.url("/text" + query), headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(asked, timeout=10) as answer:  # urllib leaves the decoding to zlib
+        assert answer.headers["Content-Encoding"] == "gzip"
+        assert zlib.decompress(answer.read(), 16 + zlib.MAX_WBITS) == TEXT
     assert world.lb.requestEvent(r.headers["X-Request-ID"])["encoding"] == "gzip"
 
 
@@ -253,6 +323,58 @@ def test_without_accept_encoding_the_body_comes_as_is(world):
     r = requests.get(world.url("/text"), headers={"Accept-Encoding": "identity"}, timeout=10)
     assert "Content-Encoding" not in r.headers and r.headers["Content-Length"] == str(len(TEXT))
     assert r.content == TEXT and r.headers["Vary"] == "Accept-Encoding"
+
+
+class Responses:
+    """
+    HTTP/1.1 responses read one by one from a kept-alive socket, framed by
+    C{Content-Length} or chunked, so that a test sees whether the
+    connection stays open between them.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise AssertionError("txlb closed the connection")
+        self.buffer += chunk
+
+    def _take(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            self._fill()
+        out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return out
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            self._fill()
+        line, _, self.buffer = self.buffer.partition(b"\r\n")
+        return line
+
+    def read(self, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+        """C{(status, head by lower-case name, body as sent)}; a chunked body is unframed."""
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill()
+        raw, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        head: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            head[name.strip().lower()] = value.strip()
+        status = int(lines[0].split(" ")[1])
+        if method == "HEAD" or status in (204, 304):
+            return status, head, b""
+        if head.get("transfer-encoding") == "chunked":
+            body = b""
+            while size := int(self._line(), 16):
+                body += self._take(size)
+                self._take(2)
+            self._take(2)
+            return status, head, body
+        return status, head, self._take(int(head["content-length"]))
 
 
 def rawGet(port: int, path: str, method: str = "GET", extra: str = "") -> tuple[bytes, bytes]:
@@ -267,18 +389,27 @@ def rawGet(port: int, path: str, method: str = "GET", extra: str = "") -> tuple[
     return head, body
 
 
-@pytest.mark.parametrize("path, method, extra, status, body", [
-    ("/notransform", "GET", "", 200, TEXT),
-    ("/text", "HEAD", "", 200, b""),
-    ("/range", "GET", "Range: bytes=0-99\r\n", 206, TEXT[:100]),
-    ("/gz", "GET", "", 200, GZ),
+@pytest.mark.parametrize("path, method, extra, status, length, body", [
+    ("/notransform", "GET", "", 200, len(TEXT), TEXT),
+    ("/text", "HEAD", "", 200, len(TEXT), b""),
+    ("/range", "GET", "Range: bytes=0-99\r\n", 206, 100, TEXT[:100]),
+    ("/gz", "GET", "", 200, len(GZ), GZ),
+    ("/small", "GET", "", 200, 1000, TEXT[:1000]),  # below min_size
+    ("/etag", "GET", 'If-None-Match: "e1"\r\n', 304, None, b""),
 ])
-def test_what_must_not_be_compressed_is_untouched(world, path, method, extra, status, body):
+def test_what_must_not_be_compressed_is_untouched(world, path, method, extra, status, length, body):
     head, got = rawGet(world.port, path, method, extra)
     assert head.startswith(b"HTTP/1.1 %d" % status)
     assert head.count(b"Content-Encoding") == (1 if path == "/gz" else 0)
-    assert b"Transfer-Encoding" not in head and b"Content-Length: %d" % len(body or TEXT) in head
+    assert b"Transfer-Encoding" not in head
+    if length is None:
+        assert b"Content-Length" not in head
+    else:
+        assert b"\r\nContent-Length: %d\r\n" % length in head + b"\r\n"
     assert got == body
+    if path == "/etag":  # the same resource, asked without the condition, is compressed
+        head, got = rawGet(world.port, path)
+        assert b"Content-Encoding: gzip" in head and b'ETag: W/"e1"' in head
 
 
 def test_50_mib_compressed_on_the_way_without_memory_growth_or_splicing(world):
@@ -352,15 +483,49 @@ def test_the_cache_serves_a_gzip_and_a_plain_variant_to_two_clients(world):
 # Reload.
 
 
-def test_a_reload_applies_new_rules_to_a_kept_connection(world):
-    with requests.Session() as session:
-        assert dict(json.loads(session.get(world.url("/headers"), timeout=10).content))["X-Env"] == "prod"
-        world.lb.configPath.write_text(configText(world.port, world.cachedPort, world.backend, stamp="blue"))
-        reloads = len(world.lb.events("config_reloaded"))
+def postReload(port: int) -> int:
+    asked = urllib.request.Request(f"http://127.0.0.1:{port}/api/reload", data=b"", method="POST")
+    with urllib.request.urlopen(asked, timeout=15) as answer:
+        return answer.status
+
+
+def test_a_reload_applies_new_rules_redirects_and_compression_to_a_kept_connection(world):
+    """
+    One keep-alive connection, open across a SIGHUP that brings in new
+    rules and an admin reload that takes them back: each request on it
+    gets the rules of the moment, and the connection is never dropped
+    (L{Responses} fails on an end of file).
+    """
+
+    def ask(path: str) -> tuple[int, dict[str, str], bytes]:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\n\r\n".encode())
+        return reader.read()
+
+    def seenEnv() -> str:
+        status, head, body = ask("/headers")
+        assert status == 200 and "content-encoding" not in head  # below min_size
+        return dict(json.loads(body))["X-Env"]
+
+    reloads = len(world.lb.events("config_reloaded"))
+    with connect(world.port) as s:
+        reader = Responses(s)
+        assert seenEnv() == "prod"
+        assert ask("/gone/x?q=1")[0] == 404  # no such route yet: the backend answers
+        assert ask("/text")[1]["content-encoding"] == "gzip"
+
+        world.lb.configPath.write_text(world.config(reloaded=True))
         world.lb.process.send_signal(signal.SIGHUP)
         waitFor(lambda: len(world.lb.events("config_reloaded")) > reloads, what="config_reloaded")
-        r = session.get(world.url("/headers"), timeout=10)
-        assert dict(json.loads(r.content))["X-Env"] == "blue"
-    world.lb.configPath.write_text(configText(world.port, world.cachedPort, world.backend))
-    world.lb.process.send_signal(signal.SIGHUP)
-    waitFor(lambda: len(world.lb.events("config_reloaded")) > reloads + 1, what="config_reloaded")
+        assert seenEnv() == "blue"
+        status, head, _ = ask("/gone/x?q=1")
+        assert (status, head["location"]) == (301, "/here/x?q=1")
+        status, head, body = ask("/text")
+        assert "content-encoding" not in head and body == TEXT and status == 200
+
+        world.lb.configPath.write_text(world.config())
+        assert postReload(world.adminPort) == 200
+        assert seenEnv() == "prod"
+        assert ask("/gone/x?q=1")[0] == 404
+        status, head, body = ask("/text")
+        assert head["content-encoding"] == "gzip" and zlib.decompress(body, 16 + zlib.MAX_WBITS) == TEXT
+    assert len(world.lb.events("config_reloaded")) == reloads + 2
