@@ -69,18 +69,28 @@ class Spliced:
         self.splice.start()
 
     def pump(self) -> None:
-        """Run whatever the reactor would run now."""
-        for end in list(self.reactor.readers):
-            if select.select([end], [], [], 0)[0]:
-                end.doRead()
-        for end in list(self.reactor.writers):
-            if select.select([], [end], [], 0)[1]:
-                end.doWrite()
+        """Run whatever the reactor would run now: the splice loop is its only reader."""
+        assert self.reactor.readers == {self.splice.loop} and not self.reactor.writers
+        self.splice.loop.doRead()
+
+    @property
+    def reading(self) -> bool:
+        return bool(self.splice.source.mask & splice.WATCH_IN)
+
+    @property
+    def writing(self) -> bool:
+        return bool(self.splice.sink.mask & splice.WATCH_OUT)
+
+    @property
+    def idle(self) -> bool:
+        """Neither socket is in the loop's epoll set."""
+        return not self.splice.source.mask and not self.splice.sink.mask and not self.splice.loop.sockets
 
     def close(self) -> None:
         self.splice.stop()
         for s in (self.backend, self.source, self.sink, self.client):
             s.close()
+        self.splice.loop.connectionLost(None)
 
 
 @pytest.fixture
@@ -121,7 +131,7 @@ def test_exactly_the_body_moves_and_the_next_response_stays(spliced):
     assert s.ended == [(None, None)]
     assert received == body
     assert sum(s.moved) == len(body)
-    assert not s.reactor.readers and not s.reactor.writers
+    assert s.idle
     assert s.splice.pipe is None
     assert s.source.recv(100) == b"HTTP/1.1 200 OK\r\n"  # left for the parser
 
@@ -138,7 +148,7 @@ def test_a_source_that_closes_early_is_reported(spliced):
         s.pump()
     assert s.ended == [(CLOSED, SOURCE)]
     assert sum(s.moved) == 1000
-    assert not s.reactor.readers and not s.reactor.writers
+    assert s.idle
 
 
 @needsSplice
@@ -158,12 +168,12 @@ def test_a_slow_sink_stops_reading_the_source(spliced):
             sent += s.backend.send(block)
         except BlockingIOError:
             select.select([], [s.backend], [], 0.2)
-        if s.splice.source not in s.reactor.readers:
+        if not s.reading:
             break
-        select.select([s.splice.source], [], [], 0.2)
+        select.select([s.source], [], [], 0.2)
         s.pump()
-    assert s.splice.source not in s.reactor.readers  # backpressure: no more reading
-    assert s.splice.sink in s.reactor.writers  # waiting for the client to drain
+    assert not s.reading  # backpressure: no more reading
+    assert s.writing  # waiting for the client to drain
     assert s.splice.waitingForSink
     assert sent < total
     received = 0
@@ -174,7 +184,7 @@ def test_a_slow_sink_stops_reading_the_source(spliced):
         received += len(readSome(s.client))
         s.pump()
     assert received == sent == sum(s.moved)
-    assert s.splice.source in s.reactor.readers and s.splice.sink not in s.reactor.writers
+    assert s.reading and not s.writing
     assert s.ended == []
 
 
@@ -187,11 +197,11 @@ def test_a_client_that_is_gone_is_reported(spliced):
     for _ in range(100):
         if s.ended:
             break
-        select.select([s.splice.source], [s.splice.sink], [], 1.0)
+        select.select([s.source], [s.sink], [], 1.0)
         s.pump()
     [(error, side)] = s.ended
     assert side == SINK and error
-    assert not s.reactor.readers and not s.reactor.writers
+    assert s.idle
 
 
 @needsSplice
@@ -201,13 +211,43 @@ def test_stop_says_nothing_and_gives_the_sockets_back(spliced):
     s.splice.stop()
     s.splice.stop()
     assert s.ended == [] and s.splice.pipe is None
-    assert not s.reactor.readers and not s.reactor.writers
+    assert s.idle
     # Empty, the pipe goes back to the shared pool for the next splice.
     assert pipe in splice.pipes.free
     splice.pipes.free.remove(pipe)
     splice.pipes.discard(pipe)
+
+
+@needsSplice
+def test_a_socket_closed_meanwhile_is_not_taken_from_its_successor(spliced):
+    """
+    Twisted closed the backend's socket during the splice and a new socket
+    got its number and a place in the loop's set: stopping the splice
+    leaves the newcomer watched.
+    """
+    s = spliced(MIN_SPLICE)
+    fd = s.source.fileno()
     s.source.close()
-    assert s.splice.source.fileno() == -1  # the reactor then removes it by identity
+    newcomer, other = socket.socketpair()
+    try:
+        assert newcomer.fileno() == fd  # the lowest free number, on Linux
+
+        class Handler:
+            mask = 0
+
+            def __init__(self, fd: int) -> None:
+                self.fd = fd
+
+        handler = Handler(fd)
+        s.splice.loop.watch(handler, splice.WATCH_IN)
+        s.splice.stop()
+        assert s.splice.loop.sockets == {fd: handler} and handler.mask == splice.WATCH_IN
+        other.send(b"!")
+        assert [fd for fd, _ in s.splice.loop.epoll.poll(1)] == [fd]  # the kernel watches it too
+        s.splice.loop.watch(handler, 0)
+    finally:
+        newcomer.close()
+        other.close()
 
 
 @needsSplice

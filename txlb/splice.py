@@ -166,6 +166,10 @@ _OUT = _EPOLLOUT
 _HUP = _EPOLLRDHUP | _EPOLLHUP
 _READY_IN = _IN | _EPOLLHUP | _EPOLLERR
 _READY_OUT = _OUT | _EPOLLHUP | _EPOLLERR
+#: What L{SpliceLoop.watch} watches for (C{EPOLLIN} with C{EPOLLRDHUP},
+#: C{EPOLLOUT}), and the events that make a socket worth reading or
+#: writing (a hang-up or an error included: the call then tells what).
+WATCH_IN, WATCH_OUT, READY_IN, READY_OUT = _IN, _OUT, _READY_IN, _READY_OUT
 #: Events handled per turn of the reactor.
 _BATCH = 256
 
@@ -214,8 +218,8 @@ class SpliceLoop:
         fd = handler.fd
         old = self.sockets.get(fd)
         if old is not None and old is not handler:
-            handler.mask, old.mask = old.mask, 0
-            self.sockets[fd] = handler
+            self._takeOver(old, handler, mask)
+            return
         if mask == handler.mask:
             return
         if not handler.mask:
@@ -228,6 +232,28 @@ class SpliceLoop:
             self.epoll.unregister(fd)
             del self.sockets[fd]
         handler.mask = mask
+
+    def _takeOver(self, old, handler, mask: int) -> None:
+        """
+        C{handler} has C{old}'s file descriptor: the same socket passed on,
+        or a new one that got the number of a socket closed while C{old}
+        watched it (the kernel then dropped it from the set).  Which one is
+        not known here, so the kernel is asked.
+        """
+        fd = handler.fd
+        old.mask = 0
+        del self.sockets[fd]
+        try:
+            if mask:
+                self.epoll.modify(fd, mask)
+            else:
+                self.epoll.unregister(fd)
+        except FileNotFoundError:
+            if mask:
+                self.epoll.register(fd, mask)
+        handler.mask = mask
+        if mask:
+            self.sockets[fd] = handler
 
     def forget(self, handler) -> None:
         """C{handler}'s socket is about to be closed, which takes it out of the set."""

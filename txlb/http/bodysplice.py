@@ -5,12 +5,12 @@ C{Content-Length} has gone to the client, the rest of the body goes from
 the backend's socket to the client's through a pipe with C{splice(2)},
 without passing through Python's memory.
 
-The sockets stay Twisted's transports' own: L{BodySplice} only borrows
-their registrations in the reactor while it moves exactly the bytes it was
-told to, and gives them back (removes its own descriptors) before it
-reports the end.  Twisted's epoll reactor keeps one selectable per file
-descriptor, so the transports must not be reading or writing while it
-runs: the caller stops them first and restarts them after.
+The sockets stay Twisted's transports' own: L{BodySplice} watches them in
+the reactor's one L{txlb.splice.SpliceLoop} (the epoll set that TCP
+splicing and L{txlb.readloop} use too) while it moves exactly the bytes it
+was told to, and takes them out of that set before it reports the end.
+The transports must not be reading or writing meanwhile: the caller
+pauses them first and resumes them after.
 
 Backpressure is L{txlb.splice}'s: the backend is read only while the pipe
 is empty, so a slow client stops the backend and nothing piles up in txlb.
@@ -22,10 +22,7 @@ import os
 import socket
 from typing import Callable, Optional
 
-from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
-from zope.interface import implementer
-
-from txlb.splice import available, pipes, spliceable
+from txlb.splice import READY_IN, READY_OUT, WATCH_IN, WATCH_OUT, available, loopFor, pipes, spliceable
 
 __all__ = ["BodySplice", "CLOSED", "MIN_SPLICE", "SINK", "SOURCE", "available", "spliceable"]
 
@@ -47,9 +44,11 @@ SINK = "sink"
 CLOSED = "closed the connection"
 
 
-@implementer(IReadDescriptor, IWriteDescriptor)
 class _End:
-    """One socket's registration in the reactor while the body moves."""
+    """One socket of the splice, as the loop's epoll set watches it."""
+
+    #: What the loop watches it for now (0: not in the set).
+    mask = 0
 
     def __init__(self, splice: "BodySplice", sock: socket.socket, side: str) -> None:
         self.splice = splice
@@ -57,31 +56,25 @@ class _End:
         self.side = side
         self.fd = sock.fileno()
 
-    def fileno(self) -> int:
-        # Asked afresh: once Twisted has closed the socket this is -1, and
-        # the reactor then removes us by identity rather than by a number
-        # a new connection may already have.
-        return self.sock.fileno()
+    def ready(self, events: int) -> None:
+        """What the loop's epoll set reported for this socket."""
+        if self.side == SOURCE:
+            if events & READY_IN:
+                self.splice._readable()
+        elif events & READY_OUT:
+            self.splice._writable()
 
-    def logPrefix(self) -> str:
-        return "txlb-bodysplice"
-
-    def doRead(self) -> None:
-        self.splice._readable()
-
-    def doWrite(self) -> None:
-        self.splice._writable()
-
-    def connectionLost(self, reason) -> None:
-        self.splice._fail(self.side, reason.getErrorMessage())
+    def abandon(self) -> None:
+        """L{ready} failed: end the splice."""
+        self.splice._fail(self.side, "internal error")
 
 
 class BodySplice:
     """
     Moves exactly C{length} bytes from socket C{source} to socket C{sink}.
 
-    @param reactor: what watches the sockets (C{addReader}, C{removeReader},
-        C{addWriter}, C{removeWriter}).
+    @param reactor: the reactor whose L{txlb.splice.SpliceLoop} watches
+        the sockets.
     @param moved: C{moved(n)} for every C{n} bytes written to C{sink}.
     @param ended: called once, after this splice's registrations are gone,
         with C{(None, None)} when all C{length} bytes were written, else an
@@ -92,7 +85,7 @@ class BodySplice:
 
     def __init__(self, reactor, source: socket.socket, sink: socket.socket, length: int,
                  moved: Callable[[int], None], ended: Callable[[Optional[str], Optional[str]], None]) -> None:
-        self.reactor = reactor
+        self.loop = loopFor(reactor)
         self.source = _End(self, source, SOURCE)
         self.sink = _End(self, sink, SINK)
         self.left = length  # still to read from the source
@@ -113,7 +106,7 @@ class BodySplice:
 
     def start(self) -> None:
         self.pipe = pipes.get()  # an empty pipe, shared with the TCP services' splicing
-        self.reactor.addReader(self.source)
+        self.loop.watch(self.source, WATCH_IN)
 
     def _readable(self) -> None:
         if self.done:
@@ -138,8 +131,8 @@ class BodySplice:
                 n = os.splice(self.pipe[0], self.sink.fd, self.pending, flags=_FLAGS)
             except BlockingIOError:
                 # The sink is slow: read nothing more until it drains.
-                self.reactor.removeReader(self.source)
-                self.reactor.addWriter(self.sink)
+                self.loop.watch(self.source, 0)
+                self.loop.watch(self.sink, WATCH_OUT)
                 return
             except OSError as e:
                 self._fail(SINK, e.strerror)
@@ -154,8 +147,8 @@ class BodySplice:
             return
         self._flush()
         if not self.pending and not self.done:
-            self.reactor.removeWriter(self.sink)
-            self.reactor.addReader(self.source)
+            self.loop.watch(self.sink, 0)
+            self.loop.watch(self.source, WATCH_IN)
 
     def _fail(self, side: str, message: str) -> None:
         self._end(message or "connection lost", side)
@@ -172,8 +165,12 @@ class BodySplice:
             return
         self.done = True
         for end in (self.source, self.sink):
-            self.reactor.removeReader(end)
-            self.reactor.removeWriter(end)
+            if end.sock.fileno() == -1:
+                # Closed meanwhile, which took it out of the set; its number
+                # may already be another socket's.
+                self.loop.forget(end)
+            else:
+                self.loop.watch(end, 0)
         if self.pipe is not None:
             if self.pending:
                 pipes.discard(self.pipe)  # bytes nobody will read
