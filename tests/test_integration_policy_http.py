@@ -24,7 +24,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from tests.support import Backend, Txlb, connect, freePort, httpRequests, recvAll, waitFor
+from tests.support import (
+    Backend, Txlb, connect, freePort, httpRequests, recvAll, sourceEnv, twistdCommand, waitFor,
+)
 
 MiB = 1 << 20
 
@@ -489,6 +491,60 @@ def postReload(port: int) -> int:
         return answer.status
 
 
+def servicePolicy(world: World, name: str = "web") -> list[str]:
+    """What the status page shows of a service's policy (from C{/api/stats})."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{world.adminPort}/api/stats", timeout=10) as answer:
+        stats = json.loads(answer.read())
+    return next(s for s in stats["services"] if s["name"] == name).get("policy", [])
+
+
+def test_the_status_page_shows_the_policy(world):
+    with urllib.request.urlopen(f"http://127.0.0.1:{world.adminPort}/", timeout=10) as answer:
+        assert b"s.policy" in answer.read()
+    assert servicePolicy(world) == [
+        "request headers: remove X-Debug; set X-Env, X-Who",
+        "response headers: remove Server; set Strict-Transport-Security; add X-Served-By",
+        "compress: gzip level 6, text/*, application/json, from 1024 bytes",
+        "routes[0] redirect 301: host new.example.com (the rest of the URL kept)",
+        "routes[1] redirect 308: path_prefix /new/ (the rest of the URL kept)",
+        "routes[2] redirect 302: scheme https (the rest of the URL kept)",
+        "routes[3] redirect 307: scheme https, host new.example.com:8443, path_prefix /here/ (the rest of the URL kept)",
+        "routes[4] request headers: set X-Env",
+        "routes[4] response headers: remove X-Backend",
+    ]
+    assert servicePolicy(world, "cached") == [
+        "compress: gzip level 6, text/*, from 1024 bytes"]
+
+
+def test_check_prints_the_policy_and_refuses_what_could_smuggle(world, tmp_path):
+    good = subprocess.run(twistdCommand("-n", "txlb", "--config", str(world.lb.configPath), "--check"),
+                          capture_output=True, text=True, env=sourceEnv(), timeout=60)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "  routes[3] redirect 307: scheme https, host new.example.com:8443, path_prefix /here/" in good.stdout
+    assert "  response headers: remove Server; set Strict-Transport-Security; add X-Served-By" in good.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text(world.config().replace(
+        'headers = { request = { set = { "X-Env" = "prod"',
+        'headers = { request = { set = { "X-Env" = "a\\r\\nX-Evil: 1", "X-Lf" = "a\\nb", "X-Nul" = "\\u0000", '
+        '"Transfer-Encoding" = "chunked", "Keep-Alive" = "1" }, add = { "Content-Length" = "0" }, '
+        'remove = ["Connection"] }, ignored = { set = { "X-Env" = "prod"'))
+    out = subprocess.run(twistdCommand("-n", "txlb", "--config", str(bad), "--check"),
+                         capture_output=True, text=True, env=sourceEnv(), timeout=60)
+    assert out.returncode == 1
+    line = 1 + next(i for i, text in enumerate(bad.read_text().splitlines()) if "X-Evil" in text)
+    where = f"{bad}:{line}: services[0].headers.request"
+    for problem in [
+        f"{where}.set.X-Env: the value holds '\\r'",
+        f"{where}.set.X-Lf: the value holds '\\n'",
+        f"{where}.set.X-Nul: the value holds '\\x00'",
+        f"{where}.set.Transfer-Encoding: Transfer-Encoding frames the message",
+        f"{where}.set.Keep-Alive: Keep-Alive frames the message",
+        f"{where}.add.Content-Length: Content-Length frames the message",
+        f"{where}.remove[0]: Connection frames the message",
+    ]:
+        assert problem in out.stdout + out.stderr
+
+
 def test_a_reload_applies_new_rules_redirects_and_compression_to_a_kept_connection(world):
     """
     One keep-alive connection, open across a SIGHUP that brings in new
@@ -519,6 +575,7 @@ def test_a_reload_applies_new_rules_redirects_and_compression_to_a_kept_connecti
         assert seenEnv() == "blue"
         status, head, _ = ask("/gone/x?q=1")
         assert (status, head["location"]) == (301, "/here/x?q=1")
+        assert "routes[0] redirect 301: path_prefix /here/ (the rest of the URL kept)" in servicePolicy(world)
         status, head, body = ask("/text")
         assert "content-encoding" not in head and body == TEXT and status == 200
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.service import Service
@@ -52,11 +52,13 @@ _UNHEALTHY = (ServerState.DOWN, ServerState.EJECTED)
 
 
 class _ServiceInfo:
-    def __init__(self, name: str, protocol: str, pools: tuple[str, ...], factory: Any) -> None:
+    def __init__(self, name: str, protocol: str, pools: tuple[str, ...], factory: Any,
+                 policy: tuple[str, ...] = ()) -> None:
         self.name = name
         self.protocol = protocol
         self.pools = pools
         self.factory = factory
+        self.policy = policy
 
 
 class Metrics(Service):
@@ -94,15 +96,26 @@ class Metrics(Service):
         self.ejections: dict[tuple, int] = {}
         self.cacheRequests: dict[tuple, int] = {}
         self.refusals: dict[tuple, int] = {}
+        #: The last reload: whether it was applied, and when the config
+        #: last took effect (start-up, until a reload succeeds).
+        self.lastReloadOk = True
+        self.lastReloadSuccess = clock.seconds()
+        # process_* (CPU, memory, file descriptors, start time) of this
+        # process, from /proc; in a master, the workers' get a label
+        # (txlb.aggregate.PER_PROCESS).
+        ProcessCollector(registry=self.registry)
 
     # Setting up.
 
-    def addService(self, name: str, protocol: str, pools: tuple[str, ...], factory: Any = None) -> None:
+    def addService(self, name: str, protocol: str, pools: tuple[str, ...], factory: Any = None,
+                   policy: Sequence[str] = ()) -> None:
         """
         A service to report on.  C{factory.open}, when it has one, is the
-        set of its open client connections (C{txlb_active_connections}).
+        set of its open client connections (C{txlb_active_connections});
+        C{policy} are the lines C{--check} prints about its traffic policy,
+        shown on the status page.
         """
-        self.services[name] = _ServiceInfo(name, protocol, tuple(pools), factory)
+        self.services[name] = _ServiceInfo(name, protocol, tuple(pools), factory, tuple(policy))
         self.serviceWindows.setdefault(name, Window(HISTORY))
         self.connections.setdefault(name, 0)
 
@@ -218,6 +231,12 @@ class Metrics(Service):
         key = (service, reason)
         self.refusals[key] = self.refusals.get(key, 0) + 1
 
+    def reloaded(self, ok: bool, when: float) -> None:
+        """A reload was applied (C{ok}) or rejected, at C{when} (seconds since the epoch)."""
+        self.lastReloadOk = ok
+        if ok:
+            self.lastReloadSuccess = when
+
     def healthCheck(self, pool: str, server: str, ok: bool) -> None:
         """
         One active health check of C{server} in C{pool} finished: passed
@@ -272,6 +291,8 @@ class Metrics(Service):
         caches = self.caches()
         for info in list(self.services.values()):
             entry = {"name": info.name, "protocol": info.protocol, "pools": list(info.pools)}
+            if info.policy:
+                entry["policy"] = list(info.policy)
             entry.update(_windowStats(self.serviceWindows[info.name], now, history))
             entry["activeConnections"] = self.activeConnections(info.name)
             entry["connectionsTotal"] = self.connections.get(info.name, 0)
@@ -336,6 +357,16 @@ class _Collector:
         build = GaugeMetricFamily("txlb_build_info", "Always 1; the version of txlb that runs.", labels=["version"])
         build.add_metric([__version__], 1)
         yield build
+        reloadOk = GaugeMetricFamily("txlb_config_last_reload_successful",
+                                     "1 when the last reload of the config was applied (or none was asked), "
+                                     "0 when it was rejected.")
+        reloadOk.add_metric([], 1 if m.lastReloadOk else 0)
+        yield reloadOk
+        reloadTime = GaugeMetricFamily("txlb_config_last_reload_success_timestamp_seconds",
+                                       "When the running config took effect: start-up, or the last reload "
+                                       "applied (seconds since the epoch).")
+        reloadTime.add_metric([], m.lastReloadSuccess)
+        yield reloadTime
 
         requests = CounterMetricFamily(
             "txlb_requests", "HTTP requests answered, by service, pool, server and status code.",

@@ -36,7 +36,9 @@ from twisted.python.failure import Failure
 
 from txlb.admin import adminSite, readToken
 from txlb.cluster import ClusterService, Standalone
-from txlb.config import Config, ConfigError, PoolConfig, ServerConfig, ServiceConfig, load
+from txlb.config import (
+    Config, ConfigError, PoolConfig, ServerConfig, ServiceConfig, describeTransforms, load,
+)
 from txlb.demo import demoService
 from txlb.dns import DNSService, Responder
 from txlb.endpoints import EndpointCache, isUDP, parseUDPListen, sameSocket
@@ -46,12 +48,13 @@ from txlb.http.frontend import HTTPProxyFactory, HTTPService
 from txlb.http.routing import Route, Router
 from txlb.health import HealthChecks, healthCheckFactories
 from txlb.interfaces import IHealthCheckFactory, ISchedulerFactory
-from txlb.logs import makeObserver, reopenOnSignal
+from txlb.logs import LogFile, makeObserver, reopenOnSignal
 from txlb.metrics import Metrics
 from txlb.policy.headers import compileRules
 from txlb.policy.redirect import Redirect
 from txlb.pool import Pool, Server
 from txlb.reload import ConfigDiff, ServerDiff, describe, diffConfigs, diffServers, serversOnly
+from txlb.sdnotify import SystemdService
 from txlb.sessions import makeStore
 from txlb.sticky import Sticky
 from txlb.tcp import TCPBalancerFactory
@@ -260,6 +263,12 @@ class TxlbService(MultiService):
         self.retired: set[Factory] = set()
         self._reloading = DeferredLock()
         self._stopping = False
+        #: systemd's notifications (L{txlb.sdnotify}), for the process
+        #: systemd started: a single process or a master, under twistd.
+        self.systemd: Optional[SystemdService] = None
+        if signals and role != "worker":
+            self.systemd = SystemdService(self, reactor)
+            self.systemd.setServiceParent(self)
 
     # Building.
 
@@ -283,7 +292,8 @@ class TxlbService(MultiService):
     def _addBalancer(self, service: ServiceConfig, factory: Factory, tls) -> None:
         self.balancers[service.name] = _Balancer(service, factory, self._secure(service, factory, tls))
         pools = (service.pool, *(r.pool for r in service.routes if r.pool not in (service.pool, None)))
-        self.metrics.addService(service.name, service.protocol, tuple(dict.fromkeys(pools)), factory)
+        self.metrics.addService(service.name, service.protocol, tuple(dict.fromkeys(pools)), factory,
+                                policy=describeTransforms(service))
 
     @property
     def listeners(self) -> list[tuple[str, str, Factory]]:
@@ -520,7 +530,7 @@ class TxlbService(MultiService):
         self.reactor.callWhenRunning(settleHeap)
         # Events are flushed in batches: write out the last ones on the way out.
         self.reactor.addSystemEventTrigger("after", "shutdown", self.logObserver.flush)
-        if self.config.log.path != "-" and self.role != "worker":
+        if isinstance(self.logObserver.stream, LogFile) and self.role != "worker":
             reopenOnSignal(self.logObserver, self.reactor)
             if self.workers is not None:
                 from txlb.workers import forwardSignal
@@ -603,7 +613,19 @@ class TxlbService(MultiService):
         @return: a L{Deferred} firing with a L{Reloaded} (never failing).
             Reloads are applied one at a time.
         """
-        return self._reloading.run(self._reload)
+        return self._reloading.run(self._notifiedReload)
+
+    def _notifiedReload(self) -> Reloaded:
+        """L{_reload}, with systemd told and the reload metrics set."""
+        if self.systemd is not None:
+            self.systemd.reloading()
+        try:
+            result = self._reload()
+        finally:
+            if self.systemd is not None:
+                self.systemd.reloaded()
+        self.metrics.reloaded(result.ok, self.reactor.seconds())
+        return result
 
     def _reload(self) -> Reloaded:
         path = self.config.path
