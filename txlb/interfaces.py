@@ -223,3 +223,19 @@ class ISessionStore(Interface):
 
     def delete(key: str) -> None:
         """Forget C{key}."""
+
+
+class IEarlyBytes(Interface):
+    """
+    A protocol that takes the bytes a client sent before the protocol's
+    connection was made: what followed a PROXY header in the same read
+    (L{txlb.proxyproto}).  A protocol that hands its socket to the kernel
+    (the TCP balancer's splicing) must send them on first, and cannot if
+    they come as a C{dataReceived} after it has done so.
+    """
+
+    def earlyBytes(data: bytes) -> None:
+        """
+        Called once, before C{makeConnection}, with non-empty C{data}: the
+        first bytes of the client's stream, to forward before any other.
+        """

@@ -134,6 +134,8 @@ class _Socket:
     wantWrite = False
     #: What the loop's epoll set watches it for (0: not in the set).
     mask = 0
+    #: Bytes given to L{SplicePair.start} not yet in the pipe.
+    head = b""
     peer: "_Socket"
 
     def __init__(self, pair: "SplicePair", sock: socket.socket, upstream: bool) -> None:
@@ -318,10 +320,36 @@ class SplicePair:
         self.server.peer = self.client
         self.closed = False
 
-    def start(self) -> None:
-        for side in (self.client, self.server):
-            side.wantRead = True
-            self.loop.update(side)
+    def start(self, toServer: bytes = b"") -> None:
+        """
+        Start moving bytes.  C{toServer}: bytes for the server ahead of any
+        the client sends from now on (what came with its PROXY header, a
+        PROXY header of our own).  They wait in the client direction's pipe
+        as bytes a slow server has not taken yet do, so the client is read
+        once they are written.
+        """
+        client, server = self.client, self.server
+        if toServer:
+            client.head = toServer
+            self._refill(client)
+            server.wantWrite = True
+        else:
+            client.wantRead = True
+        server.wantRead = True
+        self.loop.update(client)
+        self.loop.update(server)
+
+    def _refill(self, src: _Socket) -> None:
+        """Move what of C{src.head} its direction's (empty) pipe takes into it."""
+        if src.pipe is None:
+            src.pipe = self.pool.get()
+        head = src.head
+        try:
+            n = os.write(src.pipe[1], head)
+        except BlockingIOError:
+            n = 0
+        src.head = head[n:]
+        src.pending += n
 
     def _pump(self, src: _Socket, hangup: int = 0) -> None:
         """
@@ -402,17 +430,23 @@ class SplicePair:
         readEnd = src.pipe[0]
         dstFd = dst.fd
         pending = src.pending
-        while pending:
-            try:
-                pending -= os.splice(readEnd, dstFd, pending, flags=_FLAGS)
-            except BlockingIOError:
-                src.pending = pending
-                return
-            except OSError as e:
-                src.pending = pending
-                self._fail(e.strerror)
-                return
-        src.pending = 0
+        while True:
+            while pending:
+                try:
+                    pending -= os.splice(readEnd, dstFd, pending, flags=_FLAGS)
+                except BlockingIOError:
+                    src.pending = pending
+                    return
+                except OSError as e:
+                    src.pending = pending
+                    self._fail(e.strerror)
+                    return
+            src.pending = 0
+            if not src.head:
+                break
+            # More of what start() was given than the pipe took at once.
+            self._refill(src)
+            pending = src.pending
         dst.wantWrite = False
         self.loop.update(dst)
         self._pump(src)
