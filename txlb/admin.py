@@ -30,7 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from txlb.endpoints import EndpointError, serverAddress
 from txlb.pool import Pool, Server
 
-from txlb.metrics import CONTENT_TYPE_LATEST, Metrics
+from txlb.metrics import CONTENT_TYPE_LATEST, OPENMETRICS_CONTENT_TYPE, Metrics, wantsOpenMetrics
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _TCP_ADDRESS = re.compile(r"tcp:host=(?P<host>(?:[^:\\]|\\.)+):port=(?P<port>\d+)")
@@ -275,9 +275,11 @@ class AdminResource(Resource):
             raise ApiError(404, f"/{'api/' if what != 'metrics' else ''}{what}: no metrics are kept here")
         workers = self.workers
         if what == "metrics":
+            openmetrics = wantsOpenMetrics((request.getHeader("accept") or ""))
+            contentType = (OPENMETRICS_CONTENT_TYPE if openmetrics else CONTENT_TYPE_LATEST).encode("ascii")
             if workers is not None:
-                return 200, workers.exposition().addCallback(lambda data: Raw(CONTENT_TYPE_LATEST.encode("ascii"), data))
-            return 200, Raw(CONTENT_TYPE_LATEST.encode("ascii"), metrics.exposition())
+                return 200, workers.exposition(openmetrics).addCallback(lambda data: Raw(contentType, data))
+            return 200, Raw(contentType, metrics.exposition(openmetrics))
         if what == "stats":
             history = request.args.get(b"history", [b"1"])[-1] not in (b"0", b"false")
             if workers is not None:

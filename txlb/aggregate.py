@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Optional
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generateOpenMetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from txlb.metrics import HISTORY, Metrics
@@ -31,7 +32,18 @@ from txlb.stats import Window
 #: workers), server states and health checks, which are decided there, and
 #: ejections, though seen first by a worker, are counted once the master
 #: has applied them.
-MASTER_FAMILIES = frozenset({"txlb_build_info", "txlb_server_up", "txlb_health_checks", "txlb_ejections"})
+MASTER_FAMILIES = frozenset({
+    "txlb_build_info", "txlb_server_up", "txlb_health_checks", "txlb_ejections",
+    # Reloads are the master's: it reads the file and tells the workers.
+    "txlb_config_last_reload_successful", "txlb_config_last_reload_success_timestamp_seconds",
+})
+
+#: Families that describe one process (C{process_*}: CPU, memory, file
+#: descriptors, start time): summing them would make nonsense of start
+#: times and limits, so each process's samples are kept, with a C{worker}
+#: label: C{master} for the master, the slot number for a worker.
+#: C{sum(process_resident_memory_bytes)} is still txlb's whole footprint.
+PER_PROCESS_PREFIX = "process_"
 
 
 # What a worker sends.
@@ -109,14 +121,20 @@ def applyServerFigures(pools: Mapping[str, Pool], replies: Iterable[Mapping[str,
     return finished
 
 
-def mergeExpositions(master: bytes, workers: Iterable[str], extra: Iterable[Metric] = ()) -> bytes:
+def mergeExpositions(master: bytes, workers: Iterable[str], extra: Iterable[Metric] = (),
+                     labels: Iterable[str] = (), openmetrics: bool = False) -> bytes:
     """
     One Prometheus text from the master's and the workers': the families
     of L{MASTER_FAMILIES} as the master has them, every other sample the
-    sum of the workers' samples with the same name and labels.  C{extra}
-    families (the workers' own) are added at the end.
+    sum of the workers' samples with the same name and labels, but for the
+    C{process_*} families (L{PER_PROCESS_PREFIX}), whose samples are kept
+    per process with a C{worker} label (C{labels}, one per text of
+    C{workers}, by default their order).  C{extra} families (the workers'
+    own) are added at the end.  C{openmetrics}: in the OpenMetrics format.
     """
     families: dict[str, Metric] = {}
+    workers = list(workers)
+    labels = list(labels) or [str(i) for i in range(len(workers))]
     sums: dict[str, dict[tuple, list]] = {}
 
     def family(parsed) -> Metric:
@@ -131,23 +149,30 @@ def mergeExpositions(master: bytes, workers: Iterable[str], extra: Iterable[Metr
         if parsed.name in MASTER_FAMILIES:
             for sample in parsed.samples:
                 _add(sums[parsed.name], sample)
-    for text in workers:
+        elif parsed.name.startswith(PER_PROCESS_PREFIX):
+            for sample in parsed.samples:
+                _add(sums[parsed.name], sample, "master")
+    for label, text in zip(labels, workers):
         for parsed in text_string_to_metric_families(text):
             if parsed.name in MASTER_FAMILIES:
                 continue
             family(parsed)
+            perProcess = parsed.name.startswith(PER_PROCESS_PREFIX)
             for sample in parsed.samples:
-                _add(sums[parsed.name], sample)
+                _add(sums[parsed.name], sample, label if perProcess else None)
     for name, out in families.items():
         for (sampleName, labels), [value] in sums[name].items():
             out.add_sample(sampleName, dict(labels), value)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Fixed([*families.values(), *extra]))
-    return generate_latest(registry)
+    return generateOpenMetrics(registry) if openmetrics else generate_latest(registry)
 
 
-def _add(into: dict[tuple, list], sample) -> None:
-    key = (sample.name, tuple(sample.labels.items()))
+def _add(into: dict[tuple, list], sample, worker: Optional[str] = None) -> None:
+    labels = tuple(sample.labels.items())
+    if worker is not None:
+        labels += (("worker", worker),)
+    key = (sample.name, labels)
     acc = into.get(key)
     if acc is None:
         into[key] = [sample.value]

@@ -105,10 +105,29 @@ def checkServer(text: str) -> IStreamServerEndpoint:
         raise EndpointError(f"{text!r} is not a valid address; write tcp:{text.strip()} for TCP port {text.strip()}")
     try:
         endpoint = serverFromString(_NoReactor(), text)
+    except (IndexError, KeyError) as e:
+        if text.strip().lower().startswith("systemd:"):
+            raise EndpointError(_explainSystemd(text, e))
+        raise EndpointError(_explain(text, e, expected))
     except Exception as e:
         raise EndpointError(_explain(text, e, expected))
     _checkPort(text, endpoint, 0, expected)
     return endpoint
+
+
+def _explainSystemd(text: str, error: Exception) -> str:
+    """
+    A C{systemd:} endpoint names a socket systemd passed this process
+    (C{LISTEN_FDS} and C{LISTEN_FDNAMES}, for C{LISTEN_PID}); Twisted's
+    parser says only "list index out of range" when there is none.
+    """
+    if isinstance(error, KeyError):
+        which = f"no socket named {error.args[0]!r}"
+    else:
+        which = "no socket at that index"
+    return (f"{text!r} takes a socket that systemd opened, but systemd passed {which} to this process "
+            f"(outside a unit it passes none: LISTEN_FDS is set for a service started through a .socket "
+            f"unit); run txlb from its socket-activated unit, or listen on an address of its own like tcp:8080")
 
 
 def _checkPort(text: str, endpoint: object, low: int, expected: str) -> None:

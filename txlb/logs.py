@@ -193,7 +193,9 @@ class _BufferedWriter:
 
     def __call__(self, event: dict) -> None:
         self.stream.write(self.formatter(event))
-        if self.clock is None or event.get("log_level") in _URGENT:
+        # A reactor that does not run (yet, or any more: twistd's last
+        # words) would never call the flush: write at once.
+        if self.clock is None or event.get("log_level") in _URGENT or not getattr(self.clock, "running", True):
             self.flush()
         elif self._pending is None:
             self._pending = self.clock.callLater(self.delay, self.flush)

@@ -29,6 +29,8 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as generateOpenMetrics
 from twisted.application.service import Service
 from twisted.logger import globalLogPublisher
 
@@ -36,7 +38,7 @@ from txlb import __version__
 from txlb.pool import Pool, Server, ServerState
 from txlb.stats import DecisionLog, Window, latencyBucket
 
-__all__ = ["CONTENT_TYPE_LATEST", "DURATION_BUCKETS", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "DURATION_BUCKETS", "Metrics", "OPENMETRICS_CONTENT_TYPE", "wantsOpenMetrics"]
 
 #: Upper bounds (seconds) of C{txlb_request_duration_seconds}.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -49,6 +51,28 @@ LATENCY_WINDOW = 60
 HISTORY = 300
 
 _UNHEALTHY = (ServerState.DOWN, ServerState.EJECTED)
+
+
+def wantsOpenMetrics(accept: str) -> bool:
+    """
+    Whether a scraper's C{Accept} header asks for the OpenMetrics format
+    (Prometheus sends C{application/openmetrics-text} first when it can
+    read it); anything else gets the classic text format.
+    """
+    for part in (accept or "").split(","):
+        media, _, params = part.partition(";")
+        if media.strip().lower() == "application/openmetrics-text":
+            q = 1.0
+            for param in params.split(";"):
+                key, _, value = param.partition("=")
+                if key.strip() == "q":
+                    try:
+                        q = float(value)
+                    except ValueError:
+                        q = 0.0
+            if q > 0:
+                return True
+    return False
 
 
 class _ServiceInfo:
@@ -248,9 +272,9 @@ class Metrics(Service):
 
     # Reading.
 
-    def exposition(self) -> bytes:
-        """The Prometheus text format of everything."""
-        return generate_latest(self.registry)
+    def exposition(self, openmetrics: bool = False) -> bytes:
+        """The Prometheus text format of everything (with C{openmetrics}, the OpenMetrics one)."""
+        return generateOpenMetrics(self.registry) if openmetrics else generate_latest(self.registry)
 
     def activeConnections(self, service: str) -> int:
         info = self.services.get(service)

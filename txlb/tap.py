@@ -13,6 +13,7 @@ import os
 import sys
 from typing import TextIO
 
+import attrs
 from twisted.python import usage
 
 from txlb import __version__
@@ -70,6 +71,25 @@ def summary(config: Config) -> list[str]:
     return lines
 
 
+def logPath(configured: str, parent) -> str:
+    """
+    Where events go: C{[log] path}, unless it is C{-} (standard output)
+    and twistd's standard output is no place for them.  A daemon's
+    standard output is C{/dev/null}, so a daemonized txlb writes to
+    twistd's C{--logfile}, or to C{twistd.log} as twistd itself would; an
+    explicit C{--logfile} is honoured in the foreground too.  C{parent}
+    is twistd's own options (C{None} outside twistd).
+    """
+    if configured != "-" or parent is None:
+        return configured
+    logfile = parent.get("logfile") or ""
+    if logfile and logfile != "-":
+        return os.path.abspath(logfile)
+    if not logfile and not parent.get("nodaemon"):
+        return os.path.abspath("twistd.log")
+    return "-"
+
+
 def readConfig(path: str, factories, healthFactories, err: TextIO) -> Config:
     """
     Load and validate, or print the problems and exit 1.
@@ -103,6 +123,10 @@ def makeService(options: Options, out: TextIO = None, err: TextIO = None):
 
     from txlb.service import TxlbService
 
+    from txlb.logs import makeObserver
+
     # More than one worker: this process is the master (txlb.workers).
     role = "master" if config.txlb.workers > 1 else "single"
-    return TxlbService(config, factories, reactor, healthFactories, signals=True, role=role)
+    path = logPath(config.log.path, getattr(options, "parent", None))
+    observer = makeObserver(attrs.evolve(config.log, path=path), clock=reactor)
+    return TxlbService(config, factories, reactor, healthFactories, signals=True, role=role, logObserver=observer)

@@ -282,6 +282,8 @@ class Workers(Service):
         #: The master's stdout and stderr, inherited by the workers: their
         #: events go where the master's go.
         self.childFDs = {0: "w", 1: 1, 2: 2, CONTROL_FD: "r"}
+        #: L{whenReady}'s Deferreds, fired once every slot's worker accepts.
+        self._readyWaiters: list[Deferred] = []
 
     def bind(self, listen: str) -> SharedListener:
         return bindShared(self.reactor, listen, self.count)
@@ -356,12 +358,14 @@ class Workers(Service):
             sockets[listen] = [fd, family, shared.backlog]
             fd += 1
         log = self.owner.config.log
+        # Where the master writes (twistd's --logfile when daemonized), not only what the file says.
+        logPath = getattr(self.owner.logObserver.stream, "path", log.path)
         args = [
             sys.executable, "-m", "txlb.worker",
             "--config", os.path.abspath(self.owner.config.path),
             "--worker", str(slot),
             "--sockets", json.dumps(sockets),
-            "--log", json.dumps({"format": log.format, "path": log.path}),
+            "--log", json.dumps({"format": log.format, "path": logPath}),
         ]
         env = dict(os.environ)
         # Wherever the master found txlb, the worker finds the same one.
@@ -404,6 +408,25 @@ class Workers(Service):
         old, proc.replaces = proc.replaces, None
         if old is not None:
             old.stop()
+        if self._readyWaiters and self.allReady():
+            waiters, self._readyWaiters = self._readyWaiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def allReady(self) -> bool:
+        """Whether every slot has a worker that accepts."""
+        return all(p is not None and p.ready for p in self.slots)
+
+    def whenReady(self) -> Deferred:
+        """
+        Fires once every slot has a worker that accepts (at once if every
+        one does now): what C{READY=1} to systemd waits for.
+        """
+        if self.allReady():
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._readyWaiters.append(d)
+        return d
 
     def _ended(self, proc: _WorkerProcess, reason) -> None:
         if proc in self.retiring:
@@ -536,13 +559,24 @@ class Workers(Service):
 
         return self.ask(["servers"]).addCallback(apply)
 
-    def exposition(self) -> Deferred:
-        """C{/metrics}: the master's and the workers' figures added up."""
+    def exposition(self, openmetrics: bool = False) -> Deferred:
+        """
+        C{/metrics}: the master's and the workers' figures added up (in the
+        OpenMetrics format with C{openmetrics}); C{process_*} per process.
+        """
         def merge(replies):
             return mergeExpositions(self.owner.metrics.exposition(), [r["metrics"] for r in replies],
-                                    self._families(replies))
+                                    self._families(replies), [self._label(r.get("pid")) for r in replies],
+                                    openmetrics=openmetrics)
 
         return self.ask(["metrics"]).addCallback(merge)
+
+    def _label(self, pid: Any) -> str:
+        """The C{worker} label of the process C{pid}: its slot (a worker being replaced: C{N-retiring})."""
+        for proc in self.live:
+            if proc.pid == pid:
+                return str(proc.slot) if self.slots[proc.slot] is proc else f"{proc.slot}-retiring"
+        return f"pid-{pid}"
 
     def _families(self, replies: list[dict]) -> list[Metric]:
         up = Metric("txlb_workers", "Worker processes answering now.", "gauge")
