@@ -1,0 +1,483 @@
+"""
+Protocol tests for HTTP/2 from clients (L{txlb.http.h2frontend}): the
+C{h2} library plays the client over a StringTransport, backends are
+answered by hand on a memory reactor, time is a Clock.
+"""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from h2.errors import ErrorCodes
+from h2.frame_buffer import CONTINUATION_BACKLOG
+from hyperframe.frame import ContinuationFrame, HeadersFrame, RstStreamFrame
+
+from tests.test_http_frontend import OK, Harness, head
+from txlb.http.h2frontend import PREFACE, H2Connection, Malformed, Refused, requestFields
+
+
+class Client:
+    """An HTTP/2 client connection (h2) to one frontend."""
+
+    def __init__(self, h: Harness, address: str = "10.1.2.3", settings=None) -> None:
+        self.h = h
+        h.factory.http2 = H2Connection
+        self.frontend, self.transport = h.accept(address)
+        # The client may send what a server must refuse.
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, header_encoding=None, validate_outbound_headers=False,
+            normalize_outbound_headers=False))
+        self.conn.initiate_connection()
+        if settings:
+            self.conn.update_settings(settings)
+        self.events: list = []
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.frontend.dataReceived(data)
+        self.read()
+
+    def read(self) -> list:
+        data = self.transport.value()
+        self.transport.clear()
+        new = self.conn.receive_data(data) if data else []
+        self.events += new
+        more = self.conn.data_to_send()
+        if more:
+            self.frontend.dataReceived(more)
+            return new + self.read()
+        return new
+
+    def request(self, path: str = "/", method: str = "GET", authority: str = "shop.example", extra=(),
+                body: bytes | None = None, end: bool = True) -> int:
+        sid = self.conn.get_next_available_stream_id()
+        headers = [(b":method", method.encode()), (b":scheme", b"http"), (b":path", path.encode()),
+                   (b":authority", authority.encode()), *extra]
+        self.conn.send_headers(sid, headers, end_stream=end and body is None)
+        if body is not None:
+            self.send(sid, body, end)
+        self.flush()
+        return sid
+
+    def send(self, sid: int, body: bytes, end: bool = False) -> None:
+        for i in range(0, len(body), 16384):
+            self.conn.send_data(sid, body[i:i + 16384], end_stream=end and i + 16384 >= len(body))
+        if not body:
+            self.conn.send_data(sid, b"", end_stream=end)
+        self.flush()
+
+    def of(self, kind, sid=None) -> list:
+        return [e for e in self.events if isinstance(e, kind) and (sid is None or getattr(e, "stream_id", None) == sid)]
+
+    def response(self, sid: int) -> tuple[dict, bytes, bool]:
+        [answer] = self.of(h2.events.ResponseReceived, sid)
+        body = b"".join(e.data for e in self.of(h2.events.DataReceived, sid))
+        for e in self.of(h2.events.DataReceived, sid):
+            self.conn.acknowledge_received_data(e.flow_controlled_length, sid)
+        ended = bool(self.of(h2.events.StreamEnded, sid))
+        return dict(answer.headers), body, ended
+
+    def goaway(self):
+        return self.of(h2.events.ConnectionTerminated)
+
+
+def test_prior_knowledge_get_is_forwarded_as_http11_and_answered(events):
+    h = Harness()
+    c = Client(h)
+    assert c.frontend.h2 is not None
+    sid = c.request("/a?b=1", extra=[(b"accept", b"*/*"), (b"x-forwarded-for", b"1.1.1.1")])
+    backend, server = h.answer()
+    line, fields = head(server.value())
+    assert line == b"GET /a?b=1 HTTP/1.1"
+    assert fields[b"host"] == [b"shop.example"]
+    assert fields[b"x-forwarded-for"] == [b"1.1.1.1, 10.1.2.3"]
+    assert fields[b"x-forwarded-proto"] == [b"http"]
+    assert b"transfer-encoding" not in fields and b"content-length" not in fields
+    [rid] = fields[b"x-request-id"]
+    backend.dataReceived(OK)
+    c.read()
+    headers, body, ended = c.response(sid)
+    assert headers[b":status"] == b"200"
+    assert headers[b"x-request-id"] == rid
+    assert headers[b"content-length"] == b"5"
+    assert b"connection" not in headers
+    assert (body, ended) == (b"hello", True)
+    [event] = [e for e in events if e.get("event") == "request"]
+    assert event["protocol"] == "HTTP/2"
+    assert (event["status"], event["selectedServer"], event["path"]) == (200, "s0", "/a")
+
+
+def test_http11_still_served_when_http2_is_on():
+    h = Harness()
+    h.factory.http2 = H2Connection
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert frontend.h2 is None
+    backend, _ = h.answer()
+    backend.dataReceived(OK)
+    assert client.value().startswith(b"HTTP/1.1 200 OK")
+
+
+def test_preface_cut_short_waits_for_the_rest():
+    h = Harness()
+    h.factory.http2 = H2Connection
+    frontend, client = h.accept()
+    frontend.dataReceived(PREFACE[:5])
+    assert frontend.h2 is None and client.value() == b""
+    frontend.dataReceived(PREFACE[5:])
+    assert frontend.h2 is not None
+
+
+def test_http2_off_leaves_the_preface_to_http11():
+    h = Harness(http2=False)
+    h.factory.http2 = H2Connection
+    frontend, client = h.accept()
+    frontend.dataReceived(PREFACE)
+    assert frontend.h2 is None
+    assert client.value().startswith(b"HTTP/1.1 4")
+
+
+def test_streams_of_one_connection_are_balanced_independently():
+    h = Harness()
+    c = Client(h)
+    sids = [c.request(f"/{i}") for i in range(3)]
+    assert h.connects() == 3
+    hosts = [h.reactor.tcpClients[i][0] for i in range(3)]
+    assert hosts == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    answers = [h.answer(i) for i in range(3)]
+    for i, (backend, _) in reversed(list(enumerate(answers))):
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % i)
+    c.read()
+    for i, sid in enumerate(sids):
+        assert c.response(sid)[1:] == (b"%d" % i, True)
+
+
+def test_request_body_without_length_goes_chunked_and_with_length_as_is():
+    h = Harness()
+    c = Client(h)
+    sid = c.request("/up", method="POST", body=b"abc", end=False)
+    backend, server = h.answer()
+    c.conn.send_data(sid, b"def", end_stream=True)
+    c.flush()
+    _, fields = head(server.value())
+    assert fields[b"transfer-encoding"] == [b"chunked"]
+    assert server.value().endswith(b"\r\n\r\n3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n")
+    backend.dataReceived(OK)
+    sid2 = c.request("/up2", method="POST", extra=[(b"content-length", b"4")], body=b"wxyz")
+    backend2, server2 = h.answer()
+    _, fields = head(server2.value())
+    assert fields[b"content-length"] == [b"4"] and b"transfer-encoding" not in fields
+    assert server2.value().endswith(b"\r\n\r\nwxyz")
+    backend2.dataReceived(OK)
+    c.read()
+    assert c.response(sid)[1:] == (b"hello", True)
+    assert c.response(sid2)[1:] == (b"hello", True)
+
+
+def test_chunked_response_is_unframed_and_head_has_no_body():
+    h = Harness()
+    c = Client(h)
+    sid = c.request("/")
+    backend, _ = h.answer()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    backend.dataReceived(b"2\r\nde\r\n0\r\n\r\n")
+    c.read()
+    headers, body, ended = c.response(sid)
+    assert b"transfer-encoding" not in headers
+    assert (body, ended) == (b"abcde", True)
+    sid = c.request("/", method="HEAD")
+    backend, _ = h.answer(-1) if h.connects() > 1 else (backend, None)
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    c.read()
+    headers, body, ended = c.response(sid)
+    assert headers[b"content-length"] == b"10"
+    assert (body, ended) == (b"", True)
+
+
+def test_no_server_reached_gets_the_error_answer_on_its_stream():
+    h = Harness(servers=1, retries=0)
+    c = Client(h)
+    sid = c.request("/")
+    h.refuse()
+    c.read()
+    headers, body, ended = c.response(sid)
+    assert headers[b":status"] == b"502"
+    assert ended and b"could not connect" in body
+
+
+def test_a_slow_stream_pauses_only_its_own_backend():
+    h = Harness()
+    c = Client(h)
+    # As browsers and curl do: a large window for the connection, so that
+    # one stream left unread cannot hold up the others.
+    c.conn.increment_flow_control_window(1 << 24)
+    c.flush()
+    slow = c.request("/big")
+    fast = c.request("/small")
+    big, _ = h.answer(0)
+    small, _ = h.answer(1)
+    size = 300_000
+    big.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+    sent = 0
+    while sent < size and big.transport.producerState == "producing":
+        big.dataReceived(b"x" * 16384)
+        sent += 16384
+    # The client acknowledged nothing: the stream's window (64 KiB) is full,
+    # and the backend is paused once the buffer passes the high-water mark.
+    assert big.transport.producerState == "paused"
+    assert sent < size
+    small.dataReceived(OK)
+    c.read()
+    assert c.response(fast)[1:] == (b"hello", True)
+    assert small.transport.producerState == "producing"
+    # Reading the big stream opens its window: the backend resumes.
+    got = 0
+    for _ in range(100):
+        c.read()
+        data = c.of(h2.events.DataReceived, slow)
+        for e in data:
+            c.conn.acknowledge_received_data(e.flow_controlled_length, slow)
+        got = sum(len(e.data) for e in data)
+        c.flush()
+        if big.transport.producerState == "producing":
+            break
+    assert big.transport.producerState == "producing"
+    assert got > 65535 - 1
+
+
+def test_request_body_acknowledged_only_as_the_backend_takes_it():
+    # (h2 sends WINDOW_UPDATE once half a window is acknowledged: 40 000 bytes.)
+    h = Harness()
+    c = Client(h)
+    sid = c.request("/up", method="POST", extra=[(b"content-length", b"100000")], body=b"a" * 40000, end=False)
+    # Not connected yet: nothing acknowledged.
+    assert c.conn.local_flow_control_window(sid) == 65535 - 40000
+    backend, server = h.answer()
+    c.read()
+    assert c.conn.local_flow_control_window(sid) == 65535
+    server.producer.pauseProducing()  # the backend's socket is full
+    c.send(sid, b"b" * 40000)
+    assert c.conn.local_flow_control_window(sid) == 65535 - 40000
+    server.producer.resumeProducing()
+    c.read()
+    assert c.conn.local_flow_control_window(sid) == 65535
+    assert server.value().endswith(b"a" * 40000 + b"b" * 40000)
+
+
+def test_malformed_requests_get_a_stream_error_and_others_go_on():
+    h = Harness()
+    c = Client(h)
+    bad = [
+        [(b"connection", b"keep-alive")],
+        [(b"te", b"gzip")],
+        [(b"transfer-encoding", b"chunked")],
+        [(b"x-a", b"one\r\nx-b: two")],
+        [(b"x-a", b"nul\x00")],
+        [(b"X-Upper", b"1")],
+        [(b":bogus", b"1")],
+    ]
+    sids = []
+    for extra in bad:
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                                  (b":authority", b"a"), *extra], end_stream=True)
+        sids.append(sid)
+    c.flush()
+    for sid in sids:
+        [reset] = c.of(h2.events.StreamReset, sid)
+        assert reset.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert h.connects() == 0
+    good = c.request("/", extra=[(b"te", b"trailers")])
+    backend, server = h.answer()
+    assert b"\r\nte:" not in server.value().lower()
+    backend.dataReceived(OK)
+    c.read()
+    assert c.response(good)[1:] == (b"hello", True)
+    assert not c.goaway()
+
+
+def test_request_fields_checks():
+    ok = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/x"), (b":authority", b"a.example:8443")]
+    assert requestFields(ok + [(b"cookie", b"a=1")], 1024) == (b"GET", b"/x", b"a.example:8443", [(b"cookie", b"a=1")])
+    for headers in (
+        [(b":method", b"GET"), (b":path", b"/")],
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"x")],
+        [(b"a", b"1"), *ok],
+        ok + [(b":method", b"GET")],
+        ok + [(b"content-length", b"1_0")],
+        ok + [(b"x", b" padded")],
+        ok + [(b"host", b"a"), (b"host", b"b")],
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a/b")],
+    ):
+        with pytest.raises(Malformed):
+            requestFields(headers, 1024)
+    with pytest.raises(Refused) as e:
+        requestFields(ok + [(b"x", b"y" * 2000)], 1024)
+    assert e.value.status == 431
+    with pytest.raises(Refused) as e:
+        requestFields([(b":method", b"CONNECT"), (b":authority", b"a:1")], 1024)
+    assert e.value.status == 405
+
+
+def test_header_list_too_large_is_431_on_its_stream():
+    h = Harness(maxHeaderBytes=2048)
+    c = Client(h)
+    sid = c.request("/", extra=[(b"x-big", b"y" * 3000)])
+    headers, body, ended = c.response(sid)
+    assert headers[b":status"] == b"431" and ended
+    assert h.connects() == 0
+    assert not c.goaway()
+
+
+def test_hpack_bomb_ends_the_connection():
+    h = Harness(maxHeaderBytes=2048)
+    c = Client(h)
+    # One large header in the dynamic table, then referenced again and
+    # again: a few bytes on the wire, far more once decoded.
+    sid = c.request("/", extra=[(b"x-big", b"y" * 1500)])
+    sid = c.conn.get_next_available_stream_id()
+    c.conn.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                              (b":authority", b"a")] + [(b"x-big", b"y" * 1500)] * 50, end_stream=True)
+    c.flush()
+    [goaway] = c.goaway()
+    assert goaway.error_code != ErrorCodes.NO_ERROR
+    assert c.transport.disconnecting
+
+
+def test_max_body_refuses_over_http2():
+    h = Harness(maxBody=10)
+    c = Client(h)
+    sid = c.request("/", method="POST", extra=[(b"content-length", b"20")], body=b"x" * 20)
+    headers, body, _ = c.response(sid)
+    assert headers[b":status"] == b"413"
+    sid = c.request("/", method="POST", body=b"x" * 20)
+    c.read()
+    headers, body, _ = c.response(sid)
+    assert headers[b":status"] == b"413"
+    assert not c.goaway()
+
+
+def test_concurrent_streams_are_advertised_and_bounded():
+    h = Harness(maxStreams=3)
+    c = Client(h)
+    assert c.conn.remote_settings.max_concurrent_streams == 3
+
+
+def test_rapid_reset_ends_in_goaway_and_others_are_served():
+    h = Harness(maxStreams=10)
+    c = Client(h)
+    frontend = c.frontend
+    budget = frontend.h2.resetBudget
+    for i in range(budget + 5):
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                                  (b":authority", b"a")], end_stream=True)
+        c.conn.reset_stream(sid, ErrorCodes.CANCEL)
+        if c.transport.disconnecting:
+            break
+        if i % 10 == 9:
+            c.flush()
+    c.flush()
+    [goaway] = c.goaway()
+    assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert c.transport.disconnecting
+    assert h.connects() == 0  # opened and reset in one read: never dispatched
+    other = Client(h, "10.9.9.9")
+    sid = other.request("/")
+    backend, _ = h.answer()
+    backend.dataReceived(OK)
+    other.read()
+    assert other.response(sid)[1:] == (b"hello", True)
+
+
+def test_continuation_flood_ends_in_goaway_and_others_are_served():
+    h = Harness()
+    c = Client(h)
+    block = c.conn.encoder.encode([(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                                   (b":authority", b"a")])
+    frame = HeadersFrame(1)
+    frame.data = block
+    frame.flags.add("END_STREAM")
+    c.frontend.dataReceived(frame.serialize())
+    for _ in range(CONTINUATION_BACKLOG + 10):
+        cont = ContinuationFrame(1)
+        cont.data = b"\x00" * 1000
+        c.frontend.dataReceived(cont.serialize())
+        if c.transport.disconnecting:
+            break
+    c.read()
+    [goaway] = c.goaway()
+    assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert c.transport.disconnecting
+    other = Client(h, "10.9.9.9")
+    sid = other.request("/")
+    backend, _ = h.answer()
+    backend.dataReceived(OK)
+    other.read()
+    assert other.response(sid)[1:] == (b"hello", True)
+
+
+def test_client_reset_mid_response_frees_the_backend(events):
+    h = Harness()
+    c = Client(h)
+    sid = c.request("/")
+    backend, server = h.answer()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+    c.conn.reset_stream(sid, ErrorCodes.CANCEL)
+    c.flush()
+    assert server.disconnecting or getattr(server, "aborted", False)
+    [event] = [e for e in events if e.get("event") == "request"]
+    assert event["status"] == 200 and event["protocol"] == "HTTP/2"
+    assert h.servers[0].active == 0
+
+
+def test_backend_breaking_mid_response_resets_only_that_stream():
+    h = Harness()
+    c = Client(h)
+    one = c.request("/1")
+    two = c.request("/2")
+    b1, s1 = h.answer(0)
+    b2, _ = h.answer(1)
+    b1.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+    b1.connectionLost(None)
+    h.reactor.advance(0)
+    b2.dataReceived(OK)
+    c.read()
+    [reset] = c.of(h2.events.StreamReset, one)
+    assert c.response(two)[1:] == (b"hello", True)
+    assert not c.goaway()
+
+
+def test_drain_finishes_streams_then_goaway():
+    h = Harness()
+    c = Client(h)
+    sid = c.request("/")
+    backend, _ = h.answer()
+    h.factory.finish()
+    late = c.request("/late")
+    [refused] = c.of(h2.events.StreamReset, late)
+    assert refused.error_code == ErrorCodes.REFUSED_STREAM
+    assert not c.transport.disconnecting
+    backend.dataReceived(OK)
+    c.read()
+    assert c.response(sid)[1:] == (b"hello", True)
+    [goaway] = c.goaway()
+    assert goaway.error_code == ErrorCodes.NO_ERROR
+    assert c.transport.disconnecting
+
+
+def test_idle_connection_gets_goaway():
+    h = Harness(idleTimeout=5)
+    c = Client(h)
+    sid = c.request("/")
+    backend, _ = h.answer()
+    backend.dataReceived(OK)
+    c.read()
+    h.reactor.advance(6)
+    c.read()
+    [goaway] = c.goaway()
+    assert goaway.error_code == ErrorCodes.NO_ERROR

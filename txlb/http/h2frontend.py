@@ -1,0 +1,806 @@
+# -*- test-case-name: tests.test_h2frontend -*-
+"""
+HTTP/2 from clients.
+
+A client connection starts as an L{txlb.http.frontend.HTTPFrontend}; when
+TLS agreed on C{h2} by ALPN, or its first bytes are the HTTP/2 connection
+preface (prior knowledge, on plaintext), the frontend hands its bytes to an
+L{H2Connection}, which speaks HTTP/2 with the C{h2} library.
+
+Each stream is an L{H2Stream}: a frontend of its own for exactly one
+L{txlb.http.exchange.Exchange}, so that routing, the pool's pick, sticky
+sessions, the cache, header rules, retries, error answers, the access
+event and metrics are the very code HTTP/1.1 requests go through, and the
+streams of one connection are balanced independently.  The exchange writes
+its response as it would for an HTTP/1.1 client; the stream's
+L{_Response} reads that back (llhttp, in C) into HEADERS and DATA frames.
+Backends are reached over HTTP/1.1: the request's pseudo-headers become a
+request line and C{Host}, and a body of unknown length goes chunked.
+
+Flow control is per stream.  Response bytes wait in the stream's buffer
+for its send window; while that buffer is large, or the client's socket is
+full, the stream pauses the backend connection it reads from, and only
+that one.  Request bytes are acknowledged (C{WINDOW_UPDATE}) as the
+backend's socket takes them, so a slow backend slows only its client's
+stream.
+
+Defences: at most C{limits.max_concurrent_streams} streams; a header list
+larger than C{limits.max_header_bytes} is answered 431 on its stream, and
+the HPACK decoder refuses lists far beyond that (a "bomb") with GOAWAY; a
+malformed request (pseudo-headers, connection-specific headers, C{TE}
+other than C{trailers}, characters HTTP/1.1 would read differently) gets
+a stream error and the other streams go on; too many streams reset in a
+short while (the "rapid reset" attack, CVE-2023-44487) or too many
+CONTINUATION frames (CVE-2024-27316, bounded by C{h2}) end the connection
+with GOAWAY.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import Optional
+
+import httptools
+from h2.config import H2Configuration
+from h2.connection import H2Connection as _H2
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError, StreamClosedError
+from h2.settings import SettingCodes, Settings
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from txlb.http.exchange import Exchange
+from txlb.http.frontend import HTTPFrontend, ReadGate
+from txlb.logs import emit
+from txlb.wire import sendNow
+
+_log = Logger(namespace="txlb.http2")
+
+#: What an HTTP/2 client sends first (RFC 9113 3.4).
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+#: Response bytes a stream buffers beyond its send window before it pauses
+#: the backend connection it reads from.
+HIGH_WATER = 64 * 1024
+
+#: Resets (the client's RST_STREAM, and streams we refused as malformed) a
+#: connection may cause within L{RESET_WINDOW} seconds: twice the streams
+#: it may have open, and at least this many.
+MIN_RESETS = 200
+RESET_WINDOW = 10.0
+
+#: The HPACK decoder's own bound, in multiples of C{limits.max_header_bytes}:
+#: between the two a request is answered 431 on its stream; beyond it the
+#: header block is a bomb and the connection ends.
+_DECODER_FACTOR = 4
+
+#: Headers HTTP/2 forbids in requests (RFC 9113 8.2.2), and that an
+#: HTTP/1.1 response carries but an HTTP/2 one must not.
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+_RESPONSE_DROP = _CONNECTION_SPECIFIC | {b"te", b"trailer"}
+_PSEUDO = frozenset({b":method", b":scheme", b":path", b":authority"})
+#: A field name as HTTP/2 allows it: a lower-case token (RFC 9110 5.1).
+_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]+")
+#: A field value HTTP/1.1 reads the same way: no NUL, CR or LF, no
+#: whitespace at either end (RFC 9113 8.2.1).
+_VALUE = re.compile(rb"(?:[^\x00\r\n \t](?:[^\x00\r\n]*[^\x00\r\n \t])?)?")
+_AUTHORITY = re.compile(rb"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]+")
+
+
+class Malformed(Exception):
+    """A request HTTP/2 calls malformed: a stream error (PROTOCOL_ERROR)."""
+
+
+class Refused(Exception):
+    """A well-formed request txlb answers itself, with C{status}."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+
+
+def requestFields(headers: list, maxHeaderBytes: int) -> tuple[bytes, bytes, Optional[bytes], list]:
+    """
+    C{(method, path, authority, headers)} of an HTTP/2 request's header
+    list, the headers as an HTTP/1.1 backend may get them (the caller adds
+    C{Host}).
+
+    @raise Malformed: for what RFC 9113 8.1.1 makes a stream error.
+    @raise Refused: 431 for a header list over C{maxHeaderBytes} (counted
+        as HTTP/1.1 counts a head), 405 for C{CONNECT}.
+    """
+    method = scheme = path = authority = None
+    regular: list = []
+    host = None
+    size = 0
+    name = _NAME.fullmatch
+    value = _VALUE.fullmatch
+    for n, v in headers:
+        size += len(n) + len(v) + 4
+        if value(v) is None:
+            raise Malformed(f"invalid characters in the value of {n.decode('latin-1')!r}")
+        if n[:1] == b":":
+            if regular:
+                raise Malformed(f"pseudo-header {n.decode('latin-1')} after regular headers")
+            if n == b":method" and method is None:
+                method = v
+            elif n == b":path" and path is None:
+                path = v
+            elif n == b":scheme" and scheme is None:
+                scheme = v
+            elif n == b":authority" and authority is None:
+                authority = v
+            else:
+                raise Malformed(f"unknown or repeated pseudo-header {n.decode('latin-1')}")
+            continue
+        if name(n) is None:
+            raise Malformed(f"invalid header name {n.decode('latin-1')!r}")
+        if n in _CONNECTION_SPECIFIC:
+            raise Malformed(f"connection-specific header {n.decode('latin-1')}")
+        if n == b"te":
+            if v != b"trailers":
+                raise Malformed("TE other than trailers")
+            continue
+        if n == b"host":
+            if host is not None:
+                raise Malformed("more than one Host header")
+            host = v
+            continue
+        if n == b"content-length" and not v.isdigit():
+            raise Malformed("content-length is not a number")
+        regular.append((n, v))
+    if size > maxHeaderBytes:
+        raise Refused(431, "request header block too large")
+    if method is None:
+        raise Malformed("no :method")
+    if method == b"CONNECT":
+        raise Refused(405, "CONNECT is not supported by this reverse proxy")
+    if not scheme or not path:
+        raise Malformed("a request needs :scheme and :path")
+    if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
+        raise Malformed("the :path must start with /")
+    if b" " in path or b" " in method:
+        raise Malformed("a space in :method or :path")
+    authority = authority or host
+    if authority is not None and _AUTHORITY.fullmatch(authority) is None:
+        raise Malformed("invalid :authority")
+    return method, path, authority, regular
+
+
+@implementer(IPushProducer)
+class H2Connection:
+    """
+    One client connection speaking HTTP/2, for its L{HTTPFrontend}.
+
+    It is the client transport's producer: while the client's socket is
+    full, every stream pauses its backend and no more is read from the
+    client (so that pings and settings it sends cannot pile up answers).
+    """
+
+    #: GOAWAY is on its way (drain, idle, or the limits): no new streams.
+    closing = False
+    #: The client's socket took less than it was given.
+    socketFull = False
+    _holding = False
+    _gone = False
+
+    def __init__(self, frontend: HTTPFrontend) -> None:
+        self.frontend = frontend
+        self.service = service = frontend.service
+        self.transport = frontend.transport
+        self.streams: dict[int, H2Stream] = {}
+        config = H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False,
+                                 validate_outbound_headers=False, normalize_outbound_headers=False)
+        self.h2 = h2 = _H2(config)
+        self.maxStreams = service.maxStreams
+        h2.local_settings = Settings(client=False, initial_values={
+            SettingCodes.MAX_CONCURRENT_STREAMS: self.maxStreams,
+            SettingCodes.MAX_HEADER_LIST_SIZE: service.maxHeaderBytes,
+        })
+        h2.initiate_connection()
+        h2.decoder.max_header_list_size = service.maxHeaderBytes * _DECODER_FACTOR
+        self.resetBudget = max(2 * self.maxStreams, MIN_RESETS)
+        self._resets = 0
+        self._resetsSince = service.clock.seconds()
+        self.transport.registerProducer(self, True)
+        self.flush()
+
+    # Bytes in.
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._gone:
+            return
+        self._holding = True
+        try:
+            try:
+                events = self.h2.receive_data(data)
+            except ProtocolError as e:
+                # h2 has queued a GOAWAY naming the error.
+                self._end("protocol_error", str(e) or type(e).__name__)
+                return
+            self._handle(events)
+        finally:
+            self._holding = False
+            self.flush()
+
+    def _handle(self, events: list) -> None:
+        # Streams opened and reset in this same read are never started: a
+        # rapid reset costs no pool pick and no backend connection.
+        resetNow = {e.stream_id for e in events if type(e) is StreamReset}
+        streams = self.streams
+        for event in events:
+            if self._gone:
+                return
+            kind = type(event)
+            if kind is RequestReceived:
+                if event.stream_id in resetNow:
+                    continue
+                self._request(event)
+            elif kind is DataReceived:
+                stream = streams.get(event.stream_id)
+                if stream is None:
+                    self._ack(event.flow_controlled_length, event.stream_id)
+                else:
+                    stream.received(event.data, event.flow_controlled_length)
+            elif kind is StreamEnded:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.requestEnded()
+            elif kind is StreamReset:
+                stream = streams.pop(event.stream_id, None)
+                if stream is not None:
+                    stream.abandon("the client reset the stream")
+                self._reset()
+            elif kind is WindowUpdated:
+                if event.stream_id:
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        stream.push()
+                else:
+                    self._pushAll()
+            elif kind is RemoteSettingsChanged:
+                if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+                    self._pushAll()
+            elif kind is ConnectionTerminated:
+                self._end(None, None)
+                return
+        self._idleCheck()
+
+    def _request(self, event: RequestReceived) -> None:
+        sid = event.stream_id
+        if self.closing:
+            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        try:
+            method, path, authority, headers = requestFields(event.headers, self.service.maxHeaderBytes)
+        except Malformed as e:
+            self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+            _log.info("HTTP/2 stream refused: {why}", event="http2_malformed", service=self.service.name,
+                      client=self.frontend.client, why=str(e))
+            self._reset()
+            return
+        except Refused as e:
+            method, path, authority, headers = b"-", b"-", None, []
+            refusal = (e.status, e.message)
+        else:
+            refusal = None
+        if authority is not None:
+            headers.append((b"host", authority))
+        stream = self.streams[sid] = H2Stream(self, sid, method == b"HEAD")
+        if len(self.streams) == 1:
+            self.frontend._disarm()
+        stream.begin(method, path, headers, event.stream_ended is not None, refusal)
+
+    # Bytes out.
+
+    def hold(self) -> bool:
+        """Gather frames until L{flush}; true if this call started gathering."""
+        if self._holding:
+            return False
+        self._holding = True
+        return True
+
+    def flush(self) -> None:
+        """Send what h2 has framed (unless gathering)."""
+        self._holding = False
+        data = self.h2.data_to_send()
+        if data and not self._gone:
+            sendNow(self.transport, data)
+
+    def send(self) -> None:
+        """Frames were queued: out now, unless a read or a backend read gathers them."""
+        if not self._holding:
+            self.flush()
+
+    def _ack(self, size: int, sid: int) -> None:
+        if size and not self._gone:
+            self.h2.acknowledge_received_data(size, sid)
+
+    def _pushAll(self) -> None:
+        for stream in list(self.streams.values()):
+            stream.push()
+
+    # The client's socket (IPushProducer).
+
+    def pauseProducing(self) -> None:
+        self.socketFull = True
+        self.transport.pauseProducing()
+        for stream in self.streams.values():
+            stream.checkProducer()
+
+    def resumeProducing(self) -> None:
+        self.socketFull = False
+        if not self._gone:
+            self.transport.resumeProducing()
+        for stream in list(self.streams.values()):
+            stream.checkProducer()
+
+    def stopProducing(self) -> None:
+        self.transport.abortConnection()
+
+    # Streams ending, and the connection.
+
+    def streamDone(self, stream: "H2Stream") -> None:
+        """A stream's response went out whole (or the stream was cut)."""
+        if self.streams.get(stream.streamId) is stream:
+            del self.streams[stream.streamId]
+        self._idleCheck()
+
+    def _idleCheck(self) -> None:
+        if self.streams or self._gone:
+            return
+        if self.closing:
+            self.goAway()
+        else:
+            self.frontend._arm(self.service.idleTimeout, self._idle)
+
+    def _idle(self) -> None:
+        self.goAway()
+
+    def _reset(self) -> None:
+        """A stream was reset: the rapid-reset budget."""
+        now = self.service.clock.seconds()
+        if now - self._resetsSince > RESET_WINDOW:
+            self._resetsSince = now
+            self._resets = 0
+        self._resets += 1
+        if self._resets > self.resetBudget:
+            self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+            self._end("rapid_reset", f"more than {self.resetBudget} streams reset within {RESET_WINDOW:g}s")
+
+    def drain(self) -> None:
+        """
+        Finish the streams in flight, refuse new ones, then GOAWAY and
+        close (h2 can send nothing more once it sent GOAWAY).
+        """
+        self.closing = True
+        self._idleCheck()
+
+    def goAway(self) -> None:
+        """GOAWAY (no error) now, and close once it is out."""
+        if self._gone:
+            return
+        self.h2.close_connection(ErrorCodes.NO_ERROR)
+        self._end(None, None)
+
+    def _end(self, why: Optional[str], detail: Optional[str]) -> None:
+        """Send what is framed (a GOAWAY among it), then close the connection."""
+        if self._gone:
+            return
+        data = self.h2.data_to_send()
+        self._gone = True
+        if why is not None:
+            emit(_log, "http2_goaway", dict(service=self.service.name, client=self.frontend.client,
+                                            reason=why, error=detail))
+        if data:
+            sendNow(self.transport, data)
+        self.frontend._dead = True
+        self.transport.loseConnection()
+        self._abandonAll("the connection ended")
+
+    def _abandonAll(self, why: str) -> None:
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.abandon(why)
+
+    def connectionLost(self, reason=None) -> None:
+        self._gone = True
+        self._abandonAll("client closed the connection")
+
+
+@implementer(IPushProducer)
+class _StreamTransport:
+    """
+    What an exchange takes for its client's transport: one stream of the
+    connection.  Pausing it stops acknowledging the stream's request body;
+    the producer registered on it is the backend connection the response
+    comes from.
+    """
+
+    disconnecting = False
+    TLS = False
+
+    def __init__(self, stream: "H2Stream") -> None:
+        self.stream = stream
+        self.producer = None
+        self.paused = False
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.producer = producer
+        self.stream.producerPaused = False
+        self.stream.checkProducer()
+
+    def unregisterProducer(self) -> None:
+        # The backend connection may go back to the idle pool: not paused.
+        producer, self.producer = self.producer, None
+        if self.stream.producerPaused and producer is not None:
+            self.stream.producerPaused = False
+            producer.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.stream.ackHeld()
+
+    def stopProducing(self) -> None:
+        self.abortConnection()
+
+    def write(self, data: bytes) -> None:
+        self.stream.out.write(data)
+
+    def loseConnection(self) -> None:
+        self.stream.cut(ErrorCodes.CANCEL)
+
+    def abortConnection(self) -> None:
+        self.stream.cut(ErrorCodes.INTERNAL_ERROR)
+
+    def getPeer(self):
+        return self.stream.connection.transport.getPeer()
+
+    def getHost(self):
+        return self.stream.connection.transport.getHost()
+
+
+class _Response:
+    """
+    The stream's C{out}: reads the HTTP/1.1 response an exchange writes
+    (head, body framed by length or chunks) and sends it as HEADERS and
+    DATA frames.
+    """
+
+    #: Not L{None}: an exchange then never splices a body to this "socket".
+    out = ()
+
+    def __init__(self, stream: "H2Stream", noBody: bool) -> None:
+        self.stream = stream
+        self.noBody = noBody
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers: list = []
+        self.interim = False
+        self.done = False
+
+    def write(self, data: bytes) -> None:
+        if self.done:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:  # pragma: no cover - txlb wrote it
+            _log.error("HTTP/2 stream {sid}: unreadable response: {e}", sid=self.stream.streamId, e=str(e))
+            self.done = True
+            self.stream.cut(ErrorCodes.INTERNAL_ERROR)
+            return
+        self.stream.connection.send()
+
+    def hold(self) -> bool:
+        return self.stream.connection.hold()
+
+    def flush(self) -> None:
+        self.stream.connection.flush()
+
+    # httptools callbacks.
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        headers, self.headers = self.headers, []
+        if status < 200:
+            self.interim = True
+            if status != 101:
+                self.stream.sendHead([(b":status", b"%d" % status)], False)
+            return
+        block = [(b":status", b"%d" % status)]
+        for n, v in headers:
+            n = n.lower()
+            if n not in _RESPONSE_DROP:
+                block.append((n, v))
+        end = self.noBody or status == 204 or status == 304
+        if end:
+            self.done = True
+        self.stream.sendHead(block, end)
+
+    def on_body(self, data: bytes) -> None:
+        self.stream.sendBody(data)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if not self.done:
+            self.done = True
+            self.stream.sendEnd()
+
+
+class H2Stream(HTTPFrontend):
+    """
+    One HTTP/2 stream, as the frontend of its one exchange: every method
+    that routes, picks, connects, answers errors and logs is
+    L{HTTPFrontend}'s own; what differs is how bytes reach the client.
+    """
+
+    protocol = "HTTP/2"
+    #: The backend connection is paused by this stream.
+    producerPaused = False
+    #: The response's END_STREAM went out (or the stream was cut).
+    finished = False
+
+    def __init__(self, connection: H2Connection, streamId: int, noBody: bool) -> None:
+        # Not HTTPFrontend.__init__: a stream has no parser and no socket.
+        frontend = connection.frontend
+        self.connection = connection
+        self.streamId = streamId
+        self.factory = frontend.factory
+        self.service = connection.service
+        self.client = frontend.client
+        self.exchanges: deque[Exchange] = deque()
+        self.reading = None
+        self._timer = None
+        self._dead = False
+        self.transport = _StreamTransport(self)
+        self.gate = ReadGate(self.transport)
+        self.out = _Response(self, noBody)
+        self.buffer: deque[bytes] = deque()
+        self.buffered = 0
+        self.ending = False
+        self.unacked = 0
+        self.bodyBytes = 0
+
+    @property
+    def closing(self) -> bool:
+        return self.connection.closing
+
+    def begin(self, method: bytes, path: bytes, headers: list, ended: bool,
+              refusal: Optional[tuple[int, str]]) -> None:
+        """Make the stream's exchange and start it."""
+        exchange = Exchange(self, method, path, headers, True, "1.1")
+        exchange.protocol = self.protocol
+        if not ended and not exchange.length and refusal is None:
+            # No content-length: the body's end is END_STREAM, and the
+            # backend gets it chunked.
+            exchange.chunked = exchange.hasBody = True
+            exchange.requestDone = False
+        elif ended and exchange.length:
+            refusal = refusal or (400, "content-length but no body")
+        maxBody = self.service.maxBody
+        if refusal is None and maxBody and exchange.length > maxBody:
+            refusal = (413, f"request body larger than {maxBody} bytes")
+        self.exchanges.append(exchange)
+        if refusal is not None:
+            exchange.refusal = refusal
+            exchange.requestDone = True
+        self.reading = exchange if exchange.hasBody and not ended else None
+        self._start(exchange)
+
+    # The request body.
+
+    def received(self, data: bytes, size: int) -> None:
+        exchange = self.reading
+        if exchange is None or exchange.finished:
+            self.connection._ack(size, self.streamId)
+            return
+        self.bodyBytes += len(data)
+        exchange.received = self.bodyBytes
+        maxBody = self.service.maxBody
+        if maxBody and self.bodyBytes > maxBody:
+            self.reading = None
+            self.connection._ack(size, self.streamId)
+            exchange.refusal = (413, f"request body larger than {maxBody} bytes")
+            exchange.requestDone = True
+            self._refuseNow(exchange)
+            return
+        if data:
+            exchange.requestBody(data)
+        if self.transport.paused:
+            self.unacked += size
+        else:
+            self.connection._ack(size, self.streamId)
+
+    def ackHeld(self) -> None:
+        """The backend takes the body again: let the client send more."""
+        size, self.unacked = self.unacked, 0
+        if size:
+            self.connection._ack(size, self.streamId)
+            self.connection.send()
+
+    def requestEnded(self) -> None:
+        exchange, self.reading = self.reading, None
+        if exchange is not None and not exchange.finished:
+            exchange.requestEnd()
+
+    # The response (from L{_Response}).
+
+    def sendHead(self, headers: list, end: bool) -> None:
+        if self.finished:
+            return
+        self.connection.h2.send_headers(self.streamId, headers, end_stream=end)
+        if end:
+            self._sent()
+
+    def sendBody(self, data: bytes) -> None:
+        if self.finished or not data:
+            return
+        self.buffer.append(data)
+        self.buffered += len(data)
+        self.push()
+
+    def sendEnd(self) -> None:
+        if self.finished:
+            return
+        self.ending = True
+        self.push()
+
+    def push(self) -> None:
+        """Send what the stream's window allows; pause or resume the backend."""
+        if self.finished:
+            return
+        h2 = self.connection.h2
+        sid = self.streamId
+        buffer = self.buffer
+        sent = False
+        try:
+            while buffer:
+                room = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
+                if room <= 0:
+                    break
+                chunk = buffer[0]
+                if len(chunk) <= room:
+                    buffer.popleft()
+                    self.buffered -= len(chunk)
+                    h2.send_data(sid, chunk, end_stream=self.ending and not buffer)
+                else:
+                    buffer[0] = chunk[room:]
+                    self.buffered -= room
+                    h2.send_data(sid, chunk[:room])
+                sent = True
+            if not buffer and self.ending and not sent:
+                h2.end_stream(sid)
+        except (StreamClosedError, ProtocolError):
+            # The client closed or reset the stream meanwhile.
+            self.finished = True
+            self.abandon("the client reset the stream")
+            return
+        if sent:
+            exchange = self.exchanges[0] if self.exchanges else None
+            if exchange is not None:
+                exchange.lastMoved = self.service.clock.seconds()
+            self.connection.send()
+        if not buffer and self.ending:
+            self._sent()
+            return
+        self.checkProducer()
+
+    def checkProducer(self) -> None:
+        """Pause the backend while the client cannot take more, resume after."""
+        producer = self.transport.producer
+        if producer is None:
+            return
+        stop = self.buffered > HIGH_WATER or self.connection.socketFull
+        if stop and not self.producerPaused:
+            self.producerPaused = True
+            producer.pauseProducing()
+        elif not stop and self.producerPaused:
+            self.producerPaused = False
+            producer.resumeProducing()
+
+    def _sent(self) -> None:
+        """END_STREAM is out; the exchange may still have to say it is done."""
+        self.finished = True
+        self.buffer.clear()
+        self.buffered = 0
+        if self.producerPaused and self.transport.producer is not None:
+            self.producerPaused = False
+            self.transport.producer.resumeProducing()
+        self._closeIfDone()
+
+    def _closeIfDone(self) -> None:
+        if not self.finished or self.exchanges:
+            return
+        if self.reading is not None or self.unacked:
+            # Answered before the request body was all in: stop the
+            # upload (RFC 9113 8.1), giving the connection its window back.
+            self.reading = None
+            size, self.unacked = self.unacked, 0
+            self.connection._ack(size, self.streamId)
+            try:
+                self.connection.h2.reset_stream(self.streamId, ErrorCodes.NO_ERROR)
+            except (StreamClosedError, ProtocolError):
+                pass
+            self.connection.send()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.connection.streamDone(self)
+
+    # HTTPFrontend's hooks, for a stream.
+
+    def _exchangeDone(self, exchange: Exchange) -> None:
+        self.exchanges.popleft()
+        self._logRequest(exchange)
+        self._disarm()
+        self._closeIfDone()
+
+    def cut(self, code: int) -> None:
+        """End the stream with RST_STREAM, as a socket is aborted."""
+        if not self.finished:
+            self.finished = True
+            try:
+                self.connection.h2.reset_stream(self.streamId, code)
+            except (StreamClosedError, ProtocolError):
+                pass
+            self.connection.send()
+        # As a transport's abort reports its loss: not from inside the
+        # exchange's own call.
+        self.service.clock.callLater(0, self.abandon, "client closed the connection")
+
+    def abandon(self, why: str) -> None:
+        """The stream is gone (reset, cut, or the connection ended)."""
+        self.finished = True
+        self.buffer.clear()
+        self.buffered = 0
+        if self.unacked:
+            size, self.unacked = self.unacked, 0
+            self.connection._ack(size, self.streamId)
+        self.reading = None
+        self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        exchanges, self.exchanges = self.exchanges, deque()
+        for exchange in exchanges:
+            wasFinished, exchange.finished = exchange.finished, True
+            exchange._cancelTimer()
+            exchange._stopWaiting()
+            if exchange._connecting is not None:
+                exchange._connecting.cancel()
+            conn, exchange.conn = exchange.conn, None
+            if conn is not None and not conn.closed:
+                conn.exchange = None
+                conn.transport.abortConnection()
+            exchange._release()
+            if not wasFinished:
+                exchange.status = exchange.status or 499
+                exchange.error = exchange.error or why
+                self._logRequest(exchange)
+        self.connection.streamDone(self)
+
+    def connectionMade(self) -> None:  # pragma: no cover - never on a socket
+        raise NotImplementedError
+
+    def connectionLost(self, reason=None) -> None:  # pragma: no cover - see abandon
+        self.abandon("client closed the connection")
