@@ -326,23 +326,27 @@ class EndpointCache:
         self._endpoints: dict[tuple, IStreamClientEndpoint] = {}
         self._plain: dict[tuple, Optional[tuple[int, tuple, float]]] = {}
 
-    def get(self, address: str, tls=None) -> IStreamClientEndpoint:
+    def get(self, address: str, tls=None, alpn: tuple[bytes, ...] = ()) -> IStreamClientEndpoint:
         """
         @param tls: a pool's L{txlb.config.BackendTLSConfig}, to speak TLS
             to the server (verified against its C{server_name}, or the
             server's own host name).
+        @param alpn: the protocols to offer in TLS's ALPN (C{(b"h2",)} for
+            an HTTP/2 pool); nothing on plaintext.
         """
-        endpoint = self._endpoints.get((address, tls))
+        key = (address, tls) if not alpn or tls is None else (address, tls, alpn)
+        endpoint = self._endpoints.get(key)
         if endpoint is None:
             endpoint = clientFromString(self.reactor, address)
             if tls is not None:
                 from txlb.tls import clientTLS
 
                 creator = clientTLS(
-                    tls.server_name or hostOf(address), verify=tls.verify, ca=tls.ca, cert=tls.cert, key=tls.key
+                    tls.server_name or hostOf(address), verify=tls.verify, ca=tls.ca, cert=tls.cert, key=tls.key,
+                    alpn=alpn,
                 )
                 endpoint = wrapClientTLS(creator, endpoint)
-            self._endpoints[(address, tls)] = endpoint
+            self._endpoints[key] = endpoint
         return endpoint
 
     def plainTCP(self, address: str, tls=None) -> Optional[tuple[int, tuple, float]]:

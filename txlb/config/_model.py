@@ -103,6 +103,8 @@ class PoolConfig:
     queue_timeout: float = 5.0
     slow_start: float = 0.0
     tls: Optional[BackendTLSConfig] = None
+    #: What HTTP services speak to the servers: C{"http/1.1"} or C{"h2"}.
+    protocol: str = "http/1.1"
 
 
 @attrs.frozen

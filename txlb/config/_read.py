@@ -173,6 +173,7 @@ def _readPool(t: _Table, name: str, algorithms: Optional[Algorithms]) -> PoolCon
         queue_timeout=t.get("queue_timeout", parseDuration, 5.0),
         slow_start=t.get("slow_start", parseDuration, 0.0),
         tls=_readBackendTLS(t.table("tls", "pool_tls")),
+        protocol=t.get("protocol", _oneOf("http/1.1", "h2"), "http/1.1"),
         health=_readHealth(t.table("health", "health")),
         passive=_readPassive(t.table("passive", "passive")),
     )
@@ -180,7 +181,7 @@ def _readPool(t: _Table, name: str, algorithms: Optional[Algorithms]) -> PoolCon
     return pool
 
 
-_BUILTIN_HEALTH = ("none", "http", "tcp")
+_BUILTIN_HEALTH = ("none", "http", "tcp", "grpc")
 
 
 def _statusList(value: Any) -> tuple[int, ...]:

@@ -277,6 +277,23 @@ class Exchange:
             if data:
                 self._bodyOut(data)
 
+    #: Trailer fields of the request (from an HTTP/2 client), set before
+    #: C{requestEnd}: an HTTP/2 backend gets them after the body
+    #: (L{txlb.http.h2backend}); an HTTP/1.1 backend does not.
+    requestTrailers: Optional[list] = None
+    #: Trailer fields of the response this client will get.
+    trailers: Optional[list] = None
+
+    def responseTrailers(self, headers: list) -> None:
+        """
+        The response's trailer fields (from an HTTP/2 backend), before
+        C{responseEnd}.  An HTTP/1.1 client gets them in the last chunk
+        when it said C{TE: trailers} and the body is chunked to it; they
+        are dropped otherwise.
+        """
+        if self.toClientChunked and _acceptsTrailers(self.headers):
+            self.trailers = headers
+
     def responseEnd(self, reusable: bool) -> None:
         encoder = self.encoder
         if encoder is not None:
@@ -288,7 +305,7 @@ class Exchange:
             fill.end()
         conn, self.conn = self.conn, None
         if self.toClientChunked:
-            self._write(_CHUNK_END)
+            self._write(_CHUNK_END if self.trailers is None else _lastChunk(self.trailers))
         if self.producing:
             self.producing = False
             self.frontend.transport.unregisterProducer()
@@ -411,8 +428,13 @@ class Exchange:
             self.error = error if error.startswith("the client") else "client closed the connection"
             self.frontend.transport.abortConnection()
 
-    def backendFailed(self, message: str, gotBytes: bool) -> None:
-        """The backend connection broke or sent garbage."""
+    def backendFailed(self, message: str, gotBytes: bool, unprocessed: bool = False) -> None:
+        """
+        The backend connection broke or sent garbage.  C{unprocessed}: the
+        server said it never took the request (an HTTP/2 GOAWAY or
+        REFUSED_STREAM), so any method may be retried if its body is not
+        gone.
+        """
         conn, self.conn = self.conn, None
         self._cancelTimer()
         if self.producing:
@@ -426,10 +448,12 @@ class Exchange:
             return
         server = self.server
         self._release()
-        retry = not gotBytes and self.method in IDEMPOTENT and not self.bodySent
-        if retry and conn is not None and conn.reused:
-            # Most likely an idle connection the server had just closed:
-            # not the server's fault; replay on a new connection.
+        retry = not gotBytes and (unprocessed or self.method in IDEMPOTENT) and not self.bodySent
+        if retry and conn is not None and (conn.reused or (unprocessed and not self.replayed)):
+            # Most likely an idle connection the server had just closed, or
+            # one it is closing: not the server's fault; replay on a new
+            # connection (once, for a server that keeps refusing).
+            self.replayed = self.replayed or unprocessed
             self.frontend._dispatch(self, fresh=True)
         elif retry:
             self.tried.append(server)
@@ -461,6 +485,8 @@ class Exchange:
             self.pool.release(self.server)
 
     released = True
+    #: Replayed once already because the server had not taken it.
+    replayed = False
 
     _waiter = None
 
@@ -557,6 +583,25 @@ def _headerValue(headers: list, name: bytes) -> Optional[bytes]:
         if n.lower() == name:
             return v
     return None
+
+
+def _acceptsTrailers(headers: list) -> bool:
+    value = _headerValue(headers, b"te")
+    return value is not None and b"trailers" in value.lower()
+
+
+def _lastChunk(trailers: list) -> bytes:
+    """The last chunk with C{trailers}, bar what may not be a trailer."""
+    lines = [b"0"]
+    for name, value in trailers:
+        if name.lower() not in _NOT_TRAILERS and b"\r" not in value and b"\n" not in value:
+            lines.append(name + b": " + value)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+#: Fields that framing, routing or authentication depend on (RFC 9110 6.5.1).
+_NOT_TRAILERS = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection", b"te",
+                           b"trailer", b"content-type", b"authorization", b"set-cookie"})
 
 
 def _lengthLine(headers: list) -> Optional[bytes]:

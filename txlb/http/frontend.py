@@ -35,6 +35,7 @@ from txlb.drain import OpenConnections
 from txlb.http.backend import BackendConnection, BackendConnections
 from txlb.http.errors import errorResponse
 from txlb.http.exchange import Exchange, _headerValue, absoluteForm
+from txlb.http.grpc import grpcErrorResponse, isGrpc
 from txlb.http.headers import requestHead
 from txlb.http.routing import Router
 from txlb.hashkey import hashKeyOf
@@ -572,14 +573,17 @@ class HTTPFrontend(Protocol):
         server = exchange.server = decision.server
         exchange.reason = decision.reason
         exchange.released = False
+        connections = self.service.connections
+        if pool.protocol == "h2":
+            connections = connections.h2  # a stream on an HTTP/2 connection (txlb.http.h2backend)
         if not fresh:
-            conn = self.service.connections.takeIdle(server)
+            conn = connections.stream(server) if pool.protocol == "h2" else connections.takeIdle(server)
             if conn is not None:
                 self._attach(exchange, conn)
                 return
         if not exchange.requestDone:
             self.gate.pause("connecting")
-        d = self.service.connections.connect(server, pool.connectTimeout, pool.tls)
+        d = connections.connect(server, pool.connectTimeout, pool.tls)
         exchange._connecting = d
         d.addCallbacks(self._connected, self._connectFailed, (exchange,), None, (exchange,), None)
 
@@ -643,7 +647,13 @@ class HTTPFrontend(Protocol):
         exchange.status = status
         exchange.error = message
         exchange.closeAfter = exchange.closeAfter or not exchange.requestDone
-        exchange.bytesSent += self._writeError(status, message, exchange.requestId, exchange.closeAfter)
+        if isGrpc(exchange.headers):
+            # A gRPC client reads grpc-status, not a JSON body (txlb.http.grpc).
+            data = grpcErrorResponse(status, message, exchange.requestId, exchange.closeAfter)
+            self.out.write(data)
+            exchange.bytesSent += len(data)
+        else:
+            exchange.bytesSent += self._writeError(status, message, exchange.requestId, exchange.closeAfter)
         exchange.finished = True
         self._exchangeDone(exchange)
 
