@@ -283,3 +283,49 @@ def test_udp_sockets_collide_as_tcp_ones_do():
     assert not sameSocket("udp:53", "tcp:53")
     assert not sameSocket("udp:53:interface=127.0.0.1", "udp:53:interface=127.0.0.2")
     assert not sameSocket("udp:0", "udp:0")
+
+
+# What txlb reads back from an endpoint string, checked against what
+# Twisted's own parsers make of it (their private attributes: the oracle
+# here, never in txlb itself).
+
+from twisted.internet.endpoints import TCP6ClientEndpoint, serverFromString, clientFromString  # noqa: E402
+
+from txlb.endpoints import connectParts, listenParts  # noqa: E402
+
+
+@pytest.mark.parametrize("text", [
+    "tcp:8080", "tcp:port=8080", "tcp:0:interface=127.0.0.1", "tcp:8080:backlog=7:interface=10.0.0.1",
+    "tcp:port=8443:interface=\\:\\:1", "tcp6:8080", "tcp6:8080:interface=\\:\\:1", "tcp:9000:127.0.0.2",
+])
+def test_listen_parts_read_what_twisted_binds(text):
+    endpoint = serverFromString(MemoryReactorClock(), text)
+    assert listenParts(text) == ("tcp", endpoint._port, endpoint._interface, endpoint._backlog)
+
+
+@pytest.mark.parametrize("text", ["unix:/run/a.sock", "unix:address=/run/b.sock:mode=600:backlog=9"])
+def test_listen_parts_of_unix_sockets(text):
+    endpoint = serverFromString(MemoryReactorClock(), text)
+    assert listenParts(text) == ("unix", endpoint._address, endpoint._mode, endpoint._backlog)
+
+
+@pytest.mark.parametrize("text", ["ssl:443:privateKey=k.pem", "udp:53", "systemd:domain=INET:index=0", "tcp:"])
+def test_listen_parts_of_other_kinds_are_none(text):
+    assert listenParts(text) is None
+
+
+@pytest.mark.parametrize("text", [
+    "tcp:host=10.0.0.5:port=9001", "tcp:10.0.0.5:9001", "tcp:example.com:80:timeout=3",
+    "tcp:host=\\:\\:1:port=9001:timeout=2", "tcp:9001:host=127.0.0.1", "tcp:host=a:port=1:bindAddress=127.0.0.2",
+])
+def test_connect_parts_read_what_twisted_connects_to(text):
+    endpoint = clientFromString(MemoryReactorClock(), text)
+    assert isinstance(endpoint, (TCP4ClientEndpoint, TCP6ClientEndpoint))
+    host, port, timeout, bind = connectParts(text)
+    assert (host, port, timeout) == (endpoint._host, endpoint._port, endpoint._timeout)
+    assert (bind is None) == (endpoint._bindAddress is None)
+
+
+@pytest.mark.parametrize("text", ["unix:/run/a.sock", "ssl:host=a:port=1", "tcp:host=a"])
+def test_connect_parts_of_other_kinds_are_none(text):
+    assert connectParts(text) is None

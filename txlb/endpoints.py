@@ -92,7 +92,7 @@ def checkClient(text: str) -> IStreamClientEndpoint:
         endpoint = clientFromString(_NoReactor(), text)
     except Exception as e:
         raise EndpointError(_explain(text, e, expected))
-    _checkPort(text, endpoint, 1, expected)
+    _checkPort(text, 1, expected)
     return endpoint
 
 
@@ -101,6 +101,14 @@ def checkServer(text: str) -> IStreamServerEndpoint:
     @raise EndpointError: C{text} is not a server (listening) endpoint string.
     """
     expected = "a listening endpoint like tcp:8080:interface=127.0.0.1"
+    prefix, _, inner = text.strip().partition(":")
+    if prefix.lower() == "haproxy":
+        # Twisted's PROXY reader would build the protocol with the
+        # balancer's address, and trust any source: refused, not half-supported.
+        raise EndpointError(
+            f"{text!r}: the haproxy: prefix is not supported; listen on {inner!r} and set the "
+            "service's accept_proxy = true (or accept_proxy = { from = [...] }) to read PROXY headers"
+        )
     if text.strip().isdigit():
         raise EndpointError(f"{text!r} is not a valid address; write tcp:{text.strip()} for TCP port {text.strip()}")
     try:
@@ -111,7 +119,7 @@ def checkServer(text: str) -> IStreamServerEndpoint:
         raise EndpointError(_explain(text, e, expected))
     except Exception as e:
         raise EndpointError(_explain(text, e, expected))
-    _checkPort(text, endpoint, 0, expected)
+    _checkPort(text, 0, expected)
     return endpoint
 
 
@@ -130,12 +138,15 @@ def _explainSystemd(text: str, error: Exception) -> str:
             f"unit); run txlb from its socket-activated unit, or listen on an address of its own like tcp:8080")
 
 
-def _checkPort(text: str, endpoint: object, low: int, expected: str) -> None:
+def _checkPort(text: str, low: int, expected: str) -> None:
     """
     Twisted's parsers take any integer as a port; the mistake would only
     show when txlb listens or connects, long after the config check.
     """
-    port = getattr(endpoint, "_port", None)
+    try:
+        port = _portOf(text, client=low > 0)
+    except EndpointError:
+        return
     if isinstance(port, int) and not low <= port <= 65535:
         raise EndpointError(
             f"{text!r} is not a valid address (port {port} is out of range {low}-65535); "
@@ -202,8 +213,99 @@ def _splitEndpoint(text: str) -> list[str]:
     return fields
 
 
+#: A C{key=value} field: the key ends at the first C{=} not escaped.
+_KEY_VALUE = re.compile(r"((?:[^=\\]|\\.)*)=(.*)")
+
+
 def _unescape(text: str) -> str:
     return re.sub(r"\\(.)", r"\1", text)
+
+
+def _parts(text: str) -> tuple[str, list[str], dict[str, str]]:
+    """
+    An endpoint string as its type, positional and keyword values,
+    unescaped: how Twisted's parsers read it, for the few values txlb needs
+    back (a port, an interface) once Twisted has accepted the string.
+    Reading them off the endpoint object would mean its private attributes.
+    """
+    fields = _splitEndpoint(text.strip())
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    for field in fields[1:]:
+        m = _KEY_VALUE.match(field)
+        if m is not None:
+            kwargs[_unescape(m.group(1))] = _unescape(m.group(2))
+        else:
+            args.append(_unescape(field))
+    return fields[0].lower(), args, kwargs
+
+
+def _named(args: list[str], kwargs: dict[str, str], names: tuple[str, ...]) -> dict[str, str]:
+    values = dict(zip(names, args))
+    values.update(kwargs)
+    return values
+
+
+def listenParts(text: str) -> Optional[tuple[str, object, str, int]]:
+    """
+    What a listening endpoint string binds, as Twisted's C{tcp}, C{tcp6}
+    and C{unix} parsers read it: C{("tcp", port, interface, backlog)} or
+    C{("unix", path, mode, backlog)}; L{None} for other types or a string
+    they would refuse.
+    """
+    try:
+        kind, args, kwargs = _parts(text)
+        if kind in ("tcp", "tcp6"):
+            values = _named(args, kwargs, ("port", "interface", "backlog"))
+            interface = values.get("interface", "::" if kind == "tcp6" else "")
+            return ("tcp", int(values["port"]), interface, int(values.get("backlog", 50)))
+        if kind == "unix":
+            values = _named(args, kwargs, ("address", "mode", "backlog"))
+            return ("unix", values["address"], int(values.get("mode", "666"), 8), int(values.get("backlog", 50)))
+    except (KeyError, ValueError, EndpointError):
+        pass
+    return None
+
+
+def connectParts(text: str) -> Optional[tuple[str, int, int, Optional[str]]]:
+    """
+    C{(host, port, timeout, bindAddress)} of a C{tcp:} client endpoint
+    string, as Twisted's parser reads it (C{tcp:H:P} or
+    C{tcp:host=H:port=P}, a timeout of 30 seconds unless given); L{None}
+    for other types or a string it would refuse.
+    """
+    try:
+        kind, args, kwargs = _parts(text)
+        if kind != "tcp":
+            return None
+        if len(args) == 1 and "host" in kwargs:
+            args = [kwargs["host"], *args]
+        values = _named(args, kwargs, ("host", "port"))
+        return (values["host"], int(values["port"]), int(values.get("timeout", 30)),
+                values.get("bindAddress") or None)
+    except (KeyError, ValueError, EndpointError):
+        return None
+
+
+def _portOf(text: str, client: bool) -> Optional[int]:
+    """The port an endpoint string names (C{tcp}, C{tcp6}, C{ssl}), if it names one."""
+    if client:
+        parts = connectParts(text) if text.strip()[:4].lower() == "tcp:" else None
+        if parts is not None:
+            return parts[1]
+        kind, args, kwargs = _parts(text)
+        if kind != "ssl":
+            return None
+        values = _named(args, kwargs, ("host", "port"))
+    else:
+        kind, args, kwargs = _parts(text)
+        if kind not in ("tcp", "tcp6", "ssl"):
+            return None
+        values = _named(args, kwargs, ("port",))
+    try:
+        return int(values["port"])
+    except (KeyError, ValueError):
+        return None
 
 
 def parseUDPListen(text: str) -> tuple[int, str]:
@@ -221,7 +323,7 @@ def parseUDPListen(text: str) -> tuple[int, str]:
         raise EndpointError(f"{text!r} is not a UDP address; expected {_UDP_EXPECTED}")
     values: dict[str, str] = {}
     for i, field in enumerate(fields[1:]):
-        m = re.match(r"((?:[^=\\]|\\.)*)=(.*)", field)
+        m = _KEY_VALUE.match(field)
         if m is not None:
             key, value = m.group(1), m.group(2)
         else:
@@ -266,7 +368,7 @@ def udpTarget(address: str) -> tuple[str, int]:
         endpoint = clientFromString(_NoReactor(), address)
     except Exception as e:
         raise EndpointError(_explain(address, e, _CLIENT_EXPECTED))
-    host, port = getattr(endpoint, "_host", None), getattr(endpoint, "_port", None)
+    host, port = (connectParts(address) or (None, None))[:2]
     if (type(endpoint) not in (TCP4ClientEndpoint, TCP6ClientEndpoint) or not isinstance(port, int)
             or not (isIPAddress(host) or (isIPv6Address(host) and "%" not in host))):
         raise EndpointError(f"{host or address!r} is not an IP address: a UDP service sends datagrams "
@@ -285,16 +387,14 @@ def _binding(text: str) -> tuple[str, object, str]:
             return ("?", text, "")
         return ("udp", port, interface)
     try:
-        endpoint = serverFromString(_NoReactor(), text)
+        serverFromString(_NoReactor(), text)
     except Exception:
         return ("?", text, "")
-    port = getattr(endpoint, "_port", None)
-    if isinstance(port, int):
-        return ("tcp", port, getattr(endpoint, "_interface", ""))
-    address = getattr(endpoint, "_address", None)
-    if isinstance(address, str):
-        return ("unix", address, "")
-    return ("?", text, "")
+    parts = listenParts(text)
+    if parts is None:
+        return ("?", text, "")
+    kind, where, interface, _ = parts
+    return (kind, where, interface if kind == "tcp" else "")
 
 
 def sameSocket(a: str, b: str) -> bool:
@@ -365,8 +465,9 @@ class EndpointCache:
         plain = None
         if tls is None:
             endpoint = self.get(address)
-            if type(endpoint) in (TCP4ClientEndpoint, TCP6ClientEndpoint) and endpoint._bindAddress is None:
-                host, port, timeout = endpoint._host, endpoint._port, endpoint._timeout
+            parts = connectParts(address)
+            if type(endpoint) in (TCP4ClientEndpoint, TCP6ClientEndpoint) and parts is not None and parts[3] is None:
+                host, port, timeout, _ = parts
                 if isIPAddress(host):
                     plain = (socket.AF_INET, (host, port), timeout)
                 elif isIPv6Address(host) and "%" not in host:

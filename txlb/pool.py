@@ -154,6 +154,9 @@ class Pool:
     checked = False
     #: TLS to this pool's servers (a L{txlb.config.BackendTLSConfig}), or L{None}.
     tls = None
+    #: What HTTP services speak to this pool's servers: C{"http/1.1"}, or
+    #: C{"h2"} for HTTP/2 (L{txlb.http.h2backend}).
+    protocol = "http/1.1"
 
     def __init__(
         self,

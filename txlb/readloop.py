@@ -26,6 +26,7 @@ from twisted.internet import tcp
 from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 
+from txlb import fastpath
 from txlb.splice import available, loopFor
 
 _log = Logger(namespace="txlb.readloop")
@@ -67,7 +68,7 @@ class _LoopReading:
         # As the reactor ends a descriptor whose doRead returned a reason
         # (a half-close when the protocol takes one).
         self.stopReading()
-        self.reactor._disconnectSelectable(self, why, True)
+        fastpath.endOfRead(self.reactor, self, why)
 
     def abandon(self) -> None:
         """The loop is going away (the reactor stops): the connection ends."""
@@ -91,15 +92,15 @@ PLAIN = frozenset((*_ADOPTED, *_ADOPTED.values()))
 def adopt(transport) -> bool:
     """
     Read C{transport} through the loop from now on, if it is a plain
-    Twisted TCP transport on a reactor with epoll; true if it is (or
-    already was).  Call it where the transport is reading (a protocol's
-    C{connectionMade}).
+    Twisted TCP transport on a reactor with epoll and the fast path is on
+    (L{txlb.fastpath}); true if it is (or already was).  Call it where the
+    transport is reading (a protocol's C{connectionMade}).
     """
     cls = _ADOPTED.get(type(transport))
     if cls is None:
         return isinstance(transport, _LoopReading)
     reactor = transport.reactor
-    reads = getattr(reactor, "_reads", None)  # the reactor's own reading set
+    reads = fastpath.readingSet(reactor)
     if not available or reads is None or not transport.connected or transport.disconnecting:
         return False
     reading = transport.fileno() in reads

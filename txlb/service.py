@@ -102,6 +102,7 @@ def buildPool(config: PoolConfig, factories: Mapping[str, ISchedulerFactory], cl
         **_poolSettings(config),
     )
     pool.tls = config.tls
+    pool.protocol = config.protocol
     _warnUnverified(config)
     return pool
 
@@ -752,6 +753,7 @@ class TxlbService(MultiService):
             if pool.tls != config.tls:
                 pool.tls = config.tls
                 _warnUnverified(config)
+            pool.protocol = config.protocol
             if p.scheduler:
                 pool.setScheduler(config.algorithm, prepared["schedulers"][p.name])
         for name, checks in prepared["checks"].items():

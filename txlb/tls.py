@@ -168,13 +168,14 @@ class ServerTLS:
 
 
 def clientTLS(serverName: str, *, verify: bool = True, ca: Optional[str] = None,
-              cert: Optional[str] = None, key: Optional[str] = None):
+              cert: Optional[str] = None, key: Optional[str] = None, alpn: Sequence[bytes] = ()):
     """
     A client connection creator for a pool's backends: TLS 1.2 at least,
     the backend's certificate verified against C{ca} (or the system's
     roots) and C{serverName}, a client certificate for mutual TLS when
     C{cert} and C{key} are given.  C{verify=False} verifies nothing: it is
-    logged as a warning when the pool is built.
+    logged as a warning when the pool is built.  C{alpn} lists the
+    protocols offered in ALPN (C{b"h2"} for an HTTP/2 pool).
     """
     clientCertificate = None
     if cert and key:
@@ -183,6 +184,8 @@ def clientTLS(serverName: str, *, verify: bool = True, ca: Optional[str] = None,
         )
     if not verify:
         options = dict(verify=False, raiseMinimumTo=tssl.TLSVersion.TLSv1_2)
+        if alpn:
+            options["acceptableProtocols"] = list(alpn)
         if clientCertificate is not None:
             options.update(privateKey=clientCertificate.privateKey.original,
                            certificate=clientCertificate.original)
@@ -193,4 +196,5 @@ def clientTLS(serverName: str, *, verify: bool = True, ca: Optional[str] = None,
         trustRoot=trustRoot,
         clientCertificate=clientCertificate,
         extraCertificateOptions={"raiseMinimumTo": tssl.TLSVersion.TLSv1_2},
+        **({"acceptableProtocols": list(alpn)} if alpn else {}),
     )

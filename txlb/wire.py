@@ -10,16 +10,22 @@ backend, one response to the client) that costs about as much as the
 proxying itself.  L{sendNow} sends at once when nothing is queued ahead,
 and hands Twisted only what the socket would not take, so ordering,
 buffering and producer flow control stay Twisted's.
+
+What a transport holds is not in Twisted's public API: L{txlb.fastpath}
+reads it, and when the fast path is off every write goes through
+C{transport.write} and a transport is taken to hold bytes (so that
+nothing is spliced past them).
 """
 
 from __future__ import annotations
 
+from txlb import fastpath
 from txlb.readloop import PLAIN as _PLAIN
 
 
 def buffered(transport) -> bool:
-    """Twisted still holds bytes to write on this plain TCP C{transport}."""
-    return bool(transport._tempDataBuffer or transport.offset != len(transport.dataBuffer))
+    """Twisted may still hold bytes to write on this plain TCP C{transport}."""
+    return fastpath.buffered(transport) if fastpath.enabled() else True
 
 
 def backlogged(transport) -> bool:
@@ -32,7 +38,10 @@ def backlogged(transport) -> bool:
         transport = getattr(transport, "transport", None)
         if transport is None:
             return False
-    return buffered(transport)
+    if fastpath.enabled():
+        return fastpath.buffered(transport)
+    # The public sign: the transport paused its producer, its buffer full.
+    return bool(transport.producerPaused)
 
 
 def sendNow(transport, data: bytes) -> None:
@@ -44,10 +53,11 @@ def sendNow(transport, data: bytes) -> None:
     # test's StringTransport has no socket.
     if (
         type(transport) not in _PLAIN
-        or buffered(transport)
+        or not fastpath.enabled()
+        or fastpath.buffered(transport)
         or transport.disconnecting
         or not transport.connected
-        or transport._writeDisconnected
+        or fastpath.writeShut(transport)
     ):
         transport.write(data)
         return

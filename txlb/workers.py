@@ -60,7 +60,7 @@ from twisted.logger import Logger, globalLogPublisher
 
 from txlb.aggregate import MergedMetrics, applyServerFigures, mergeDecisions, mergeExpositions
 from txlb.control import CONTROL_FD, POOL_EVENTS, ControlChannel
-from txlb.endpoints import isUDP, parseUDPListen
+from txlb.endpoints import isUDP, listenParts, parseUDPListen
 from txlb.pool import Pool
 
 _log = Logger(namespace="txlb.workers")
@@ -130,8 +130,9 @@ def bindShared(reactor, listen: str, count: int) -> SharedListener:
     endpoint = serverFromString(reactor, listen)
     sockets: list[socket.socket] = []
     try:
-        if isinstance(endpoint, TCP4ServerEndpoint):
-            interface, number = endpoint._interface, endpoint._port
+        parts = listenParts(listen)
+        if isinstance(endpoint, TCP4ServerEndpoint) and parts is not None:
+            _, number, interface, backlog = parts
             family = socket.AF_INET6 if ":" in interface else socket.AF_INET
             for _ in range(count):
                 skt = socket.socket(family, socket.SOCK_STREAM)
@@ -143,14 +144,15 @@ def bindShared(reactor, listen: str, count: int) -> SharedListener:
                 except OSError as e:
                     raise CannotListenError(interface, number, e)
                 number = skt.getsockname()[1]  # port 0: the others share the first one's
-        elif isinstance(endpoint, UNIXServerEndpoint):
+        elif isinstance(endpoint, UNIXServerEndpoint) and parts is not None:
+            _, path, mode, backlog = parts
             skt = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sockets.append(skt)
             try:
-                skt.bind(endpoint._address)
+                skt.bind(path)
             except OSError as e:
-                raise CannotListenError(None, endpoint._address, e)
-            os.chmod(endpoint._address, endpoint._mode)
+                raise CannotListenError(None, path, e)
+            os.chmod(path, mode)
         else:
             raise ValueError(f"{listen!r}: worker processes share only tcp: and unix: sockets")
     except BaseException:
@@ -159,7 +161,7 @@ def bindShared(reactor, listen: str, count: int) -> SharedListener:
         raise
     for skt in sockets:
         skt.setblocking(False)
-    return SharedListener(listen, sockets, endpoint._backlog)
+    return SharedListener(listen, sockets, backlog)
 
 
 def _bindUDP(listen: str, count: int) -> SharedListener:

@@ -7,5 +7,6 @@ when this file changes, so a new kind must change this file.
 """
 
 from txlb.health._checks import httpCheck, tcpCheck
+from txlb.health._grpc import grpcCheck
 
-__all__ = ["httpCheck", "tcpCheck"]
+__all__ = ["grpcCheck", "httpCheck", "tcpCheck"]

@@ -72,7 +72,7 @@ from txlb.config._table import (
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 
 from txlb.config._transform import readCompress, readHeaderRules, readRedirect, routeHeaders
-from txlb.endpoints import EndpointError, checkServer, isUDP, parseUDPListen, sameSocket, udpTarget
+from txlb.endpoints import EndpointError, checkServer, isUDP, listenParts, parseUDPListen, sameSocket, udpTarget
 from txlb.interfaces import SchedulerOptionsError
 
 # The sections.
@@ -418,10 +418,11 @@ def _readAdmin(t: _Table) -> AdminConfig:
 
 def _loopbackOnly(listen: str) -> bool:
     """Whether a listening endpoint is reachable from this host only."""
-    endpoint = checkServer(listen)
+    checkServer(listen)
     if listen.startswith("unix:"):
         return True
-    interface = getattr(endpoint, "_interface", "")
+    parts = listenParts(listen)
+    interface = parts[2] if parts is not None and parts[0] == "tcp" else ""
     return interface.startswith("127.") or interface in ("::1", "localhost")
 
 

@@ -9,7 +9,7 @@ Active health checks: which servers of a pool can take traffic.
     checks.setServiceParent(parent)
 
 Kinds are found with L{twisted.plugin.getPlugins} against
-L{IHealthCheckFactory}, the built-ins (C{http}, C{tcp}) declared in
+L{IHealthCheckFactory}, the built-ins (C{http}, C{tcp}, C{grpc}) declared in
 C{twisted/plugins/txlb_health.py} like any third party's and also listed
 here, so that txlb works from a source tree whose plugin directory is not
 on C{sys.path}.  C{none} is no factory: it means no checks.
@@ -31,6 +31,7 @@ from txlb.health._checks import (
     httpCheck,
     tcpCheck,
 )
+from txlb.health._grpc import GRPCCheck, GRPCCheckFactory, grpcCheck
 from txlb.health._machine import RiseFall
 from txlb.health._service import JITTER, HealthChecks
 from txlb.interfaces import CheckResult, IHealthCheck, IHealthCheckFactory
@@ -40,6 +41,8 @@ __all__ = [
     "JITTER",
     "MAX_BODY",
     "CheckResult",
+    "GRPCCheck",
+    "GRPCCheckFactory",
     "HTTPCheck",
     "HTTPCheckFactory",
     "HealthChecks",
@@ -48,6 +51,7 @@ __all__ = [
     "RiseFall",
     "TCPCheck",
     "TCPCheckFactory",
+    "grpcCheck",
     "healthCheckFactories",
     "httpCheck",
     "tcpCheck",
@@ -55,7 +59,7 @@ __all__ = [
 
 _log = Logger()
 
-BUILTINS: tuple[IHealthCheckFactory, ...] = (httpCheck, tcpCheck)
+BUILTINS: tuple[IHealthCheckFactory, ...] = (httpCheck, tcpCheck, grpcCheck)
 
 
 def healthCheckFactories() -> Mapping[str, IHealthCheckFactory]:

@@ -56,7 +56,7 @@ class _Checker:
         try:
             # The pool's TLS, unless the check brings its own (health options).
             tls = None if getattr(owner.check, "tls", None) is not None else owner.pool.tls
-            endpoint = owner.endpoints.get(self.server.address, tls)
+            endpoint = owner.endpoints.get(self.server.address, tls, alpn=getattr(owner.check, "alpn", ()))
             d = owner.check.check(self.server, endpoint, config)
         except Exception:
             d = Deferred()

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from txlb.endpoints import EndpointCache
 from txlb.http.bodysplice import MIN_SPLICE
+from txlb.http.h2backend import H2Backends
 from txlb.pool import Server
 from txlb.readloop import adopt
 from txlb.wire import sendNow
@@ -309,6 +310,8 @@ class BackendConnections:
         self.idleTimeout = idleTimeout
         self._idle: dict[Server, list[BackendConnection]] = {}
         self._sweeper: Optional[LoopingCall] = None
+        #: The HTTP/2 connections, for pools with C{protocol = "h2"}.
+        self.h2 = H2Backends(endpoints, clock)
 
     def connect(self, server: Server, timeout: float, tls=None) -> Deferred:
         """
@@ -363,6 +366,7 @@ class BackendConnections:
             idle.remove(conn)
 
     def closeIdle(self) -> None:
+        self.h2.closeIdle()
         if self._sweeper is not None:
             self._sweeper.stop()
             self._sweeper = None
