@@ -292,17 +292,14 @@ def test_unknown_top_level_table():
     assert problems("[frontend]\nx = 1\n") == [(1, "frontend", "unknown key")]
 
 
-@pytest.mark.parametrize(
-    "text, line, path, feature",
-    [
-        (POOL + service('proxy_protocol = "v2"\n'), 7, "services[0].proxy_protocol", "the PROXY protocol"),
-    ],
-)
-def test_planned_keys_are_refused_plainly(text, line, path, feature):
-    assert problem(text) == (
-        line,
-        path,
-        f"not supported by this version of txlb yet ({feature}); remove it",
+def test_planned_keys_are_refused_plainly(monkeypatch):
+    import txlb.config._table
+
+    monkeypatch.setattr(txlb.config._table, "PLANNED", {"service": {"frobnicate": "the frobnicator"}})
+    assert problem(POOL + service("frobnicate = 1\n")) == (
+        7,
+        "services[0].frobnicate",
+        "not supported by this version of txlb yet (the frobnicator); remove it",
     )
 
 
@@ -460,7 +457,8 @@ def test_bad_http_service_keys(extra, path, message):
     assert [(p, m) for _, p, m in found] == [(path, message)]
 
 
-@pytest.mark.parametrize("key, value", [("routes", "[]"), ("limits", "{}"), ("forwarded", "true"), ("cache", "{}")])
+@pytest.mark.parametrize("key, value", [("routes", "[]"), ("forwarded", "true"), ("cache", "{}"),
+                                        ("rate_limit", '{ rate = "1/s" }')])
 def test_http_keys_on_a_tcp_service(key, value):
     [(_, path, message)] = problems(POOL + service(f"{key} = {value}\n"))
     assert path == f"services[0].{key}"
@@ -1298,3 +1296,12 @@ def test_sticky_sessions_and_cluster():
 )
 def test_bad_sticky_and_cluster(text, path):
     assert [p for _, p, _ in problems(text)] == [path]
+
+
+def test_a_udp_service_and_dns_cannot_share_a_socket():
+    text = POOL + udpService(listen='"udp:5353"') + (
+        '[cluster]\nmode = "active-active"\n[dns]\nlisten = "udp:5353:interface=127.0.0.1"\nname = "lb.example"\n'
+    )
+    line, path, message = problem(text)
+    assert path == "dns.listen"
+    assert "is already used by services[0].listen" in message

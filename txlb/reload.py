@@ -35,8 +35,8 @@ POOL_SETTINGS = (
 )
 
 #: Service settings a reload applies to new requests and connections.
-SERVICE_SETTINGS = ("pool", "timeouts", "routes", "limits", "forwarded", "tls", "sticky", "header_rules",
-                    "compress")
+SERVICE_SETTINGS = ("pool", "timeouts", "routes", "limits", "forwarded", "http2", "tls", "sticky", "header_rules",
+                    "compress", "accept_proxy", "proxy_protocol", "access", "rate_limit")
 
 
 @attrs.frozen

@@ -45,14 +45,18 @@ from txlb.endpoints import EndpointCache, isUDP, parseUDPListen, sameSocket
 from txlb.http.backend import BackendConnections
 from txlb.http.compress import Compression
 from txlb.http.frontend import HTTPProxyFactory, HTTPService
+from txlb.http.h2frontend import H2Connection
 from txlb.http.routing import Route, Router
 from txlb.health import HealthChecks, healthCheckFactories
 from txlb.interfaces import IHealthCheckFactory, ISchedulerFactory
 from txlb.logs import LogFile, makeObserver, reopenOnSignal
 from txlb.metrics import Metrics
+from txlb.config._admission import describeAdmission
+from txlb.policy.build import Policies
 from txlb.policy.headers import compileRules
 from txlb.policy.redirect import Redirect
 from txlb.pool import Pool, Server
+from txlb.proxyproto import ProxyAcceptor, networks
 from txlb.reload import ConfigDiff, ServerDiff, describe, diffConfigs, diffServers, serversOnly
 from txlb.sdnotify import SystemdService
 from txlb.sessions import makeStore
@@ -217,6 +221,9 @@ class TxlbService(MultiService):
         #: The sticky-session store, made only when some service needs one.
         self.sessions = None
         self._sessionsFor(config)
+        #: C{allow}/C{deny} and rate limits, compiled (L{txlb.policy.build}).
+        self.policies = Policies(reactor, self)
+        self.policies.configure(config)
         self.healthFactories = healthCheckFactories() if healthFactories is None else healthFactories
         self.healthChecks: dict[str, HealthChecks] = {}
         if role != "worker":
@@ -291,10 +298,14 @@ class TxlbService(MultiService):
             checks.pool.unwatch(checks)
 
     def _addBalancer(self, service: ServiceConfig, factory: Factory, tls) -> None:
-        self.balancers[service.name] = _Balancer(service, factory, self._secure(service, factory, tls))
+        if service.protocol != "http":  # an HTTP service's are in its router
+            factory.access = self.policies.access(service)
+            factory.connectionLimits = self.policies.connections(service)
+        entry = self._acceptProxy(service, self._secure(service, factory, tls))
+        self.balancers[service.name] = _Balancer(service, factory, entry)
         pools = (service.pool, *(r.pool for r in service.routes if r.pool not in (service.pool, None)))
         self.metrics.addService(service.name, service.protocol, tuple(dict.fromkeys(pools)), factory,
-                                policy=describeTransforms(service))
+                                policy=describeTransforms(service) + describeAdmission(service))
 
     @property
     def listeners(self) -> list[tuple[str, str, Factory]]:
@@ -313,7 +324,7 @@ class TxlbService(MultiService):
         """A service's certificates, read from their files now, or L{None}."""
         if service.tls is None:
             return None
-        alpn = [b"http/1.1"] if service.protocol == "http" else []
+        alpn = ([b"h2", b"http/1.1"] if service.http2 else [b"http/1.1"]) if service.protocol == "http" else []
         return ServerTLS(service.tls.certificates, service.tls.min_version, alpn)
 
     def _secure(self, service: ServiceConfig, factory: Factory, creator: Optional[ServerTLS] = None) -> Factory:
@@ -327,6 +338,17 @@ class TxlbService(MultiService):
         secured.drain = factory.drain
         secured.open = factory.open
         return secured
+
+    def _acceptProxy(self, service: ServiceConfig, entry: Factory) -> Factory:
+        """C{entry}, behind a PROXY header reader when the service has C{accept_proxy} (outside TLS)."""
+        accept = service.accept_proxy
+        if accept is None:
+            return entry
+        reader = ProxyAcceptor(entry, service.name, self.reactor, trusted=networks(accept.trusted),
+                               timeout=accept.timeout, metrics=self.metrics)
+        reader.drain = getattr(entry, "drain", None)
+        reader.open = getattr(entry, "open", None)
+        return reader
 
     def _factory(self, service: ServiceConfig) -> TCPBalancerFactory | HTTPProxyFactory | UDPBalancer:
         if service.protocol == "udp":
@@ -350,6 +372,7 @@ class TxlbService(MultiService):
                 accessLog=self.config.log.access,
                 metrics=self.metrics,
                 sticky=self._sticky(service),
+                proxyProtocol=service.proxy_protocol,
             )
         settings = self._httpSettings(service)
         factory = HTTPProxyFactory(
@@ -357,6 +380,7 @@ class TxlbService(MultiService):
                         sticky=self._sticky(service), **settings)
         )
         factory.service.metrics = self.metrics
+        factory.http2 = H2Connection
         return factory
 
     def _sticky(self, service: ServiceConfig) -> Optional[Sticky]:
@@ -374,6 +398,7 @@ class TxlbService(MultiService):
     def _httpSettings(self, service: ServiceConfig) -> dict:
         """What an L{HTTPService} takes from its config (and a reload updates)."""
         rules, compress = compileRules(service.header_rules), Compression.fromConfig(service.compress)
+        serviceAdmission, routeAdmissions = self.policies.http(service)
         routes = [
             Route(
                 r.pool,
@@ -385,16 +410,19 @@ class TxlbService(MultiService):
                 rules=rules if r.header_rules is None else compileRules(service.header_rules, r.header_rules),
                 compress=compress if r.compress is None else Compression.fromConfig(r.compress),
                 redirect=Redirect.fromConfig(r.redirect, r.path_prefix),
+                admission=admission,
             )
-            for r in service.routes
+            for r, admission in zip(service.routes, routeAdmissions)
         ]
         return dict(
-            router=Router(service.pool, routes, rules, compress),
+            router=Router(service.pool, routes, rules, compress, serviceAdmission),
             clientTimeout=service.timeouts.client,
             backendTimeout=service.timeouts.backend,
             idleTimeout=service.timeouts.idle,
             maxHeaderBytes=service.limits.max_header_bytes,
             maxBody=service.limits.max_body,
+            http2=service.http2,
+            maxStreams=service.limits.max_concurrent_streams,
             forwarded=service.forwarded,
             accessLog=self.config.log.access,
             proto=b"https" if service.tls is not None else b"http",
@@ -767,6 +795,7 @@ class TxlbService(MultiService):
                     servers.append((name, changed))
         # Services.
         self._sessionsFor(new)
+        self.policies.configure(new)
         for name in diff.servicesRemoved:
             self._retire(self.balancers.pop(name).factory)
             self.metrics.services.pop(name, None)
@@ -838,6 +867,7 @@ class TxlbService(MultiService):
             factory.pool = self.pools[service.pool]
             factory.idleTimeout = service.timeouts.idle
             factory.accessLog = self.config.log.access
+            factory.proxyProtocol = service.proxy_protocol
 
     def _retire(self, factory: Factory) -> None:
         """

@@ -17,7 +17,8 @@ import attrs
 from twisted.python import usage
 
 from txlb import __version__
-from txlb.config import Config, ConfigError, describeTransforms, load
+from txlb.config import Config, ConfigError, describeProxy, describeTransforms, load
+from txlb.config._admission import describeAdmission
 
 DEFAULT_PATHS = ("txlb.toml", "/etc/txlb/txlb.toml")
 
@@ -61,8 +62,13 @@ def summary(config: Config) -> list[str]:
         line = f"service {s.name} ({s.protocol}) on {', '.join(s.listen)} -> pool {s.pool}"
         if s.protocol == "udp":
             line += f" (flows idle after {s.timeouts.idle:g}s, at most {s.limits.max_flows})"
+        elif s.protocol == "http":
+            line += (f" (HTTP/2 and HTTP/1.1, at most {s.limits.max_concurrent_streams} streams per connection)"
+                     if s.http2 else " (HTTP/1.1 only: http2 = false)")
         lines.append(line)
         lines += [f"  {detail}" for detail in describeTransforms(s)]
+        lines += [f"  {detail}" for detail in describeProxy(s)]
+        lines += [f"  {detail}" for detail in describeAdmission(s)]
     for p in config.pools.values():
         servers = ", ".join(f"{s.name}={s.address}" for s in p.servers) or "no servers"
         lines.append(f"pool {p.name} ({p.algorithm}): {servers}")

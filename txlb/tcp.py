@@ -33,9 +33,11 @@ from zope.interface import implementer
 from txlb.connect import Deadlines, PendingConnect, connectSocket
 from txlb.drain import OpenConnections
 from txlb.endpoints import EndpointCache
-from txlb.interfaces import PickContext
+from txlb.interfaces import IEarlyBytes, PickContext
 from txlb.logs import emit
+from txlb.policy.access import DENY
 from txlb.pool import Pool, Server
+from txlb.proxyproto import WRITERS
 from txlb.splice import SplicePair, loopFor, spliceable
 
 _log = Logger(namespace="txlb.tcp")
@@ -66,6 +68,7 @@ class TCPBalancerFactory(Factory):
         metrics=None,
         sticky=None,
         splice: bool = True,
+        proxyProtocol: Optional[str] = None,
     ) -> None:
         self.service = service
         self.pool = pool
@@ -79,6 +82,9 @@ class TCPBalancerFactory(Factory):
         self.sticky = sticky
         #: Hand plaintext connections to the kernel (L{txlb.splice}) where it can.
         self.splice = splice
+        #: C{"v1"} or C{"v2"}: a PROXY header naming the client starts each
+        #: backend connection (L{txlb.proxyproto}); L{None}: none.
+        self.proxyProtocol = proxyProtocol
         #: The reactor to watch directly connected sockets with, if it can.
         self.fdReactor = endpoints.reactor if IReactorFDSet.providedBy(endpoints.reactor) else None
         self.open: OpenConnections[Frontend] = OpenConnections(
@@ -87,12 +93,51 @@ class TCPBalancerFactory(Factory):
         #: Connect timeouts of every connection of this service: one timer.
         self.connecting = Deadlines(clock)
         self._idleCall = None
+        #: Open connections by client address, while C{max_connections_per_client} is set.
+        self.perClient: dict[str, int] = {}
 
     def drain(self, timeout: float) -> Deferred:
         """See L{OpenConnections.drain}; the caller has stopped listening."""
         return self.open.drain(timeout)
 
     noisy = False
+    #: The service's C{allow}/C{deny} (a L{txlb.policy.access.AccessList})
+    #: and per-client C{limits} (a L{txlb.policy.ratelimit.ConnectionLimits}),
+    #: or L{None}; set, and replaced by reloads, by L{txlb.service}.
+    access = None
+    connectionLimits = None
+
+    def admit(self, frontend: "Frontend") -> Optional[str]:
+        """
+        Why a new connection is refused (C{deny}, C{max_connections_per_client},
+        C{connection_rate}), before any server is picked, or L{None}.  The
+        client is the transport's peer: the PROXY header's client when the
+        service reads one.
+        """
+        access, limits = self.access, self.connectionLimits
+        if access is None and limits is None:
+            return None
+        client = getattr(frontend.transport.getPeer(), "host", None) or frontend.client
+        if access is not None and not access.allows(client):
+            reason = DENY
+        elif limits is not None:
+            perClient = self.perClient
+            reason = limits.admit(client, perClient.get(client, 0))
+            if reason is None and limits.maxPerClient:
+                perClient[client] = perClient.get(client, 0) + 1
+                frontend.counted = client
+        else:
+            reason = None
+        if reason is not None and self.metrics is not None:
+            self.metrics.refused(self.service, reason)
+        return reason
+
+    def _uncount(self, client: str) -> None:
+        left = self.perClient.get(client, 1) - 1
+        if left > 0:
+            self.perClient[client] = left
+        else:
+            self.perClient.pop(client, None)
 
     def buildProtocol(self, addr) -> "Frontend":
         return Frontend(self, getattr(addr, "host", None) or str(addr))
@@ -172,7 +217,7 @@ class _TwistedConnect:
         self.d.cancel()
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IEarlyBytes)
 class Frontend(_Side):
     """
     The client's side.  Reading is paused while no backend is connected, so
@@ -203,15 +248,43 @@ class Frontend(_Side):
     _paused = False
     _lastActivity = 0.0
     _connectTimeout = 0.0
+    #: Why the connection was refused at accept, if it was; the client
+    #: address it is counted under (C{max_connections_per_client}).
+    refused: Optional[str] = None
+    counted: Optional[str] = None
+    #: The client's bytes that came before the connection (after its PROXY header).
+    early = b""
 
     def __init__(self, factory: TCPBalancerFactory, client: str) -> None:
         self.factory = factory
         self.client = client
 
+    def earlyBytes(self, data: bytes) -> None:
+        self.early = data
+
+    def _firstBytes(self) -> bytes:
+        """
+        What the server gets ahead of the client's stream: our PROXY header
+        naming the client (C{proxy_protocol}), then the client's early bytes.
+        """
+        writer = WRITERS.get(self.factory.proxyProtocol)
+        first = writer(self.transport.getPeer(), self.transport.getHost()) if writer is not None else b""
+        early = self.early
+        if early:
+            self.early = b""
+            self.bytesIn += len(early)
+            self.factory.pool.observeBytes(self.server, len(early), 0)
+            first += early
+        return first
+
     def connectionMade(self) -> None:
         factory = self.factory
         self.started = factory.clock.seconds()
         factory._opened(self)
+        self.refused = factory.admit(self)
+        if self.refused is not None:
+            self.transport.abortConnection()
+            return
         #: Connect the backend socket ourselves and splice it (see the module).
         self._direct = factory.splice and factory.fdReactor is not None and spliceable(self.transport)
         self._connect()
@@ -312,7 +385,7 @@ class Frontend(_Side):
         self._lastActivity = time.monotonic()
         self.spliced = True
         self.splice = SplicePair(self.factory.fdReactor, transport.socket, sock, self._spliced, self._spliceEnded)
-        self.splice.start()
+        self.splice.start(self._firstBytes())
 
     def _connected(self) -> None:
         """A server accepted the connection: it is ours until the end."""
@@ -358,6 +431,9 @@ class Frontend(_Side):
         if self.factory.splice and spliceable(self.transport) and spliceable(backend.transport):
             self._startSplice(backend)
         else:
+            first = self._firstBytes()
+            if first:
+                backend.transport.write(first)
             backend.transport.registerProducer(self.transport, True)
             self.transport.registerProducer(backend.transport, True)
             self.hasProducer = backend.hasProducer = True
@@ -371,7 +447,7 @@ class Frontend(_Side):
         self.splice = SplicePair(
             self.transport.reactor, self.transport.socket, backend.transport.socket, self._spliced, self._spliceEnded
         )
-        self.splice.start()
+        self.splice.start(self._firstBytes())
 
     def _spliced(self, toServer: int, toClient: int) -> None:
         """Bytes moved by the kernel: the same accounting as L{dataReceived}."""
@@ -459,6 +535,8 @@ class Frontend(_Side):
         """Both sides are closed: the connection event."""
         factory = self.factory
         factory.open.remove(self)
+        if self.counted is not None:
+            factory._uncount(self.counted)
         server = self.server if self.connected else None
         if factory.metrics is not None:
             retried = min(len(self.tried), factory.pool.retries)
@@ -480,6 +558,8 @@ class Frontend(_Side):
         )
         if self.error:
             fields["error"] = self.error
+        if self.refused is not None:
+            fields["refused"] = self.refused  # turned away at accept (txlb.policy)
         emit(_log, "connection", fields)
 
 

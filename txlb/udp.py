@@ -46,6 +46,7 @@ from twisted.logger import Logger
 from txlb.endpoints import EndpointError, udpTarget
 from txlb.interfaces import PickContext
 from txlb.logs import emit
+from txlb.policy.access import DENY
 from txlb.pool import Pool, Server, ServerState
 from txlb.splice import available as _epoll, loopFor
 
@@ -305,6 +306,12 @@ class UDPBalancer:
         flow's C{fromServer} and C{refused}.
     """
 
+    #: The service's C{allow}/C{deny} (a L{txlb.policy.access.AccessList}),
+    #: or L{None}: a datagram from a client it refuses is dropped before
+    #: any flow starts, and counted (C{txlb_refused_total}).
+    access = None
+    connectionLimits = None
+
     def __init__(
         self,
         service: str,
@@ -369,6 +376,11 @@ class UDPBalancer:
         """
         if old is not None:
             old.end("server_down")
+        access = self.access
+        if access is not None and not access.allows(address[0]):
+            if self.metrics is not None:
+                self.metrics.refused(self.service, DENY)
+            return None
         if len(self.open) >= self.maxFlows:
             self.drop("max_flows")
             return None

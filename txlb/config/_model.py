@@ -12,7 +12,9 @@ from typing import Any, Callable, Collection, Mapping, Optional
 
 import attrs
 
+from txlb.config._policy import AccessConfig, RateLimitConfig
 from txlb.config._rules import CompressConfig, HeaderRules, RedirectConfig
+from txlb.policy.ratelimit import Rate
 
 #: Scheduler factories by the name C{algorithm =} uses, as
 #: L{txlb.schedulers.schedulerFactories} gives them: called with a pool's
@@ -132,6 +134,9 @@ class RouteConfig:
     header_rules: Optional[HeaderRules] = None
     compress: Optional[CompressConfig] = None
     redirect: Optional[RedirectConfig] = None
+    #: C{allow}/C{deny} and C{rate_limit}: the route's own replace its service's.
+    access: Optional[AccessConfig] = None
+    rate_limit: Optional[RateLimitConfig] = None
 
 
 @attrs.frozen
@@ -144,6 +149,11 @@ class Limits:
     max_header_bytes: int = 32 * 1024
     max_body: int = 0
     max_flows: int = 10_000
+    #: Streams one HTTP/2 client connection may have open at once.
+    max_concurrent_streams: int = 100
+    #: TCP services: per client address (0 / None: no limit).
+    max_connections_per_client: int = 0
+    connection_rate: Optional[Rate] = None
 
 
 @attrs.frozen
@@ -163,6 +173,18 @@ class TLSConfig:
 
 
 @attrs.frozen
+class AcceptProxyConfig:
+    """
+    A service's C{accept_proxy}: connections from C{trusted} (the C{from}
+    networks, as written; empty: any source) start with a PROXY header
+    that must arrive within C{timeout} seconds.
+    """
+
+    trusted: tuple[str, ...] = ()
+    timeout: float = 5.0
+
+
+@attrs.frozen
 class ServiceConfig:
     """One C{[[services]]} table."""
 
@@ -174,12 +196,21 @@ class ServiceConfig:
     routes: tuple[RouteConfig, ...] = ()
     limits: Limits = Limits()
     forwarded: bool = False
+    #: HTTP/2 from clients (ALPN on TLS, prior knowledge on plaintext).
+    http2: bool = True
     tls: Optional[TLSConfig] = None
     sticky: Optional[StickyConfig] = None
     cache: Optional[CacheConfig] = None
     #: C{headers}: the header rules of an HTTP service.
     header_rules: Optional[HeaderRules] = None
     compress: Optional[CompressConfig] = None
+    #: C{allow}/C{deny} (every protocol) and C{rate_limit} (HTTP).
+    access: Optional[AccessConfig] = None
+    rate_limit: Optional[RateLimitConfig] = None
+    #: Each connection starts with a PROXY header (TCP and HTTP services).
+    accept_proxy: Optional[AcceptProxyConfig] = None
+    #: C{"v1"} or C{"v2"}: a PROXY header to each backend connection (TCP services).
+    proxy_protocol: Optional[str] = None
 
 
 @attrs.frozen

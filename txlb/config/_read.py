@@ -71,7 +71,9 @@ from txlb.config._table import (
 )
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 
+from txlb.config._proxy import readProxy
 from txlb.config._transform import readCompress, readHeaderRules, readRedirect, routeHeaders
+from txlb.config._admission import checkRedis, rate, readAccess, readRateLimit
 from txlb.endpoints import EndpointError, checkServer, isUDP, listenParts, parseUDPListen, sameSocket, udpTarget
 from txlb.interfaces import SchedulerOptionsError
 
@@ -516,6 +518,8 @@ def _readRoutes(t: _Table, pools: Mapping[str, Any]) -> tuple[RouteConfig, ...]:
                 header_rules=rules,
                 compress=readCompress(r.table("compress", "compress")),
                 redirect=redirect,
+                access=readAccess(r),
+                rate_limit=readRateLimit(r.table("rate_limit", "rate_limit")),
             )
         )
         r.finish()
@@ -536,9 +540,26 @@ def _readLimits(t: Optional[_Table], protocol: str = "http") -> Limits:
     if "max_flows" in t.data:
         t.seen.add("max_flows")
         t.error("max_flows", 'applies to UDP services only (protocol = "udp")')
+    if protocol == "tcp":
+        for key in ("max_header_bytes", "max_body"):
+            if key in t.data:
+                t.seen.add(key)
+                t.error(key, 'applies to HTTP services; a TCP service has "max_connections_per_client" '
+                             'and "connection_rate"')
+        limits = Limits(
+            max_connections_per_client=t.get("max_connections_per_client", _integer(0, 1_000_000), 0),
+            connection_rate=t.get("connection_rate", rate, None),
+        )
+        t.finish()
+        return limits
+    for key in ("max_connections_per_client", "connection_rate"):
+        if key in t.data:
+            t.seen.add(key)
+            t.error(key, 'applies to TCP services only (protocol = "tcp")')
     limits = Limits(
         max_header_bytes=t.get("max_header_bytes", parseSize, 32 * 1024),
         max_body=t.get("max_body", parseSize, 0),
+        max_concurrent_streams=t.get("max_concurrent_streams", _integer(1, 10_000), 100),
     )
     if limits.max_header_bytes < 1024:
         t.error("max_header_bytes", "must be at least 1KiB")
@@ -562,7 +583,7 @@ def _readCache(t: Optional[_Table]) -> Optional[CacheConfig]:
 
 
 #: Keys of a service that only mean something for HTTP.
-_HTTP_ONLY = ("routes", "limits", "forwarded", "cache", "headers", "compress")
+_HTTP_ONLY = ("routes", "limits", "forwarded", "cache", "headers", "compress", "rate_limit", "http2")
 
 
 #: Keys of a service that a UDP service refuses, and what to do instead.
@@ -619,7 +640,7 @@ def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
             _checkUDPPool(t, pools[pool])
     if protocol == "tcp":
         for key in _HTTP_ONLY:
-            if key in t.data:
+            if key in t.data and key != "limits":
                 t.seen.add(key)
                 t.error(key, 'applies to HTTP services only (protocol = "http")')
     if protocol == "tcp" and pool in pools and pools[pool].hash_key != "client_ip":
@@ -643,12 +664,16 @@ def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
             routes=_readRoutes(t, pools),
             limits=_readLimits(t.table("limits", "limits")),
             forwarded=t.get("forwarded", _boolean, False),
+            http2=t.get("http2", _boolean, True),
             cache=_readCache(t.table("cache", "cache")),
             header_rules=readHeaderRules(t.table("headers", "headers")),
             compress=readCompress(t.table("compress", "compress")),
         )
-    elif protocol == "udp":
+        service = attrs.evolve(service, rate_limit=readRateLimit(t.table("rate_limit", "rate_limit")))
+    else:
         service = attrs.evolve(service, limits=_readLimits(t.table("limits", "limits"), protocol))
+    service = attrs.evolve(service, access=readAccess(t))
+    service = attrs.evolve(service, **readProxy(t, protocol))
     t.finish()
     return service
 
@@ -700,6 +725,7 @@ def _readConfig(root: _Table, path: str, algorithms: Optional[Algorithms]) -> Co
 
     for t in root.tables("services", "service"):
         service = _readService(t, pools)
+        checkRedis(t, service, root.data.get("sessions"))
         if service.name is not None and service.name in names:
             t.error("name", f"another service is already called {service.name!r}")
         names.add(service.name)
@@ -723,6 +749,8 @@ def _readConfig(root: _Table, path: str, algorithms: Optional[Algorithms]) -> Co
     dns = _readDNS(dnsTable) if dnsTable else None
     if dns is not None and cluster.mode == "standalone":
         dnsTable.error("name", '[dns] answers with the cluster\'s nodes: set [cluster] mode')
+    if dns is not None and dns.listen is not None:
+        claim(dns.listen, "dns.listen")  # a UDP service may want the same socket
     demoTable = root.table("demo", "demo")
     demo = _readDemo(demoTable) if demoTable else ()
     for i, server in enumerate(demo):

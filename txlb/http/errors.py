@@ -12,7 +12,8 @@ import json
 from txlb.http.headers import REASONS
 
 
-def errorResponse(status: int, message: str, requestId: str, close: bool) -> bytes:
+def errorResponse(status: int, message: str, requestId: str, close: bool, extra: bytes = b"") -> bytes:
+    """The whole response; C{extra} is more header lines, each ending in CRLF."""
     body = json.dumps({"error": message, "requestId": requestId}).encode() + b"\n"
     lines = [
         b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Error")),
@@ -23,4 +24,4 @@ def errorResponse(status: int, message: str, requestId: str, close: bool) -> byt
     ]
     if close:
         lines.append(b"Connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+    return b"\r\n".join(lines) + b"\r\n" + extra + b"\r\n" + body

@@ -70,6 +70,11 @@ class Exchange:
     compress = None
     encoder = None
     encoding: Optional[str] = None
+    #: C{"HTTP/2"} for a stream's exchange; L{None}: C{HTTP/} + C{version}.
+    protocol: Optional[str] = None
+    #: Why C{allow}/C{deny} or C{rate_limit} refused the request
+    #: (C{deny}, C{rate_limit}), if they did.
+    refused: Optional[str] = None
 
     def __init__(self, frontend: "HTTPFrontend", method: bytes, target: bytes, headers: list,
                  keepAlive: bool, version: str) -> None:

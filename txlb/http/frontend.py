@@ -41,12 +41,16 @@ from txlb.http.routing import Router
 from txlb.hashkey import hashKeyOf
 from txlb.interfaces import PickContext
 from txlb.logs import emit
+from txlb.policy.admission import Refusal
 from txlb.policy.headers import variables
 from txlb.pool import Pool
 from txlb.readloop import adopt
 from txlb.wire import Cork, sendNow
 
 _log = Logger(namespace="txlb.http")
+
+#: What an HTTP/2 client sends first (RFC 9113 3.4).
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 #: Raw bytes a request head may take beyond the limit before we stop
 #: reading it (one read's worth: the exact check is on the parsed fields).
@@ -129,6 +133,8 @@ class HTTPService:
         proto: bytes = b"http",
         sticky=None,
         cacheConfig=None,
+        http2: bool = True,
+        maxStreams: int = 100,
     ) -> None:
         self.name = name
         self.pools = pools
@@ -146,6 +152,10 @@ class HTTPService:
         #: A L{txlb.sticky.Sticky}, or L{None}.
         self.sticky = sticky
         self.cacheConfig = cacheConfig
+        #: Speak HTTP/2 to clients that ask (ALPN, or the preface), with
+        #: at most C{maxStreams} streams open per connection.
+        self.http2 = http2
+        self.maxStreams = maxStreams
 
     #: The service's L{txlb.cache.ResponseCache}, or L{None}: made from
     #: C{cacheConfig} (a L{txlb.config.CacheConfig}).
@@ -181,6 +191,9 @@ class HTTPService:
 
 class HTTPProxyFactory(Factory):
     noisy = False
+    #: Makes the HTTP/2 side of a connection that speaks it, from its
+    #: L{HTTPFrontend} (L{txlb.http.h2frontend.H2Connection}), or L{None}.
+    http2 = None
 
     def __init__(self, service: HTTPService) -> None:
         self.service = service
@@ -204,7 +217,9 @@ class HTTPProxyFactory(Factory):
         """
         for frontend in list(self.open.open):
             frontend.closing = True
-            if not frontend.exchanges and not frontend.piping:
+            if frontend.h2 is not None:
+                frontend.h2.drain()
+            elif not frontend.exchanges and not frontend.piping:
                 frontend.transport.loseConnection()
 
     def buildProtocol(self, addr) -> "HTTPFrontend":
@@ -218,6 +233,8 @@ class HTTPFrontend(Protocol):
     piping = False
     #: Bytes after a request that asked for an upgrade, kept until the answer.
     upgradeData: Optional[bytes] = None
+    #: The HTTP/2 connection this one turned out to be, if it did.
+    h2 = None
 
     def __init__(self, factory: HTTPProxyFactory, client: str) -> None:
         self.factory = factory
@@ -247,6 +264,27 @@ class HTTPFrontend(Protocol):
         #: Everything written to the client goes through here, in order.
         self.out = Cork(self.transport)
         self._arm(self.service.idleTimeout, self._idle)
+        if self.service.http2 and self.factory.http2 is not None:
+            self.dataReceived = self._sniff  # the first bytes say which HTTP
+
+    def _sniff(self, data: bytes) -> None:
+        """
+        HTTP/2 when TLS agreed on C{h2} (ALPN) or the bytes are its
+        connection preface (prior knowledge); HTTP/1.1 otherwise.
+        """
+        data = self._early + data
+        if getattr(self.transport, "negotiatedProtocol", None) != b"h2" and not data.startswith(_H2_PREFACE):
+            if len(data) < len(_H2_PREFACE) and _H2_PREFACE.startswith(data):
+                self._early = data  # a preface cut short: wait for the rest
+                return
+            del self.dataReceived
+            self.dataReceived(data)
+            return
+        self.h2 = self.factory.http2(self)
+        self.dataReceived = self.h2.dataReceived
+        self.h2.dataReceived(data)
+
+    _early = b""
 
     # One timeout at a time per connection (keep-alive idle, request head,
     # backend answer), kept as a deadline on a single timer that is only
@@ -439,9 +477,49 @@ class HTTPFrontend(Protocol):
         if exchange.refusal is not None:
             self._refuseNow(exchange)
             return
-        service = self.service
-        router = service.router
+        router = self.service.router
         route = router.route(exchange.host, exchange.target, exchange.method, exchange.headers)
+        admission = router.admission if route is None else route.admission
+        if admission is not None:
+            verdict = admission.admit(self.client, exchange.target, exchange.headers)
+            if verdict is not None:
+                self._admission(exchange, verdict, router, route)
+                return
+        self._routed(exchange, router, route)
+
+    def _admission(self, exchange: Exchange, verdict, router: Router, route) -> None:
+        """
+        C{allow}/C{deny} or C{rate_limit} refused the request (a
+        L{Refusal}), or the shared rate limit is deciding (a L{Deferred},
+        within its timeout): read no more of the request meanwhile.
+        """
+        if isinstance(verdict, Refusal):
+            self._turnAway(exchange, verdict)
+            return
+        if not exchange.requestDone:
+            self.gate.pause("admission")
+        verdict.addCallback(self._admitted, exchange, router, route).addErrback(
+            lambda f: _log.failure("admitting a request", f, event="admission_failed"))
+
+    def _admitted(self, verdict, exchange: Exchange, router: Router, route) -> None:
+        self.gate.resume("admission")
+        if exchange.finished:
+            return  # the client left
+        if verdict is not None:
+            self._turnAway(exchange, verdict)
+        else:
+            self._routed(exchange, router, route)
+
+    def _turnAway(self, exchange: Exchange, refusal: Refusal) -> None:
+        """Answer a refusal (403, 429): counted, and named in the request event."""
+        exchange.refused = refusal.reason
+        if self.service.metrics is not None:
+            self.service.metrics.refused(self.service.name, refusal.reason)
+        self._fail(exchange, refusal.status, refusal.message, refusal.headers)
+
+    def _routed(self, exchange: Exchange, router: Router, route) -> None:
+        """The request may go on: to its redirect, the cache or a backend."""
+        service = self.service
         if route is None:
             poolName = router.default
             exchange.rules = router.rules
@@ -640,7 +718,7 @@ class HTTPFrontend(Protocol):
             conn.transport.registerProducer(self.gate.producer("backend"), True)
         self._arm(service.backendTimeout, exchange.backendTimedOut)
 
-    def _fail(self, exchange: Exchange, status: int, message: str) -> None:
+    def _fail(self, exchange: Exchange, status: int, message: str, extra: bytes = b"") -> None:
         """Answer with txlb's own error response."""
         if exchange.cacheResult is not None:
             exchange._stopCaching()
@@ -653,12 +731,12 @@ class HTTPFrontend(Protocol):
             self.out.write(data)
             exchange.bytesSent += len(data)
         else:
-            exchange.bytesSent += self._writeError(status, message, exchange.requestId, exchange.closeAfter)
+            exchange.bytesSent += self._writeError(status, message, exchange.requestId, exchange.closeAfter, extra)
         exchange.finished = True
         self._exchangeDone(exchange)
 
-    def _writeError(self, status: int, message: str, rid: str, close: bool) -> int:
-        data = errorResponse(status, message, rid, close)
+    def _writeError(self, status: int, message: str, rid: str, close: bool, extra: bytes = b"") -> int:
+        data = errorResponse(status, message, rid, close, extra)
         self.out.write(data)
         return len(data)
 
@@ -732,6 +810,8 @@ class HTTPFrontend(Protocol):
             sendNow(conn.transport, early)
 
     def connectionLost(self, reason: Failure = None) -> None:
+        if self.h2 is not None:
+            self.h2.connectionLost(reason)
         self.factory.open.remove(self)
         self._disarm()
         if self._timer is not None:
@@ -778,6 +858,7 @@ class HTTPFrontend(Protocol):
             responseTimeMs=round((time.monotonic() - exchange.started) * 1000, 3),
             bytesSent=exchange.bytesSent,
             client=self.client,
+            protocol=exchange.protocol or "HTTP/" + exchange.version,
             cache=exchange.cacheResult,
             reason=exchange.reason,
         )
@@ -787,4 +868,6 @@ class HTTPFrontend(Protocol):
             fields["spliced"] = exchange.spliced  # body bytes the kernel moved (txlb.http.bodysplice)
         if exchange.encoding is not None:
             fields["encoding"] = exchange.encoding  # the body was compressed (txlb.http.compress)
+        if exchange.refused is not None:
+            fields["refused"] = exchange.refused  # turned away by txlb.policy.admission
         emit(_log, "request", fields)

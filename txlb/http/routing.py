@@ -30,6 +30,9 @@ class Route:
         L{txlb.http.compress.Compression}), or L{None}.
     @ivar redirect: a L{txlb.policy.redirect.Redirect} answering every
         request that takes this route, which then has no C{pool}.
+    @ivar admission: who may take it and how fast (its own C{allow},
+        C{deny} and C{rate_limit}, else its service's: a
+        L{txlb.policy.admission.Admission}), or L{None}.
     """
 
     pool: Optional[str]
@@ -40,6 +43,7 @@ class Route:
     rules: object = None
     compress: object = None
     redirect: object = None
+    admission: object = None
     _hostPattern: Optional[re.Pattern] = attrs.field(init=False, default=None)
     _pathPrefix: Optional[bytes] = attrs.field(init=False, default=None)
 
@@ -78,14 +82,16 @@ def hostOf(value: Optional[bytes]) -> bytes:
 class Router:
     """
     The routes of one service, and what applies when none matches: the
-    service's C{default} pool, header C{rules} and C{compress}.
+    service's C{default} pool, header C{rules}, C{compress} and C{admission}.
     """
 
-    def __init__(self, default: str, routes: Sequence[Route] = (), rules=None, compress=None) -> None:
+    def __init__(self, default: str, routes: Sequence[Route] = (), rules=None, compress=None,
+                 admission=None) -> None:
         self.default = default
         self.routes = tuple(routes)
         self.rules = rules
         self.compress = compress
+        self.admission = admission
 
     def route(self, host: Optional[bytes], target: bytes, method: bytes, headers) -> Optional[Route]:
         """The first route the request matches, or L{None}."""
