@@ -504,7 +504,10 @@ class _Response:
             self.done = True
             self.stream.cut(ErrorCodes.INTERNAL_ERROR)
             return
-        self.stream.connection.send()
+        stream = self.stream
+        if stream.buffer or stream.ending:
+            stream.push()  # once per write: the last DATA frame carries END_STREAM
+        stream.connection.send()
 
     def hold(self) -> bool:
         return self.stream.connection.hold()
@@ -657,13 +660,10 @@ class H2Stream(HTTPFrontend):
             return
         self.buffer.append(data)
         self.buffered += len(data)
-        self.push()
 
     def sendEnd(self) -> None:
-        if self.finished:
-            return
-        self.ending = True
-        self.push()
+        if not self.finished:
+            self.ending = True
 
     def push(self) -> None:
         """Send what the stream's window allows; pause or resume the backend."""
