@@ -331,8 +331,8 @@ class ProxyAcceptor(Factory):
         if self.metrics is not None:
             self.metrics.refused(self.service, "proxy_header")
         _log.info(
-            "service {service}: connection from {peer} refused: {why}",
-            event="proxy_refused", service=self.service, peer=getattr(addr, "host", str(addr)), why=why,
+            "service {service}: connection from {peer} refused: {reason}",
+            event="proxy_refused", service=self.service, peer=getattr(addr, "host", str(addr)), reason=why,
         )
 
 

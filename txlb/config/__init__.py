@@ -9,6 +9,7 @@ L{txlb.config._table}, and one reader per section in L{txlb.config._read}.
 """
 
 from txlb.config._model import (
+    AcceptProxyConfig,
     AdminConfig,
     Algorithms,
     BackendTLSConfig,
@@ -33,16 +34,17 @@ from txlb.config._model import (
     Timeouts,
     TLSConfig,
 )
+from txlb.config._proxy import describeProxy
 from txlb.config._read import load, parse
 from txlb.config._rules import CompressConfig, HeaderOps, HeaderRules, RedirectConfig
 from txlb.config._transform import describeTransforms
 from txlb.config._table import PLANNED, parseDuration, parseSize
 
 __all__ = [
-    "AdminConfig", "Algorithms", "BackendTLSConfig", "CacheConfig", "ClusterConfig", "Config",
+    "AcceptProxyConfig", "AdminConfig", "Algorithms", "BackendTLSConfig", "CacheConfig", "ClusterConfig", "Config",
     "ConfigError", "DemoServer", "DNSConfig", "HealthConfig", "Limits", "LogConfig", "PassiveConfig",
     "PoolConfig", "Problem", "ProcessConfig", "RouteConfig", "ServerConfig", "ServiceConfig",
     "SessionsConfig", "StickyConfig", "Timeouts", "TLSConfig", "PLANNED", "load", "parse",
-    "parseDuration", "parseSize",
+    "parseDuration", "parseSize", "describeProxy",
     "CompressConfig", "HeaderOps", "HeaderRules", "RedirectConfig", "describeTransforms",
 ]

@@ -26,7 +26,6 @@ PLANNED: Mapping[str, Mapping[str, str]] = {
     "pool": {
     },
     "service": {
-        "proxy_protocol": "the PROXY protocol",
     },
 }
 
