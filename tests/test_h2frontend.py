@@ -481,3 +481,44 @@ def test_idle_connection_gets_goaway():
     c.read()
     [goaway] = c.goaway()
     assert goaway.error_code == ErrorCodes.NO_ERROR
+
+
+def test_response_trailers_reach_the_client_after_the_body():
+    h = Harness()
+    c = Client(h)
+    sid = c.request("/pkg.Service/Call", method="POST", extra=[(b"te", b"trailers")], body=b"\x00", end=True)
+    backend, _ = h.answer()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"3\r\nabc\r\n")
+    [exchange] = c.frontend.h2.streams[sid].exchanges
+    exchange.responseTrailers([(b"grpc-status", b"0"), (b"grpc-message", b"ok")])
+    backend.dataReceived(b"0\r\n\r\n")
+    c.read()
+    headers, body, ended = c.response(sid)
+    assert (body, ended) == (b"abc", True)
+    [trailers] = c.of(h2.events.TrailersReceived, sid)
+    assert dict(trailers.headers) == {b"grpc-status": b"0", b"grpc-message": b"ok"}
+
+
+def test_empty_answer_is_one_headers_frame_with_end_stream():
+    h = Harness()
+    c = Client(h)
+    sid = c.request("/")
+    backend, _ = h.answer()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\ngrpc-status: 14\r\nContent-Length: 0\r\n\r\n")
+    c.read()
+    [answer] = c.of(h2.events.ResponseReceived, sid)
+    assert answer.stream_ended is not None
+    assert not c.of(h2.events.DataReceived, sid)
+
+
+def test_request_trailers_are_kept_for_the_exchange():
+    h = Harness()
+    c = Client(h)
+    sid = c.request("/up", method="POST", body=b"abc", end=False)
+    stream = c.frontend.h2.streams[sid]
+    [exchange] = stream.exchanges
+    c.conn.send_headers(sid, [(b"x-checksum", b"1")], end_stream=True)
+    c.flush()
+    assert exchange.requestTrailers == [(b"x-checksum", b"1")]
+    assert exchange.requestDone

@@ -52,6 +52,7 @@ from h2.events import (
     RequestReceived,
     StreamEnded,
     StreamReset,
+    TrailersReceived,
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError, StreamClosedError
@@ -150,10 +151,8 @@ def requestFields(headers: list, maxHeaderBytes: int) -> tuple[bytes, bytes, Opt
             raise Malformed(f"invalid header name {n.decode('latin-1')!r}")
         if n in _CONNECTION_SPECIFIC:
             raise Malformed(f"connection-specific header {n.decode('latin-1')}")
-        if n == b"te":
-            if v != b"trailers":
-                raise Malformed("TE other than trailers")
-            continue
+        if n == b"te" and v != b"trailers":
+            raise Malformed("TE other than trailers")
         if n == b"host":
             if host is not None:
                 raise Malformed("more than one Host header")
@@ -255,6 +254,10 @@ class H2Connection:
                     self._ack(event.flow_controlled_length, event.stream_id)
                 else:
                     stream.received(event.data, event.flow_controlled_length)
+            elif kind is TrailersReceived:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.requestTrailers(event.headers)
             elif kind is StreamEnded:
                 stream = streams.get(event.stream_id)
                 if stream is not None:
@@ -529,11 +532,13 @@ class _Response:
                 self.stream.sendHead([(b":status", b"%d" % status)], False)
             return
         block = [(b":status", b"%d" % status)]
+        end = self.noBody or status == 204 or status == 304
         for n, v in headers:
             n = n.lower()
             if n not in _RESPONSE_DROP:
                 block.append((n, v))
-        end = self.noBody or status == 204 or status == 304
+                if n == b"content-length" and v == b"0":
+                    end = True  # one HEADERS frame (a gRPC "trailers-only" answer, too)
         if end:
             self.done = True
         self.stream.sendHead(block, end)
@@ -547,6 +552,10 @@ class _Response:
             return
         if not self.done:
             self.done = True
+            # Fields after the body are the last chunk's trailers.
+            trailers, self.headers = self.headers, []
+            if trailers:
+                self.stream.trailers = [(n.lower(), v) for n, v in trailers if n.lower() not in _RESPONSE_DROP]
             self.stream.sendEnd()
 
 
@@ -562,6 +571,8 @@ class H2Stream(HTTPFrontend):
     producerPaused = False
     #: The response's END_STREAM went out (or the stream was cut).
     finished = False
+    #: The response's trailer fields, sent after its body (gRPC's status).
+    trailers: Optional[list] = None
 
     def __init__(self, connection: H2Connection, streamId: int, noBody: bool) -> None:
         # Not HTTPFrontend.__init__: a stream has no parser and no socket.
@@ -646,6 +657,12 @@ class H2Stream(HTTPFrontend):
         if exchange is not None and not exchange.finished:
             exchange.requestEnd()
 
+    def requestTrailers(self, headers: list) -> None:
+        """Trailer fields after the request body: for an HTTP/2 backend (gRPC)."""
+        exchange = self.reading
+        if exchange is not None:
+            exchange.requestTrailers = [(n, v) for n, v in headers if n[:1] != b":"]
+
     # The response (from L{_Response}).
 
     def sendHead(self, headers: list, end: bool) -> None:
@@ -672,7 +689,8 @@ class H2Stream(HTTPFrontend):
         h2 = self.connection.h2
         sid = self.streamId
         buffer = self.buffer
-        sent = False
+        sent = ended = False
+        last = self.ending and self.trailers is None
         try:
             while buffer:
                 room = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
@@ -682,14 +700,19 @@ class H2Stream(HTTPFrontend):
                 if len(chunk) <= room:
                     buffer.popleft()
                     self.buffered -= len(chunk)
-                    h2.send_data(sid, chunk, end_stream=self.ending and not buffer)
+                    ended = last and not buffer
+                    h2.send_data(sid, chunk, end_stream=ended)
                 else:
                     buffer[0] = chunk[room:]
                     self.buffered -= room
                     h2.send_data(sid, chunk[:room])
                 sent = True
-            if not buffer and self.ending and not sent:
-                h2.end_stream(sid)
+            if not buffer and self.ending and not ended:
+                if self.trailers is not None:
+                    h2.send_headers(sid, self.trailers, end_stream=True)
+                else:
+                    h2.end_stream(sid)
+                sent = True
         except (StreamClosedError, ProtocolError):
             # The client closed or reset the stream meanwhile.
             self.finished = True
