@@ -100,3 +100,58 @@ def test_every_imported_distribution_is_declared(wheel):
         if not dists & declared:
             missing[name] = sorted(dists)
     assert not missing, f"imported but not declared in setup.cfg: {missing}"
+
+
+def _cleanTree(into) -> None:
+    """
+    What a fresh checkout has: the committed tree (C{git archive HEAD}),
+    so a module that was never added to git is missed here as it would be
+    by a user; outside a git checkout, the source without build leftovers.
+    """
+    import io
+    import shutil
+    import tarfile
+
+    if (ROOT / ".git").exists():
+        archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=ROOT, capture_output=True,
+                                 check=True, timeout=120).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(into, filter="data")
+        return
+    shutil.copytree(ROOT, into, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "*.egg-info", "build", "dist", "__pycache__", ".pytest_cache"))
+
+
+def test_clean_checkout_wheel_installs_into_a_fresh_venv_and_runs(tmp_path):
+    """
+    The whole way a user goes: a wheel from a clean copy of the tree,
+    installed with its dependencies into a new virtualenv (nothing of the
+    test environment's), whose C{twistd txlb} checks the demo config and
+    says the version the metadata has.
+    """
+    source, out, venv = tmp_path / "source", tmp_path / "wheel", tmp_path / "venv"
+    _cleanTree(source)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)],
+                   check=True, timeout=300)
+    [wheel] = out.glob("txlb-*.whl")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)], check=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    twistd = [str(venv / "bin" / "twistd")]
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [*twistd, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    check = run("-n", "txlb", "--check", "--config", str(source / "config" / "demo.toml"))
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "configuration is valid" in check.stdout
+    metadata = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m, txlb; print(m.version('txlb'), txlb.__file__)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    version, module = metadata
+    assert module.startswith(str(venv))
+    assert wheel.name.startswith(f"txlb-{version}-")
+    shown = run("txlb", "--version")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == f"txlb {version}"
