@@ -38,9 +38,15 @@ def httpBackend(name: str) -> Backend:
 
     def serve(sock, backend):
         for head in httpRequests(sock):
-            xff = [line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")[1:]
+            lines = head.split(b"\r\n")[1:]
+            xff = [line.split(b":", 1)[1].strip().decode() for line in lines
                    if line.lower().startswith(b"x-forwarded-for:")]
-            body = json.dumps({"server": name, "xff": xff}).encode()
+            forwarded = [line.split(b":", 1)[1].strip().decode() for line in lines
+                         if line.lower().startswith(b"forwarded:")]
+            answer = {"server": name, "xff": xff}
+            if forwarded:
+                answer["forwarded"] = forwarded
+            body = json.dumps(answer).encode()
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
     return Backend(name, serve)
@@ -113,9 +119,11 @@ def env(tmp_path_factory):
     webs = [httpBackend(f"web-{i}") for i in (1, 2, 3)]
     final = httpBackend("behind-haproxy")
     echo = Backend("echo")
+    echoes = [Backend(f"echo-{i}") for i in (1, 2)]
     raw = Capture()
     ports = {name: freePort() for name in (
-        "web", "strict", "tls", "tcp", "out1", "out2", "chain", "admin", "hp1", "hp2", "hpIn")}
+        "web", "strict", "tls", "tcp", "out1", "out2", "chain", "sticky", "admin", "hp1", "hp2", "hpIn")}
+    echoServers = ", ".join(f'{{ name = "{b.name}", address = "{b.address}" }}' for b in echoes)
     servers = ", ".join(f'{{ name = "{b.name}", address = "{b.address}" }}' for b in webs)
     config = f"""
 [admin]
@@ -127,6 +135,10 @@ servers = [{servers}]
 
 [pools.echo]
 servers = [{{ name = "echo", address = "{echo.address}" }}]
+
+[pools.echoes]
+algorithm = "round_robin"
+servers = [{echoServers}]
 
 [pools.raw]
 servers = [{{ name = "raw", address = "{raw.backend.address}" }}]
@@ -155,6 +167,7 @@ listen = "tcp:{ports['tls']}:interface=127.0.0.1"
 pool = "web"
 accept_proxy = true
 tls = {{ certificates = [{{ cert = "site.pem", key = "site.key" }}] }}
+forwarded = true
 
 [[services]]
 name = "tcp"
@@ -179,6 +192,14 @@ pool = "raw"
 proxy_protocol = "v2"
 
 [[services]]
+name = "sticky"
+protocol = "tcp"
+listen = "tcp:{ports['sticky']}:interface=127.0.0.1"
+pool = "echoes"
+accept_proxy = true
+sticky = {{ mode = "ip" }}
+
+[[services]]
 name = "chain"
 protocol = "tcp"
 listen = "tcp:{ports['chain']}:interface=127.0.0.1"
@@ -186,7 +207,7 @@ pool = "haproxy"
 accept_proxy = true
 proxy_protocol = "v2"
 """
-    lb = Txlb(config, directory).start(listening=8)
+    lb = Txlb(config, directory).start(listening=9)
     haproxy = None
     if HAPROXY is not None:
         haproxy = HAProxy(directory, f"""
@@ -200,7 +221,7 @@ frontend sendV2
   bind 127.0.0.1:{ports['hp2']}
   default_backend txlbV2
 backend txlbV2
-  server txlb 127.0.0.1:{ports['web']} send-proxy-v2
+  server txlb 127.0.0.1:{ports['web']} send-proxy-v2 proxy-v2-options crc32c
 
 frontend readsTxlb
   mode http
@@ -216,7 +237,7 @@ backend final
     lb.stop()
     if haproxy is not None:
         haproxy.stop()
-    for b in (*webs, final, echo):
+    for b in (*webs, final, echo, *echoes):
         b.stop()
     raw.stop()
 
@@ -332,6 +353,7 @@ def test_tls_after_the_header(env):
     answer = request(port, b"PROXY TCP4 192.0.2.77 127.0.0.1 40000 %d\r\n" % port,
                      wrap=lambda sock: context.wrap_socket(sock, server_hostname="localhost"))
     assert answer["xff"] == ["192.0.2.77"]
+    assert answer["forwarded"] == ['for=192.0.2.77;proto=https;host="x"']
 
 
 def test_tcp_service_is_spliced_after_the_header_and_gets_what_followed_it(env):
@@ -424,3 +446,69 @@ def test_haproxy_accept_proxy_behind_reads_txlbs_v2_header(env):
     port = env["ports"]["chain"]
     answer = request(port, b"PROXY TCP4 192.0.2.99 127.0.0.1 40000 %d\r\n" % port)
     assert answer == {"server": "behind-haproxy", "xff": ["192.0.2.99"]}
+
+
+def test_sticky_ip_follows_the_header_client(env):
+    """A round-robin pool, sticky by client address: each header client keeps its server."""
+    port = env["ports"]["sticky"]
+
+    def server(client: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"PROXY TCP4 %s 127.0.0.1 40000 %d\r\n" % (client.encode(), port))
+            sock.shutdown(socket.SHUT_WR)
+            return recvAll(sock)
+
+    picks = {}
+    for i in (1, 2, 3, 4):
+        client = f"198.51.100.{i}"
+        answers = {server(client) for _ in range(3)}
+        assert len(answers) == 1, (client, answers)
+        picks[client] = answers.pop()
+    assert set(picks.values()) == {b"echo-1\n", b"echo-2\n"}
+
+
+# Reload and workers.
+
+
+def webConfig(port: int, backend: Backend, extra: str = "", top: str = "") -> str:
+    return (
+        f'{top}[pools.web]\nservers = [{{ name = "{backend.name}", address = "{backend.address}" }}]\n'
+        f'[[services]]\nname = "web"\nprotocol = "http"\nlisten = "tcp:{port}:interface=127.0.0.1"\n'
+        f'pool = "web"\n{extra}'
+    )
+
+
+def test_a_reload_turns_accept_proxy_on_for_new_connections(tmp_path):
+    import signal
+
+    backend = httpBackend("w")
+    port = freePort()
+    lb = Txlb(webConfig(port, backend), tmp_path).start()
+    try:
+        assert request(port)["xff"] == ["127.0.0.1"]
+        lb.configPath.write_text(webConfig(port, backend, "accept_proxy = true\n"))
+        lb.process.send_signal(signal.SIGHUP)
+        (event,) = waitFor(lambda: lb.events("config_reloaded"), what="config_reloaded")
+        assert any("accept_proxy" in change for change in event["changes"]), event
+        assert request(port, b"PROXY TCP4 192.0.2.1 127.0.0.1 1 2\r\n")["xff"] == ["192.0.2.1"]
+        assert closedWithoutAnswer(port, b"")
+    finally:
+        lb.stop()
+        backend.stop()
+
+
+def test_workers_read_the_header(tmp_path):
+    backend = httpBackend("w")
+    port = freePort()
+    lb = Txlb(webConfig(port, backend, 'accept_proxy = { from = ["127.0.0.0/8"] }\n', top="[txlb]\nworkers = 2\n"),
+              tmp_path)
+    try:
+        lb.start()
+        waitFor(lambda: len({e["worker"] for e in lb.events("worker_started")}) == 2, what="two workers")
+        for i in range(1, 9):
+            header = v2(f"192.0.2.{i}", "127.0.0.1", 1000 + i, port)
+            assert request(port, header)["xff"] == [f"192.0.2.{i}"]
+        assert closedWithoutAnswer(port, b"GET")
+    finally:
+        lb.stop()
+        backend.stop()
