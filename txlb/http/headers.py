@@ -70,6 +70,11 @@ def requestId(incoming: Optional[bytes]) -> str:
 _REQUEST_DROP = HOP_BY_HOP | _REPLACED | {b"x-forwarded-for"}
 _REQUEST_DROP_FORWARDED = _REQUEST_DROP | {b"forwarded"}
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"x-request-id"}
+#: The names of the lines txlb writes itself after the sifted fields,
+#: which header rules may still take out.
+_REQUEST_OWN = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded",
+                          b"x-request-id"})
+_RESPONSE_OWN = frozenset({b"x-request-id"})
 
 
 def _sift(headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]) -> tuple[list[bytes], dict]:
@@ -129,7 +134,9 @@ def requestHead(
         headers, with C{values} for their variables.
     """
     drop = _REQUEST_DROP_FORWARDED if forwarded else _REQUEST_DROP
-    kept, dropped = _sift(headers, drop if rules is None else drop | rules.drop)
+    if rules is not None:
+        drop, own = rules.plan(drop, _REQUEST_OWN)
+    kept, dropped = _sift(headers, drop)
     lines = [method + b" " + target + b" HTTP/1.1"]
     if host is None and (rules is None or b"host" not in rules.drop):
         lines.append(b"Host: ")  # an HTTP/1.0 client sent none; 1.1 needs one (RFC 9112 3.2)
@@ -150,7 +157,9 @@ def requestHead(
         lines.append(b"Forwarded: " + b", ".join(prior + [part.encode("latin-1")]))
     lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
     if rules is not None:
-        lines = _ruled(lines, start, rules, values)
+        if own:
+            lines[start:] = _without(lines[start:], own)
+        lines += rules.lines(values)
     if upgrade is not None:
         lines.append(b"Connection: upgrade")
         lines.append(b"Upgrade: " + upgrade)
@@ -160,18 +169,9 @@ def requestHead(
     return b"\r\n".join(lines)
 
 
-def _ruled(lines: list[bytes], start: int, rules, values: Sequence[bytes]) -> list[bytes]:
-    """
-    C{lines} with the rules applied to those from C{start} on (the
-    client's or backend's own were sifted already): the names the rules
-    drop taken out, their lines added.
-    """
-    drop = rules.drop
-    if drop:
-        lines = lines[:start] + [line for line in lines[start:]
-                                 if line[:line.index(b":")].lower() not in drop]
-    lines += rules.lines(values)
-    return lines
+def _without(lines: Sequence[bytes], names: frozenset[bytes]) -> list[bytes]:
+    """C{b"Name: value"} C{lines} but those of C{names} (lower-case)."""
+    return [line for line in lines if line[:line.index(b":")].lower() not in names]
 
 
 def responseHead(
@@ -206,11 +206,13 @@ def responseHead(
         lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
         lines.extend(extra)
     else:
-        lines += _sift(headers, _RESPONSE_DROP | rules.drop)[0]
-        start = len(lines)
-        lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
-        lines.extend(extra)
-        lines = _ruled(lines, start, rules, values)
+        drop, own = rules.plan(_RESPONSE_DROP, _RESPONSE_OWN)
+        lines += _sift(headers, drop)[0]
+        if not own:
+            lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
+        if extra:
+            lines.extend(_without(extra, rules.drop) if rules.drop else extra)
+        lines += rules.lines(values)
     if upgrade is not None:
         lines.append(b"Connection: upgrade")
         lines.append(b"Upgrade: " + upgrade)

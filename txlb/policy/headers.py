@@ -98,7 +98,11 @@ class Template:
         self.constant = all(isinstance(p, bytes) for p in merged)
 
     def render(self, values: Sequence[bytes]) -> bytes:
-        return b"".join(p if isinstance(p, bytes) else values[p] for p in self.parts)
+        parts = self.parts
+        if len(parts) == 1:  # the usual value: one literal, or one variable
+            part = parts[0]
+            return part if part.__class__ is bytes else values[part]
+        return b"".join([p if p.__class__ is bytes else values[p] for p in parts])
 
 
 class SideRules:
@@ -107,16 +111,30 @@ class SideRules:
     fields go, L{lines} the C{b"Name: value"} lines that follow.
     """
 
-    __slots__ = ("drop", "_static", "_templates")
+    __slots__ = ("drop", "_static", "_templates", "_plans")
 
     def __init__(self, drop: frozenset[bytes], lines: Sequence[tuple[bytes, Template]]) -> None:
         self.drop = drop
+        self._plans: dict[frozenset[bytes], tuple[frozenset[bytes], frozenset[bytes]]] = {}
         if all(t.constant for _, t in lines):
             self._static = [name + b": " + t.render(()) for name, t in lines]
             self._templates = None
         else:
             self._static = None
             self._templates = tuple((name + b": ", t) for name, t in lines)
+
+    def plan(self, sifted: frozenset[bytes], own: frozenset[bytes]) -> tuple[frozenset[bytes], frozenset[bytes]]:
+        """
+        For a head writer that sifts the incoming fields by C{sifted} and
+        then writes its own lines, named C{own}: C{(sifted | drop, drop &
+        own)}, the names to sift with these rules and those of its own
+        lines they take out.  Worked out once per writer, not per request
+        (a writer passes the same C{own} with the same C{sifted}).
+        """
+        plan = self._plans.get(sifted)
+        if plan is None:
+            plan = self._plans[sifted] = (sifted | self.drop, self.drop & own)
+        return plan
 
     @property
     def dynamic(self) -> bool:
@@ -203,7 +221,7 @@ def variables(client: str, requestId: str, service: str, server: Optional[str]) 
     where they are made; a client address is an IP address except on odd
     listeners (a unix socket's peer), so it is checked here.
     """
-    if not _VALUE.fullmatch(client):
+    if not (client.isascii() and client.isprintable()):  # printable ASCII: what _VALUE takes, but tab
         client = "".join(c if _VALUE.fullmatch(c) else "?" for c in client)
     return (client.encode("ascii"), requestId.encode("ascii"), service.encode("ascii"),
             server.encode("ascii") if server else b"")
