@@ -512,3 +512,35 @@ def test_workers_read_the_header(tmp_path):
     finally:
         lb.stop()
         backend.stop()
+
+
+def test_http2_streams_get_the_header_client(env):
+    """HTTP/2 by prior knowledge after the PROXY header: each stream's request names the header's client."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    port = env["ports"]["web"]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(v2("203.0.113.222", "127.0.0.1", 40000, port))
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        for stream in (1, 3):
+            conn.send_headers(stream, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                                       (":authority", "x")], end_stream=True)
+        sock.sendall(conn.data_to_send())
+        bodies: dict[int, bytes] = {1: b"", 3: b""}
+        ended: set[int] = set()
+        for _ in range(200):
+            if ended == {1, 3}:
+                break
+            data = sock.recv(65536)
+            assert data, "closed before both answers"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    bodies[event.stream_id] += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+            sock.sendall(conn.data_to_send())
+    assert [json.loads(bodies[s])["xff"] for s in (1, 3)] == [["203.0.113.222"]] * 2
