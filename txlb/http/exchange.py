@@ -292,9 +292,11 @@ class Exchange:
     def responseTrailers(self, headers: list) -> None:
         """
         The response's trailer fields (from an HTTP/2 backend), before
-        C{responseEnd}.  An HTTP/1.1 client gets them in the last chunk
-        when it said C{TE: trailers} and the body is chunked to it; they
-        are dropped otherwise.
+        C{responseEnd}.  The client gets them in the last chunk when it
+        said C{TE: trailers} (as a gRPC client does) and the body is chunked
+        to it; an HTTP/2 client side sends that chunk's fields as the
+        stream's trailing HEADERS (L{txlb.http.h2frontend}).  They are
+        dropped otherwise.
         """
         if self.toClientChunked and _acceptsTrailers(self.headers):
             self.trailers = headers

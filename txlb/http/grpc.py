@@ -68,7 +68,11 @@ def grpcErrorHeaders(status: int, message: str, requestId: str) -> list[tuple[by
 
 
 def grpcErrorResponse(status: int, message: str, requestId: str, close: bool) -> bytes:
-    """The same answer as HTTP/1.1 bytes, for a gRPC request over HTTP/1.1."""
+    """
+    The same answer as HTTP/1.1 bytes, as an exchange writes to its client
+    side: the status in the head and an empty body, which an HTTP/2 client
+    side sends as one HEADERS frame with END_STREAM (trailers-only).
+    """
     lines = [b"HTTP/1.1 200 OK"]
     lines += [name.title() + b": " + value for name, value in grpcErrorHeaders(status, message, requestId)[1:]]
     lines.append(b"Content-Length: 0")

@@ -463,9 +463,14 @@ class H2Stream:
         for name, value in fields:
             if name == b"content-length":
                 length = value
+        self.done = ended or self.noBody or status in (204, 304)
+        if ended and length is None and not self.noBody and status not in (204, 304):
+            # Headers with END_STREAM (a gRPC "trailers-only" answer): an
+            # empty body, said so to an HTTP/1.1 client.
+            length = b"0"
+            fields.append((b"content-length", length))
         self.lengthValue = length
         self.chunked = length is None
-        self.done = ended or self.noBody or status in (204, 304)
         exchange.responseHead(status, b"", fields, True)
         if ended:
             self._ended()

@@ -1,0 +1,245 @@
+"""
+gRPC end to end: grpcio servers (generic handlers on raw bytes, so no
+protoc) behind twistd txlb, whose pools say protocol = "h2"; grpcio clients
+and plain HTTP/1.1 clients in front.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from concurrent import futures
+
+import grpc
+import h11
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tests.support import Txlb, freePort, waitFor
+
+
+class GRPCServer:
+    """
+    A grpcio server on loopback: C{/pkg.Echo/Unary} answers C{NAME:request};
+    C{/pkg.Echo/Stream} sends C{count} messages, the first at once and the
+    others after L{release} (so a test can act in between); the standard
+    health service says SERVING until told otherwise.
+    """
+
+    def __init__(self, name: str, service: str = "pkg.Echo") -> None:
+        self.name = name
+        self.release = threading.Event()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {
+            "Unary": grpc.unary_unary_rpc_method_handler(self._unary),
+            "Stream": grpc.unary_stream_rpc_method_handler(self._stream),
+        }),))
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.streamed = threading.Event()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _unary(self, request: bytes, context) -> bytes:
+        context.set_trailing_metadata((("x-served-by", self.name),))
+        return self.name.encode() + b":" + request
+
+    def _stream(self, request: bytes, context):
+        count = int(request)
+        yield b"%s:0" % self.name.encode()
+        self.streamed.set()
+        if not self.release.wait(30):
+            return
+        for i in range(1, count):
+            yield b"%s:%d" % (self.name.encode(), i)
+
+    def serving(self, ok: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set("", status)
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.stop(0).wait(10)
+
+
+def _servers(servers) -> str:
+    return ", ".join(f'{{ name = "{s.name}", address = "{s.address}" }}' for s in servers)
+
+
+def _config(port: int, echo, other, health: str = "") -> str:
+    return (
+        f'[pools.echo]\nalgorithm = "round_robin"\nprotocol = "h2"\nservers = [{_servers(echo)}]\n'
+        f'retries = 1\n{health}\n'
+        f'[pools.other]\nprotocol = "h2"\nservers = [{_servers(other)}]\n\n'
+        f'[[services]]\nname = "grpc"\nprotocol = "http"\nlisten = "tcp:{port}:interface=127.0.0.1"\n'
+        f'pool = "other"\n'
+        f'[[services.routes]]\npath_prefix = "/pkg.Echo/"\npool = "echo"\n'
+    )
+
+
+def _events(txlb: Txlb, count: int) -> list[dict]:
+    """The first C{count} request events, once they are written."""
+    return waitFor(lambda: (lambda found: found if len(found) >= count else None)(txlb.events("request")),
+                   what=f"{count} request events")[:count]
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _call(channel, method: str, request: bytes, timeout: float = 10.0):
+    unary = channel.unary_unary(method, request_serializer=_identity, response_deserializer=_identity)
+    return unary.with_call(request, timeout=timeout)
+
+
+@pytest.fixture
+def servers():
+    made = []
+
+    def make(name: str, service: str = "pkg.Echo") -> GRPCServer:
+        server = GRPCServer(name, service)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+def _h11Call(port: int, path: str, message: bytes, te: bool = True):
+    """A gRPC call by hand over HTTP/1.1: C{(status, headers, body, trailers)}."""
+    client = h11.Connection(h11.CLIENT)
+    body = struct.pack("!BL", 0, len(message)) + message
+    headers = [("Host", "grpc.test"), ("Content-Type", "application/grpc"), ("Content-Length", str(len(body)))]
+    if te:
+        headers.append(("TE", "trailers"))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(client.send(h11.Request(method="POST", target=path, headers=headers))
+                     + client.send(h11.Data(data=body)) + client.send(h11.EndOfMessage()))
+        response, data, trailers = None, b"", []
+        for _ in range(1000):
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                chunk = sock.recv(65536)
+                client.receive_data(chunk)
+                if not chunk:
+                    break
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                data += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                trailers = [(n.decode(), v.decode()) for n, v in event.headers]
+                break
+    return response.status_code, {n.decode(): v.decode() for n, v in response.headers}, data, dict(trailers)
+
+
+def test_http11_clients_reach_grpc_servers_over_h2c_with_trailers(servers):
+    echo = [servers("e1"), servers("e2")]
+    other = [servers("o1", "pkg.Other")]
+    port = freePort()
+    with Txlb(_config(port, echo, other)) as txlb:
+        answers = []
+        for i in range(4):
+            status, headers, data, trailers = _h11Call(port, "/pkg.Echo/Unary", b"m%d" % i)
+            assert status == 200 and headers["content-type"] == "application/grpc"
+            assert headers["transfer-encoding"] == "chunked"
+            answers.append(data[5:])
+            assert trailers["grpc-status"] == "0"
+            assert trailers["x-served-by"] == data[5:7].decode()
+        assert sorted(answers) == [b"e1:m0", b"e1:m2", b"e2:m1", b"e2:m3"]  # round robin, one stream each
+        # Without TE: trailers the trailers are dropped; the body comes whole.
+        status, headers, data, trailers = _h11Call(port, "/pkg.Echo/Unary", b"x", te=False)
+        assert status == 200 and data[5:] in (b"e1:x", b"e2:x") and trailers == {}
+        # Another service path goes to the default pool; the server does not know it there.
+        status, headers, data, trailers = _h11Call(port, "/pkg.Echo2/Unary", b"x")
+        assert status == 200 and headers.get("grpc-status", trailers.get("grpc-status")) == "12"  # UNIMPLEMENTED
+        events = _events(txlb, 6)
+        assert {e["selectedServer"] for e in events} == {"e1", "e2", "o1"}
+        assert all(e["status"] == 200 and e["pool"] in ("echo", "other") for e in events)
+
+
+def test_no_server_up_is_grpc_unavailable_over_http11(servers):
+    echo = [servers("e1")]
+    port = freePort()
+    echo[0].stop()
+    with Txlb(_config(port, echo, [servers("o1")])) as txlb:
+        status, headers, data, trailers = _h11Call(port, "/pkg.Echo/Unary", b"x")
+        assert status == 200 and headers["grpc-status"] == "14" and data == b""
+        [event] = _events(txlb, 1)
+        assert event["status"] == 502 and event["pool"] == "echo"
+
+
+def test_grpc_health_check_takes_a_not_serving_server_out(servers):
+    echo = [servers("e1"), servers("e2")]
+    port = freePort()
+    healthToml = '[pools.echo.health]\nkind = "grpc"\ninterval = "100ms"\ntimeout = "100ms"\nrise = 1\nfall = 1\n'
+    with Txlb(_config(port, echo, [servers("o1", "pkg.Other")], healthToml)) as txlb:
+        echo[1].serving(False)
+        down = waitFor(lambda: [e for e in txlb.events("server_state")
+                                if e["server"] == "e2" and e["health"] == "unhealthy"], what="e2 to go down")
+        assert "NOT_SERVING" in down[0]["reason"]
+        for i in range(4):
+            status, _, data, trailers = _h11Call(port, "/pkg.Echo/Unary", b"%d" % i)
+            assert data[5:] == b"e1:%d" % i and trailers["grpc-status"] == "0"
+        echo[1].serving(True)
+        waitFor(lambda: [e for e in txlb.events("server_state")
+                         if e["server"] == "e2" and e["health"] == "healthy"], what="e2 to come back")
+
+
+# gRPC clients (HTTP/2 on the client side too).
+
+def test_grpc_unary_and_server_streaming_calls_are_balanced(servers):
+    echo = [servers("e1"), servers("e2")]
+    port = freePort()
+    with Txlb(_config(port, echo, [servers("o1", "pkg.Other")])) as txlb:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answers = [_call(channel, "/pkg.Echo/Unary", b"m%d" % i)[0] for i in range(4)]
+            assert sorted(answers) == [b"e1:m0", b"e1:m2", b"e2:m1", b"e2:m3"]  # each stream picked on its own
+            reply, call = _call(channel, "/pkg.Echo/Unary", b"t")
+            assert dict(call.trailing_metadata())["x-served-by"] == reply[:2].decode()
+            for server in echo:
+                server.release.set()
+            stream = channel.unary_stream("/pkg.Echo/Stream", request_serializer=_identity,
+                                          response_deserializer=_identity)
+            replies = list(stream(b"5", timeout=10))
+            assert len(replies) == 5 and len({r.split(b":")[0] for r in replies}) == 1
+        events = _events(txlb, 6)
+        assert all(e["status"] == 200 and e["protocol"] == "HTTP/2" for e in events)
+
+
+def test_no_server_available_is_unavailable_to_a_grpc_client(servers):
+    echo = [servers("e1")]
+    port = freePort()
+    echo[0].stop()
+    with Txlb(_config(port, echo, [servers("o1")])):
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                _call(channel, "/pkg.Echo/Unary", b"x")
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "could not connect" in caught.value.details() or "reached" in caught.value.details()
+
+
+def test_a_backend_killed_mid_stream_fails_that_call_and_txlb_keeps_serving(servers):
+    echo = [servers("e1"), servers("e2")]
+    port = freePort()
+    with Txlb(_config(port, echo, [servers("o1", "pkg.Other")])):
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = channel.unary_stream("/pkg.Echo/Stream", request_serializer=_identity,
+                                          response_deserializer=_identity)
+            replies = stream(b"5", timeout=20)
+            first = next(replies)
+            victim = echo[0] if first.startswith(b"e1") else echo[1]
+            survivor = echo[1] if victim is echo[0] else echo[0]
+            victim.server.stop(0).wait(10)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(replies)
+            assert caught.value.code() != grpc.StatusCode.OK
+            for i in range(3):
+                reply, _ = _call(channel, "/pkg.Echo/Unary", b"%d" % i)
+                assert reply == survivor.name.encode() + b":%d" % i
