@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import attrs
-from twisted.internet.defer import Deferred
 
 from txlb.policy.access import DENY, AccessList
 from txlb.policy.ratelimit import RATE_LIMIT, RateLimiter, retryAfter
@@ -75,6 +74,6 @@ class Admission:
         if limiter is None:
             return None
         wait = limiter.take(client, target, headers)
-        if isinstance(wait, Deferred):
-            return wait.addCallback(_decided)
-        return limited(wait) if wait else None
+        if wait.__class__ is float:
+            return limited(wait) if wait else None
+        return wait.addCallback(_decided)  # a Deferred: the shared store decides

@@ -171,6 +171,7 @@ class RateLimiter:
         self.config = config
         rate = config.rate
         self.local = Buckets(clock, rate.perSecond, config.burst)
+        self._take = self.local.take
         self.shared = shared
         self.timeout = config.timeout
         self.prefix = f"txlb:rl:{name}:"
@@ -204,10 +205,10 @@ class RateLimiter:
         one within C{timeout} (this process's buckets decide when Redis
         does not answer in time).
         """
-        key = self.keyOf(client, target, headers)
+        key = client if self.byClient else self.keyOf(client, target, headers)
         shared = self.shared
         if shared is None:
-            return self.local.take(key)
+            return self._take(key)
         return shared.take(self.prefix + key, self._intervalUs, self._toleranceUs, self.timeout,
                            self._fallback(key))
 
