@@ -275,3 +275,13 @@ def test_reload_gauges(lb):
     waitFor(lambda: lb.events("config_reloaded"), what="the applied reload")
     ok, reloaded = _reloadGauges(lb)
     assert ok == 1 and reloaded > started
+
+
+def test_metrics_reference_lists_every_family(lb):
+    """docs/observability.md's table names every family /metrics has, and no other."""
+    text = (ROOT / "docs" / "observability.md").read_text()
+    section = text.split("## Prometheus metrics", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.MULTILINE))
+    exported = {name + ("_total" if family.type == "counter" else "") for name, family in _scrape(lb).items()}
+    assert exported - documented == set(), "exported but not documented"
+    assert documented - exported == set(), "documented but not exported"
