@@ -87,6 +87,8 @@ class Notifier:
         self.address: Optional[str | bytes] = notifyAddress(value) if value else None
         self._socketFactory = socketFactory
         self._socket: Optional[socket.socket] = None
+        #: Whether the last message failed: a failure is logged once, not every watchdog tick.
+        self._failing = False
 
     @property
     def enabled(self) -> bool:
@@ -102,8 +104,11 @@ class Notifier:
                 self._socket.setblocking(False)
             self._socket.sendto("\n".join(fields).encode("utf-8"), self.address)
         except OSError as e:
-            _log.warn("cannot notify systemd: {error}", event="sd_notify_failed", error=str(e))
+            if not self._failing:
+                self._failing = True
+                _log.warn("cannot notify systemd: {error}", event="sd_notify_failed", error=str(e))
             return False
+        self._failing = False
         return True
 
     def ready(self) -> bool:
