@@ -112,6 +112,15 @@ def test_http_allow_and_deny_by_network(tmp_path, app):
         event = lb.requestEvent(answer["requestId"])
         assert event["client"] == "127.0.0.3" and event["selectedServer"] is None and event["status"] == 403
         assert metric(adminPort, 'txlb_refused_total{reason="deny",service="web"} 2.0')
+        # What the status page shows, as --check prints it.
+        with socket.create_connection(("127.0.0.1", adminPort), timeout=10) as s:
+            s.sendall(b"GET /api/stats HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        [web] = [e for e in json.loads(data.partition(b"\r\n\r\n")[2])["services"] if e["name"] == "web"]
+        assert web["policy"] == ["access: deny 127.0.0.3/32; allow only 127.0.0.1/32, 127.0.0.2/32, ::1/128",
+                                 "routes[0] access: allow only 127.0.0.0/8"]
 
 
 def test_tcp_allow_deny_and_per_client_limits(tmp_path):
