@@ -186,21 +186,22 @@ def _client(workload: str, ports: list[int], index: int, count: int, size: int,
     end = time.monotonic() + deadline
     while done + errors < count and time.monotonic() < end:
         port = ports[(index + done + errors) % len(ports)]
+        head = _HEADERS.get(port, b"")  # a PROXY header, in the same write as the command
         started = time.monotonic()
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
                 if workload == "download":
-                    sock.sendall(b"GET %d\n" % size)
+                    sock.sendall(head + b"GET %d\n" % size)
                     _recvExactly(sock, size, buffer)
                     nbytes += size
                 elif workload == "upload":
-                    sock.sendall(b"PUT %d\n" % size)
+                    sock.sendall(head + b"PUT %d\n" % size)
                     sock.sendall(_PAYLOAD[:size])
                     if _recvLine(sock) != b"OK\n":
                         raise ConnectionError("no OK after the upload")
                     nbytes += size
                 else:
-                    sock.sendall(b"PING\n")
+                    sock.sendall(head + b"PING\n")
                     answer = _recvLine(sock)
                     if not answer.startswith(b"PONG "):
                         raise ConnectionError(f"unexpected answer {answer!r}")
@@ -251,7 +252,7 @@ def targetPortforward(lab: Lab, backends: list[int], opts) -> tuple[subprocess.P
     return lab.start(argv, "twisted-portforward", port), [port]
 
 
-def txlbConfig(port: int, backends: list[int]) -> str:
+def txlbConfig(port: int, backends: list[int], extra: str = "") -> str:
     servers = ",\n".join(
         f'  {{ name = "server-{i + 1}", address = "127.0.0.1:{p}" }}' for i, p in enumerate(backends)
     )
@@ -259,14 +260,25 @@ def txlbConfig(port: int, backends: list[int]) -> str:
         "[log]\naccess = false\n\n"
         f'[pools.bench]\nalgorithm = "round_robin"\nservers = [\n{servers}\n]\n\n'
         f'[[services]]\nname = "bench"\nprotocol = "tcp"\n'
-        f'listen = ["tcp:{port}:interface=127.0.0.1"]\npool = "bench"\n'
+        f'listen = ["tcp:{port}:interface=127.0.0.1"]\npool = "bench"\n{extra}'
     )
 
 
-def targetTxlb(lab: Lab, backends: list[int], opts) -> tuple[subprocess.Popen, list[int]]:
+#: What clients send first on a port, by port: a target's PROXY header.
+_HEADERS: dict[int, bytes] = {}
+
+
+def targetTxlbProxy(lab: Lab, backends: list[int], opts) -> tuple[subprocess.Popen, list[int]]:
+    """txlb with C{accept_proxy}: each client connection starts with a PROXY v1 header."""
+    return targetTxlb(lab, backends, opts, extra="accept_proxy = true\n")
+
+
+def targetTxlb(lab: Lab, backends: list[int], opts, extra: str = "") -> tuple[subprocess.Popen, list[int]]:
     port = _freePort()
+    if extra:
+        _HEADERS[port] = b"PROXY TCP4 192.0.2.1 127.0.0.1 40000 %d\r\n" % port
     config = lab.dir / "txlb.toml"
-    config.write_text(txlbConfig(port, backends))
+    config.write_text(txlbConfig(port, backends, extra))
     if opts.txlb:
         argv = shlex.split(opts.txlb.format(config=config, port=port))
     else:
@@ -282,6 +294,7 @@ TARGETS = {
     "direct": targetDirect,
     "twisted-portforward": targetPortforward,
     "txlb": targetTxlb,
+    "txlb-proxy": targetTxlbProxy,
 }
 
 

@@ -37,13 +37,14 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-from typing import Iterable, Optional, Union
+from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
+from typing import Iterable, NamedTuple, Optional, Union
 
-import attrs
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from txlb.connect import Deadlines
 from txlb.interfaces import IEarlyBytes
 
 _log = Logger(namespace="txlb.proxyproto")
@@ -71,13 +72,13 @@ class HeaderError(ValueError):
     """The bytes are not a PROXY header txlb accepts; the message says why."""
 
 
-@attrs.frozen
-class ProxyHeader:
+class ProxyHeader(NamedTuple):
     """
     What a header says.  C{source} and C{destination} are L{None} for a
     version 1 C{UNKNOWN} and a version 2 C{LOCAL} header (or an address
     family other than IPv4 and IPv6): the connection is the balancer's
-    own (a health check), and its socket's addresses stand.
+    own (a health check), and its socket's addresses stand.  (A named
+    tuple: one is made per connection, so it must be cheap.)
     """
 
     version: int
@@ -112,13 +113,19 @@ def parseV1(line: bytes) -> ProxyHeader:
         return ProxyHeader(1)  # whatever follows is to be ignored
     if proto not in (b"TCP4", b"TCP6") or len(fields) != 6:
         raise HeaderError(f"bad PROXY v1 header {line[:60]!r}")
-    family = socket.AF_INET if proto == b"TCP4" else socket.AF_INET6
-    kind = ipaddress.IPv4Address if proto == b"TCP4" else ipaddress.IPv6Address
+    # Addresses as the socket module writes a peer's: IPv4 only when
+    # already canonical (four decimal parts, no leading zeros: what
+    # inet_pton takes), IPv6 rewritten in its short form.
     try:
-        src, dst = (str(kind(f.decode("ascii"))) for f in fields[2:4])
-    except (ValueError, UnicodeDecodeError):
+        src, dst = fields[2].decode("ascii"), fields[3].decode("ascii")
+        if proto == b"TCP4":
+            inet_pton(AF_INET, src)
+            inet_pton(AF_INET, dst)
+            return ProxyHeader(1, IPv4Address("TCP", src, _port(fields[4])), IPv4Address("TCP", dst, _port(fields[5])))
+        src, dst = inet_ntop(AF_INET6, inet_pton(AF_INET6, src)), inet_ntop(AF_INET6, inet_pton(AF_INET6, dst))
+    except (OSError, UnicodeDecodeError):
         raise HeaderError(f"bad {proto.decode()} address in {line[:60]!r}")
-    return ProxyHeader(1, _address(family, src, _port(fields[4])), _address(family, dst, _port(fields[5])))
+    return ProxyHeader(1, IPv6Address("TCP", src, _port(fields[4])), IPv6Address("TCP", dst, _port(fields[5])))
 
 
 def parseV2(header: bytes) -> ProxyHeader:
@@ -142,8 +149,8 @@ def parseV2(header: bytes) -> ProxyHeader:
     if length < size:
         raise HeaderError(f"PROXY v2 address block of {length} bytes, {size} needed")
     block = header[16:16 + size]
-    src = str(ipaddress.ip_address(block[:n]))
-    dst = str(ipaddress.ip_address(block[n:2 * n]))
+    src = socket.inet_ntop(af, block[:n])
+    dst = socket.inet_ntop(af, block[n:2 * n])
     sport, dport = struct.unpack("!HH", block[2 * n:2 * n + 4])
     return ProxyHeader(2, _address(af, src, sport), _address(af, dst, dport))
 
@@ -313,6 +320,8 @@ class ProxyAcceptor(Factory):
         self.trusted = trusted
         self.timeout = timeout
         self.metrics = metrics
+        #: The header timeouts of every connection being read: one timer.
+        self.deadlines = Deadlines(clock)
 
     def startFactory(self) -> None:
         self.wrapped.doStart()
@@ -339,7 +348,7 @@ class ProxyAcceptor(Factory):
 class _HeaderReader(Protocol):
     """A connection until its PROXY header is read (see the module)."""
 
-    _timer = None
+    _waiting = False
 
     def __init__(self, acceptor: ProxyAcceptor, addr) -> None:
         self.acceptor = acceptor
@@ -347,11 +356,13 @@ class _HeaderReader(Protocol):
         self.parser = HeaderParser()
 
     def connectionMade(self) -> None:
-        if self.acceptor.timeout:
-            self._timer = self.acceptor.clock.callLater(self.acceptor.timeout, self._timedOut)
+        timeout = self.acceptor.timeout
+        if timeout:
+            self._waiting = True
+            self.acceptor.deadlines.add(self, timeout, self._timedOut)
 
     def _timedOut(self) -> None:
-        self._timer = None
+        self._waiting = False
         self._refuse(f"no PROXY header within {self.acceptor.timeout:g}s")
 
     def _refuse(self, why: str) -> None:
@@ -359,8 +370,11 @@ class _HeaderReader(Protocol):
         self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
+        parser = self.parser
+        if parser is None:
+            return  # refused already
         try:
-            found = self.parser.feed(data)
+            found = parser.feed(data)
         except HeaderError as e:
             self._cancel()
             self._refuse(str(e))
@@ -370,9 +384,10 @@ class _HeaderReader(Protocol):
             self._handOff(*found)
 
     def _cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._waiting:
+            self._waiting = False
+            self.acceptor.deadlines.discard(self)
+        self.parser = None
 
     def _handOff(self, header: ProxyHeader, rest: bytes) -> None:
         transport = self.transport

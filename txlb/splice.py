@@ -330,6 +330,12 @@ class SplicePair:
         """
         client, server = self.client, self.server
         if toServer:
+            # Usually the new connection's socket buffer takes them all at once.
+            try:
+                toServer = toServer[server.sock.send(toServer):]
+            except OSError:
+                pass  # full, or broken: the pipe's splice finds out which
+        if toServer:
             client.head = toServer
             self._refill(client)
             server.wantWrite = True
