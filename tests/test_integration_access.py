@@ -17,7 +17,17 @@ import threading
 
 import pytest
 
-from tests.support import Backend, RedisServer, Txlb, freePort, httpRequests, recvLine, waitFor
+from tests.support import (
+    Backend,
+    RedisServer,
+    Txlb,
+    UDPBackend,
+    freePort,
+    freeUDPPort,
+    httpRequests,
+    recvLine,
+    waitFor,
+)
 
 needsRedis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
@@ -271,3 +281,29 @@ def test_a_stopped_redis_costs_no_request(tmp_path, app):
             assert 39 * 60_000 < int(redis.command("PTTL", "txlb:rl:web:127.0.0.2")) <= 41 * 60_000
     finally:
         redis.kill()
+
+
+def test_udp_deny_drops_datagrams_before_any_flow(tmp_path):
+    backend = UDPBackend("dns-1")
+    port, adminPort = freeUDPPort(), freePort()
+    config = (f'[pools.dns]\nservers = [{{ name = "dns-1", address = "{backend.address}" }}]\n'
+              f'\n[[services]]\nname = "dns"\nprotocol = "udp"\nlisten = "udp:{port}:interface=127.0.0.1"\n'
+              'pool = "dns"\ndeny = ["127.0.0.3"]\n' + admin(adminPort))
+    denied = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    allowed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        denied.bind(("127.0.0.3", 0))
+        allowed.bind(("127.0.0.2", 0))
+        allowed.settimeout(10)
+        with Txlb(config, tmp_path):
+            denied.sendto(b"q1", ("127.0.0.1", port))
+            # Datagrams on one socket are taken in order: once the allowed
+            # client's answer is back, the denied one was dealt with.
+            allowed.sendto(b"q2", ("127.0.0.1", port))
+            assert allowed.recvfrom(100)[0] == b"dns-1:q2"
+            assert backend.datagrams == 1
+            assert metric(adminPort, 'txlb_refused_total{reason="deny",service="dns"} 1.0')
+    finally:
+        denied.close()
+        allowed.close()
+        backend.stop()
