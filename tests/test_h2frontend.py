@@ -347,7 +347,7 @@ def test_hpack_bomb_ends_the_connection():
                               (b":authority", b"a")] + [(b"x-big", b"y" * 1500)] * 50, end_stream=True)
     c.flush()
     [goaway] = c.goaway()
-    assert goaway.error_code != ErrorCodes.NO_ERROR
+    assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
     assert c.transport.disconnecting
 
 
@@ -368,6 +368,22 @@ def test_concurrent_streams_are_advertised_and_bounded():
     h = Harness(maxStreams=3)
     c = Client(h)
     assert c.conn.remote_settings.max_concurrent_streams == 3
+    # A client that ignores the setting: HEADERS frames made by hand.
+    block = c.conn.encoder.encode([(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                                   (b":authority", b"a")])
+    frames = []
+    for sid in (1, 3, 5, 7):
+        frame = HeadersFrame(sid)
+        frame.data = block
+        frame.flags.add("END_STREAM")
+        frame.flags.add("END_HEADERS")
+        frames.append(frame.serialize())
+    c.frontend.dataReceived(b"".join(frames[:3]))
+    assert h.connects() == 3 and not c.transport.disconnecting
+    c.frontend.dataReceived(frames[3])
+    c.read()
+    [goaway] = c.goaway()
+    assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
 
 
 def test_rapid_reset_ends_in_goaway_and_others_are_served():
