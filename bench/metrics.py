@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram  # noqa: E40
 from twisted.internet.task import Clock  # noqa: E402
 
 from txlb.interfaces import PickContext  # noqa: E402
-from txlb.metrics import Metrics  # noqa: E402
+from txlb.metrics import HISTORY, Metrics  # noqa: E402
 from txlb.pool import Pool, Server  # noqa: E402
 from txlb.schedulers.least import LeastConnections  # noqa: E402
 
@@ -90,7 +90,7 @@ def main() -> None:
     ]
     for name, seconds in rows:
         print(f"{name:45} {seconds * 1e6:6.2f} µs")
-    print(f"(decision ring {len(metrics.decisions)} entries, windows bounded at {metrics.total.length} s)")
+    print(f"(decision ring {len(metrics.decisions)} entries, windows bounded at {HISTORY} s)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ load generators: what each piece costs per request or per MiB.
     rewrite   the request head to the backend and the response head to the
               client (L{txlb.http.headers}; µs per request and response)
     event     one access event through Twisted's logger to the JSON-lines
-              observer (L{txlb.logs.emit}; µs per event)
+              observer (L{txlb.logs.emit}; µs per event), and straight to
+              the observer in batches, as under twistd (C{direct})
     splice    bytes moved between two loopback TCP connections by
               L{txlb.splice.SplicePair}, beside the same bytes copied
               through Python by a Twisted protocol pair (MiB/s, and CPU-µs
@@ -47,7 +48,7 @@ from twisted.logger import Logger, LogPublisher  # noqa: E402
 
 from txlb.config import LogConfig  # noqa: E402
 from txlb.http.headers import requestHead, responseHead  # noqa: E402
-from txlb.logs import emit, makeObserver  # noqa: E402
+from txlb.logs import accessTo, emit, makeObserver  # noqa: E402
 
 _REQUEST = (
     b"GET /catalog/items?page=2&sort=price HTTP/1.1\r\n"
@@ -136,7 +137,24 @@ def benchEvent(number: int) -> dict:
         out.seek(0)
         out.truncate()
 
-    return {"us_per_event": _perCall(viaEmit, number), "us_per_event_logger_info": _perCall(viaInfo, number)}
+    observer = makeObserver(LogConfig(), stdout=out)
+
+    def direct() -> None:
+        # As under twistd (txlb.logs.accessTo): straight to the observer,
+        # lines made at the flush, here every 100 events.
+        for _ in range(100):
+            emit(log, "request", dict(fields))
+        observer.flush()
+        out.seek(0)
+        out.truncate()
+
+    accessTo(observer)
+    try:
+        perDirect = _perCall(direct, max(1, number // 100)) / 100
+    finally:
+        accessTo(None)
+    return {"us_per_event": _perCall(viaEmit, number), "us_per_event_direct": perDirect,
+            "us_per_event_logger_info": _perCall(viaInfo, number)}
 
 
 # The splice path: a feeder sends MiB into one connection, a sink drains the

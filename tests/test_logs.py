@@ -132,3 +132,49 @@ def test_lines_encode_like_the_standard_encoder():
     loop.append(loop)
     with pytest.raises(ValueError):  # as the standard encoder says it
         _encode({"x": loop})
+
+
+def test_access_events_straight_to_the_process_log_are_the_same_lines_in_order():
+    """
+    With txlb's observer as the process's log (accessTo), emit skips the
+    publisher: the lines are those of the publisher's road, made at the
+    flush, and an event logged in between keeps its place.
+    """
+    from twisted.internet.task import Clock
+
+    from txlb.logs import accessTo, emit as emitEvent
+
+    clock = Clock()
+    clock.running = True
+    out = CountingStream()
+    observer = makeObserver(LogConfig(), stdout=out, clock=clock)
+    publisher = LogPublisher(observer)
+    seen: list = []
+    publisher.addObserver(seen.append)
+    log = Logger(namespace="txlb.http", observer=publisher)
+    accessTo(observer, worker=2)
+    try:
+        emitEvent(log, "request", {"service": "web", "path": '/a"b', "status": 200, "cache": None})
+        emitEvent(log, "request", {"service": "web", "status": 404})
+        assert out.getvalue() == "" and seen == []  # not through the publisher, not yet a line
+        log.info("x", event="server_state", server="a")
+        emitEvent(log, "connection", {"service": "db"})
+        assert out.flushes == 0
+        clock.advance(0.05)
+        assert out.flushes == 1
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert [line["event"] for line in lines] == ["request", "request", "server_state", "connection"]
+        assert list(lines[0]) == ["time", "level", "event", "service", "path", "status", "cache", "worker"]
+        assert lines[0]["path"] == '/a"b' and lines[0]["worker"] == 2 and lines[3]["level"] == "info"
+        assert [e["event"] for e in seen] == ["server_state"]
+    finally:
+        accessTo(None)
+    emitEvent(log, "request", {"status": 1})
+    assert [e["event"] for e in seen] == ["server_state", "request"]
+
+
+def test_text_logs_keep_the_publishers_road():
+    from txlb import logs
+
+    logs.accessTo(makeObserver(LogConfig(format="text"), stdout=io.StringIO()))
+    assert logs._direct is None

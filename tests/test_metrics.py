@@ -248,3 +248,25 @@ def test_refusals_are_counted_by_service_and_reason():
     found = samples(metrics)
     assert total(found, "txlb_refused_total", service="web", reason="deny") == 2
     assert total(found, "txlb_refused_total", reason="rate_limit") == 1
+
+
+def test_one_window_per_service_and_pool_the_rest_summed_when_read():
+    clock, pool, metrics = setup()
+    other = Pool("static", "least_connections", LeastConnections(), [Server("s", "tcp:host=127.0.0.1:port=9100")], clock)
+    metrics.pools["static"] = other
+    metrics.addService("web", "http", ("api", "static"), None)
+    metrics.addService("db", "tcp", ("api",), None)
+    for service, p, status in [("web", pool, 200), ("web", pool, 503), ("web", other, 200), ("db", pool, 0),
+                               ("web", None, 404)]:
+        metrics.request(service, p, None, status, 0.002 if status else None, 1, 1)
+    assert set(metrics.windows) == {("web", "api"), ("web", "static"), ("db", "api"), ("web", "")}
+    clock.advance(1)
+    stats = metrics.stats()
+    services = {s["name"]: s for s in stats["services"]}
+    pools = {p["name"]: p for p in stats["pools"]}
+    counts = {name: sum(slot[1] for slot in metrics.window(service=name).slots()) for name in ("web", "db")}
+    assert counts == {"web": 4, "db": 1}
+    assert sum(slot[1] for slot in metrics.window(pool="api").slots()) == 3
+    assert sum(slot[1] for slot in metrics.window().slots()) == 5
+    assert sum(slot[2] for slot in metrics.window(service="web").slots()) == 1  # the 503
+    assert services["web"]["requests"] == 4 and pools["api"]["requests"] == 3

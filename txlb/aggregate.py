@@ -70,9 +70,7 @@ def statsPart(metrics: Metrics) -> dict[str, Any]:
         services[name] = [metrics.activeConnections(name), metrics.connections.get(name, 0)]
     caches = {name: metrics._cacheStats(name, cache) for name, cache in metrics.caches().items()}
     return {
-        "total": metrics.total.slots(),
-        "services": {name: w.slots() for name, w in list(metrics.serviceWindows.items())},
-        "pools": {name: w.slots() for name, w in list(metrics.poolWindows.items())},
+        "windows": [[service, pool, w.slots()] for (service, pool), w in list(metrics.windows.items())],
         "counts": services,
         "caches": caches,
     }
@@ -198,15 +196,11 @@ class MergedMetrics(Metrics):
     def __init__(self, master: Metrics, parts: Iterable[Mapping[str, Any]]) -> None:
         super().__init__(master.pools, master.clock)
         self.services = master.services
-        self.total = Window(HISTORY)
         self._counts: dict[str, list[int]] = {}
         self._caches: dict[str, dict] = {}
         for part in parts:
-            self.total.merge(part["total"])
-            for name, slots in part["services"].items():
-                self.serviceWindows.setdefault(name, Window(HISTORY)).merge(slots)
-            for name, slots in part["pools"].items():
-                self.poolWindows.setdefault(name, Window(HISTORY)).merge(slots)
+            for service, pool, slots in part["windows"]:
+                self.windows.setdefault((service, pool), Window(HISTORY)).merge(slots)
             for name, (active, total) in part["counts"].items():
                 acc = self._counts.setdefault(name, [0, 0])
                 acc[0] += active
@@ -214,7 +208,6 @@ class MergedMetrics(Metrics):
             for name, stats in part["caches"].items():
                 self._caches[name] = _addCacheStats(self._caches.get(name), stats)
         for name in self.services:
-            self.serviceWindows.setdefault(name, Window(HISTORY))
             self.connections[name] = self._counts.get(name, [0, 0])[1]
 
     def activeConnections(self, service: str) -> int:

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from datetime import datetime, timezone
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Optional
 
 from twisted.logger import ILogObserver, LogLevel, Logger, formatEvent
 
@@ -104,13 +104,20 @@ def emit(logger: Logger, event: str, fields: dict[str, Any]) -> None:
     once per request or connection.  C{fields} becomes the event: the
     caller gives it up.
 
-    C{Logger.emit} and the JSON observer each copy and sift the event's
-    keys; here the line's fields are put together once, kept in the event
+    When txlb's own JSON observer is the process's log (L{accessTo}), the
+    fields go straight to it, to be made into lines in a batch when it
+    next flushes: no event dict, no publisher, no observer that would only
+    ignore them.  Otherwise (text format, or a test watching the global
+    publisher) the line's fields are put together once, kept in the event
     as C{log_line} for the observer to encode as they are, and the event
-    goes straight to the logger's observer.  Other observers see an
+    goes to the logger's observer, which other observers see as an
     ordinary event.
     """
     now = time.time()
+    direct = _direct
+    if direct is not None:
+        direct.access(now, event, fields)
+        return
     line = {"time": _timestamp(now), "level": "info", "event": event}
     line.update(fields)
     record = fields
@@ -123,6 +130,26 @@ def emit(logger: Logger, event: str, fields: dict[str, Any]) -> None:
     record["log_time"] = now
     record["log_line"] = line
     logger.observer(record)
+
+
+#: The observer L{emit} writes to directly, if any.
+_direct: "Optional[TxlbLogObserver]" = None
+
+
+def accessTo(observer: "Optional[TxlbLogObserver]", **constant: Any) -> None:
+    """
+    Make C{observer} the one that L{emit}'s events go to, bypassing the
+    global log publisher (L{None}: through the publisher again).  Only for
+    the observer that is the process's log, and only when it writes JSON:
+    the lines are then the same as by the publisher.  C{constant} fields
+    (a worker's number) end every such line.
+    """
+    global _direct
+    if observer is not None and observer.formatter is not jsonLine:
+        observer = None
+    if observer is not None:
+        observer.constant = constant
+    _direct = observer
 
 
 def textLine(event: dict[str, Any]) -> str:
@@ -182,6 +209,9 @@ class _BufferedWriter:
     Formats events onto a stream and flushes it at most every C{delay}
     seconds (at once for warnings and errors, and with no clock): a write
     system call per access event would cost more than the request itself.
+    Access events given to L{access} wait as their fields and become lines
+    all together, before the next other event or at the flush, so lines
+    keep the order of their events.
     """
 
     def __init__(self, stream, formatter: Callable[[dict], str], clock=None, delay: float = 0.05) -> None:
@@ -190,21 +220,49 @@ class _BufferedWriter:
         self.clock = clock
         self.delay = delay
         self._pending = None
+        #: Access events not written yet: C{(time, event, fields)}.
+        self.batch: list[tuple[float, str, dict]] = []
+        #: Fields that end every access line (L{accessTo}).
+        self.constant: dict[str, Any] = {}
 
     def __call__(self, event: dict) -> None:
+        if self.batch:
+            self._writeBatch()
         self.stream.write(self.formatter(event))
+        self._later(event.get("log_level") in _URGENT)
+
+    def access(self, when: float, event: str, fields: dict) -> None:
+        self.batch.append((when, event, fields))
+        self._later(False)
+
+    def _later(self, urgent: bool) -> None:
         # A reactor that does not run (yet, or any more: twistd's last
         # words) would never call the flush: write at once.
-        if self.clock is None or event.get("log_level") in _URGENT or not getattr(self.clock, "running", True):
+        if urgent or self.clock is None or not getattr(self.clock, "running", True):
             self.flush()
         elif self._pending is None:
             self._pending = self.clock.callLater(self.delay, self.flush)
+
+    def _writeBatch(self) -> None:
+        # Each line is its fields encoded as they are, the fixed fields put
+        # in front by hand: no dict is made for it.
+        batch, self.batch = self.batch, []
+        encode, timestamp = _encode, _timestamp
+        end = "}\n" if not self.constant else "," + _encode(self.constant)[1:] + "\n"
+        lines = []
+        for when, event, fields in batch:
+            body = encode(fields)
+            lines.append(f'{{"time":"{timestamp(when)}","level":"info","event":{encode(event)}'
+                         f'{"," if len(body) > 2 else ""}{body[1:-1]}{end}')
+        self.stream.write("".join(lines))
 
     def flush(self) -> None:
         if self._pending is not None:
             if self._pending.active():
                 self._pending.cancel()
             self._pending = None
+        if self.batch:
+            self._writeBatch()
         self.stream.flush()
 
 
@@ -220,6 +278,17 @@ class TxlbLogObserver:
     def __init__(self, stream, formatter: Callable[[dict], str], clock=None) -> None:
         self.writer = _BufferedWriter(stream, formatter, clock)
         self.stream = stream
+        self.formatter = formatter
+        #: L{emit}'s way in, when this is the process's log (L{accessTo}).
+        self.access = self.writer.access
+
+    @property
+    def constant(self) -> dict[str, Any]:
+        return self.writer.constant
+
+    @constant.setter
+    def constant(self, fields: dict[str, Any]) -> None:
+        self.writer.constant = fields
 
     def __call__(self, event: dict) -> None:
         if event.get("log_level", LogLevel.info) in _SHOWN:

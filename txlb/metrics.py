@@ -108,9 +108,10 @@ class Metrics(Service):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         self.decisions = DecisionLog(decisions)
-        self.total = Window(HISTORY)
-        self.serviceWindows: dict[str, Window] = {}
-        self.poolWindows: dict[str, Window] = {}
+        #: Per-second traffic by C{(service, pool)} (pool C{""}: none
+        #: chosen): one window added to per request; a service's, a pool's
+        #: and the total window are sums made when read (L{window}).
+        self.windows: dict[tuple[str, str], Window] = {}
         self.requests: dict[tuple, int] = {}
         self.durations: dict[tuple, list] = {}
         self.connections: dict[str, int] = {}
@@ -120,6 +121,8 @@ class Metrics(Service):
         self.ejections: dict[tuple, int] = {}
         self.cacheRequests: dict[tuple, int] = {}
         self.refusals: dict[tuple, int] = {}
+        #: HTTP requests by C{(service, protocol)}: what the client spoke.
+        self.protocols: dict[tuple, int] = {}
         #: The last reload: whether it was applied, and when the config
         #: last took effect (start-up, until a reload succeeds).
         self.lastReloadOk = True
@@ -140,7 +143,6 @@ class Metrics(Service):
         shown on the status page.
         """
         self.services[name] = _ServiceInfo(name, protocol, tuple(pools), factory, tuple(policy))
-        self.serviceWindows.setdefault(name, Window(HISTORY))
         self.connections.setdefault(name, 0)
 
     def startService(self) -> None:
@@ -164,7 +166,8 @@ class Metrics(Service):
         One HTTP exchange is over (answered, refused or abandoned).  Reads
         the exchange's C{pool}, C{server}, C{status}, C{started} (a
         C{time.monotonic()} stamp), C{bytesSent}, C{received}, C{tried},
-        C{requestId}, C{reason} and, when the service caches, C{cacheResult}.
+        C{requestId}, C{reason}, C{protocol} (else C{version}) and, when the
+        service caches, C{cacheResult}.
         """
         pool = exchange.pool
         retried = len(exchange.tried)
@@ -174,6 +177,8 @@ class Metrics(Service):
         if cached is not None:
             key = (service, cached)
             self.cacheRequests[key] = self.cacheRequests.get(key, 0) + 1
+        key = (service, getattr(exchange, "protocol", None) or "HTTP/" + getattr(exchange, "version", "1.1"))
+        self.protocols[key] = self.protocols.get(key, 0) + 1
         self.request(
             service, pool, exchange.server, exchange.status,
             time.monotonic() - exchange.started,
@@ -218,16 +223,11 @@ class Metrics(Service):
             key = (service, poolName, serverName, status)
             requests = self.requests
             requests[key] = requests.get(key, 0) + 1
-        self.total.add(second, bucket, error)
-        window = self.serviceWindows.get(service)
+        key = (service, poolName)
+        window = self.windows.get(key)
         if window is None:
-            window = self.serviceWindows[service] = Window(HISTORY)
+            window = self.windows[key] = Window(HISTORY)
         window.add(second, bucket, error)
-        if pool is not None:
-            window = self.poolWindows.get(poolName)
-            if window is None:
-                window = self.poolWindows[poolName] = Window(HISTORY)
-            window.add(second, bucket, error)
         counts = self.bytes
         key = (service, "in")
         counts[key] = counts.get(key, 0) + bytesIn
@@ -317,7 +317,7 @@ class Metrics(Service):
             entry = {"name": info.name, "protocol": info.protocol, "pools": list(info.pools)}
             if info.policy:
                 entry["policy"] = list(info.policy)
-            entry.update(_windowStats(self.serviceWindows[info.name], now, history))
+            entry.update(_windowStats(self.window(service=info.name), now, history))
             entry["activeConnections"] = self.activeConnections(info.name)
             entry["connectionsTotal"] = self.connections.get(info.name, 0)
             if info.name in caches:
@@ -327,7 +327,7 @@ class Metrics(Service):
             "time": round(now, 3),
             "window": {"rateSeconds": RATE_WINDOW, "latencySeconds": LATENCY_WINDOW},
         }
-        out.update(_windowStats(self.total, now, history))
+        out.update(_windowStats(self.window(), now, history))
         out["activeConnections"] = sum(s["activeConnections"] for s in services)
         out["healthyBackends"] = healthy
         out["unhealthyBackends"] = unhealthy
@@ -335,13 +335,24 @@ class Metrics(Service):
         out["pools"] = pools
         return out
 
+    def window(self, service: Optional[str] = None, pool: Optional[str] = None) -> Window:
+        """
+        The traffic of one service, of one pool, or (neither given) of
+        everything: the sum of the C{(service, pool)} windows in scope.
+        """
+        windows = [w for (s, p), w in list(self.windows.items())
+                   if (service is None or s == service) and (pool is None or p == pool)]
+        if len(windows) == 1:
+            return windows[0]
+        out = Window(HISTORY)
+        for w in windows:
+            out.merge(w.slots())
+        return out
+
     def _poolStats(self, pool: Pool, now: float, history: bool) -> dict[str, Any]:
         servers = list(pool)
         entry = {"name": pool.name, "algorithm": pool.algorithm}
-        window = self.poolWindows.get(pool.name)
-        if window is None:
-            window = self.poolWindows[pool.name] = Window(HISTORY)
-        entry.update(_windowStats(window, now, history))
+        entry.update(_windowStats(self.window(pool=pool.name), now, history))
         entry["activeConnections"] = sum(max(s.active, 0) for s in servers)
         entry["healthyBackends"] = sum(1 for s in servers if s.state is ServerState.UP)
         entry["unhealthyBackends"] = sum(1 for s in servers if s.state in _UNHEALTHY)
@@ -454,6 +465,9 @@ class _Collector:
                         ["pool", "server", "result"], m.healthChecks)
         yield _counters("txlb_refused", "Clients turned away before reaching a backend, by service and reason "
                         "(deny, rate_limit, proxy_header, ...).", ["service", "reason"], m.refusals)
+        yield _counters("txlb_http_requests", "HTTP requests by service and the protocol the client spoke "
+                        "(http/1.0, http/1.1, http/2).", ["service", "protocol"],
+                        {(service, protocol.lower()): n for (service, protocol), n in list(m.protocols.items())})
         yield _counters("txlb_ejections", "Servers ejected by passive outlier detection.",
                         ["pool", "server"], m.ejections)
         # Label values are lower-case, as Prometheus conventions have them;

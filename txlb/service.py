@@ -49,7 +49,7 @@ from txlb.http.h2frontend import H2Connection
 from txlb.http.routing import Route, Router
 from txlb.health import HealthChecks, healthCheckFactories
 from txlb.interfaces import IHealthCheckFactory, ISchedulerFactory
-from txlb.logs import LogFile, makeObserver, reopenOnSignal
+from txlb.logs import LogFile, accessTo, makeObserver, reopenOnSignal
 from txlb.metrics import Metrics
 from txlb.config._admission import describeAdmission
 from txlb.policy.build import Policies
@@ -438,6 +438,7 @@ class TxlbService(MultiService):
         """
         if isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
             parent.setComponent(ILogObserver, self.logObserver)
+            accessTo(self.logObserver)  # the process's log: access events go straight to it
         super().setServiceParent(parent)
 
     def _listen(self, name: str, listen: str, factory: Factory, late):

@@ -41,7 +41,7 @@ from twisted.logger import Logger, globalLogBeginner
 
 from txlb.aggregate import serverFigures, statsPart
 from txlb.control import CONTROL_FD, POOL_EVENTS, ControlChannel
-from txlb.logs import LogFile, TxlbLogObserver, jsonLine, textLine
+from txlb.logs import LogFile, TxlbLogObserver, accessTo, jsonLine, textLine
 from txlb.pool import Pool, Server, ServerState
 
 _log = Logger(namespace="txlb.worker")
@@ -289,6 +289,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                           logObserver=observer)
     worker = Worker(service, reactor, args.worker)
     globalLogBeginner.beginLoggingTo([worker.observe], redirectStandardIO=False)
+    accessTo(observer, worker=args.worker)  # access events straight to the log, as worker.observe marks them
     reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(observer.reopen))
 
