@@ -544,3 +544,44 @@ def test_http2_streams_get_the_header_client(env):
                     ended.add(event.stream_id)
             sock.sendall(conn.data_to_send())
     assert [json.loads(bodies[s])["xff"] for s in (1, 3)] == [["203.0.113.222"]] * 2
+
+
+def test_allow_and_deny_judge_the_header_client(tmp_path):
+    """The policy's allow/deny sees the PROXY client on TCP (the transport's getPeer) and HTTP services."""
+    web, echo = httpBackend("w"), Backend("echo")
+    httpPort, tcpPort = freePort(), freePort()
+    config = (
+        f'[pools.web]\nservers = [{{ name = "w", address = "{web.address}" }}]\n'
+        f'[pools.echo]\nservers = [{{ name = "echo", address = "{echo.address}" }}]\n'
+        f'[[services]]\nname = "web"\nprotocol = "http"\nlisten = "tcp:{httpPort}:interface=127.0.0.1"\n'
+        'pool = "web"\naccept_proxy = true\ndeny = ["203.0.113.0/24"]\n'
+        f'[[services]]\nname = "tcp"\nprotocol = "tcp"\nlisten = "tcp:{tcpPort}:interface=127.0.0.1"\n'
+        'pool = "echo"\naccept_proxy = true\ndeny = ["203.0.113.0/24"]\n'
+    )
+    lb = Txlb(config, tmp_path).start(listening=2)
+
+    def tcpAnswer(client: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", tcpPort), timeout=10) as sock:
+            sock.sendall(b"PROXY TCP4 %s 127.0.0.1 1 2\r\n" % client.encode())
+            sock.shutdown(socket.SHUT_WR)
+            try:
+                return recvAll(sock)
+            except ConnectionResetError:
+                return b""
+
+    def httpStatus(client: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", httpPort), timeout=10) as sock:
+            sock.sendall(b"PROXY TCP4 %s 127.0.0.1 1 2\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                         % client.encode())
+            return recvAll(sock).split(b"\r\n", 1)[0]
+
+    try:
+        # Every connection comes from 127.0.0.1, which no rule names: only the header's client can be denied.
+        assert tcpAnswer("192.0.2.1") == b"echo\n"
+        assert tcpAnswer("203.0.113.5") == b""
+        assert httpStatus("192.0.2.1") == b"HTTP/1.1 200 OK"
+        assert httpStatus("203.0.113.5") == b"HTTP/1.1 403 Forbidden"
+    finally:
+        lb.stop()
+        web.stop()
+        echo.stop()
