@@ -557,3 +557,21 @@ def test_static_encoder_blocks_decode_to_what_was_encoded(blocks, resize):
             encoder.header_table_size = 0
         assert decoder.decode(encoder.encode(headers), raw=True) == headers
     assert decoder.header_table_size == 0
+
+
+def test_metrics_count_requests_by_protocol():
+    from txlb.metrics import Metrics
+
+    h = Harness()
+    h.service.metrics = Metrics({"p": h.pool}, h.reactor)
+    c = Client(h)
+    sid = c.request("/")
+    backend, _ = h.answer()
+    backend.dataReceived(OK)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    h1, _ = h.answer()
+    h1.dataReceived(OK)
+    text = h.service.metrics.exposition().decode()
+    assert 'txlb_http_requests_total{protocol="http/2",service="web"} 1.0' in text
+    assert 'txlb_http_requests_total{protocol="http/1.1",service="web"} 1.0' in text
