@@ -578,3 +578,27 @@ def test_one_timer_for_every_header_being_read():
     clock.advance(2.0)
     assert transport.disconnecting and all(t.disconnecting for t in others)
     assert metrics.counted == [("web", "proxy_header")] * 4
+
+
+def test_under_tls_the_service_protocol_hears_the_header_client(tmp_path):
+    """The reader sits outside TLS; TLS asks the transport beneath it, which answers the header's client."""
+    import trustme
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from txlb.tls import ServerTLS
+
+    cert = trustme.CA().issue_cert("localhost")
+    cert.private_key_pem.write_to_path(str(tmp_path / "site.key"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "site.pem"))
+    options = ServerTLS([(str(tmp_path / "site.pem"), str(tmp_path / "site.key"))])
+    wrapped = Wrapped()
+    acceptor = ProxyAcceptor(TLSMemoryBIOFactory(options, False, wrapped), "web", Clock())
+    reader = acceptor.buildProtocol(BALANCER)
+    transport = StringTransport(peerAddress=BALANCER, hostAddress=IPv4Address("TCP", "10.9.9.1", 8443))
+    reader.makeConnection(transport)
+    reader.dataReceived(b"PROXY TCP4 192.0.2.7 10.9.9.1 40000 8443\r\n")
+    (inner,) = wrapped.built
+    assert inner.addr.host == "192.0.2.7"
+    assert inner.transport is not transport  # TLS is between them
+    assert clientAddress(inner.transport) == inner.peerAtStart == IPv4Address("TCP", "192.0.2.7", 40000)
+    assert inner.transport.getHost() == IPv4Address("TCP", "10.9.9.1", 8443)
