@@ -575,3 +575,32 @@ def test_metrics_count_requests_by_protocol():
     text = h.service.metrics.exposition().decode()
     assert 'txlb_http_requests_total{protocol="http/2",service="web"} 1.0' in text
     assert 'txlb_http_requests_total{protocol="http/1.1",service="web"} 1.0' in text
+
+
+def test_empty_data_frames_count_against_the_reset_budget():
+    h = Harness()
+    c = Client(h)
+    sid = c.request("/up", method="POST", end=False)
+    budget = c.frontend.h2.resetBudget
+    for i in range(budget + 1):
+        c.conn.send_data(sid, b"")
+        if i % 50 == 49:
+            c.flush()
+    c.flush()
+    [goaway] = c.goaway()
+    assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_reset_budget_renews_after_its_window():
+    h = Harness()
+    c = Client(h)
+    budget = c.frontend.h2.resetBudget
+    for round in range(3):
+        for _ in range(budget - 10):
+            sid = c.conn.get_next_available_stream_id()
+            c.conn.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                                      (b":authority", b"a")], end_stream=True)
+            c.conn.reset_stream(sid, ErrorCodes.CANCEL)
+        c.flush()
+        h.reactor.advance(11)
+    assert not c.goaway()

@@ -76,9 +76,10 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: the backend connection it reads from.
 HIGH_WATER = 64 * 1024
 
-#: Resets (the client's RST_STREAM, and streams we refused as malformed) a
-#: connection may cause within L{RESET_WINDOW} seconds: twice the streams
-#: it may have open, and at least this many.
+#: Resets (the client's RST_STREAM, streams we refused as malformed, and
+#: empty DATA frames that end nothing) a connection may cause within
+#: L{RESET_WINDOW} seconds: twice the streams it may have open, and at
+#: least this many.
 MIN_RESETS = 200
 RESET_WINDOW = 10.0
 
@@ -343,6 +344,8 @@ class H2Connection:
                     self._ack(event.flow_controlled_length, event.stream_id)
                 else:
                     stream.received(event.data, event.flow_controlled_length)
+                if not event.flow_controlled_length and event.stream_ended is None:
+                    self._reset()  # an empty DATA frame that ends nothing (CVE-2019-9518)
             elif kind is TrailersReceived:
                 stream = streams.get(event.stream_id)
                 if stream is not None:
