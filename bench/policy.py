@@ -15,14 +15,18 @@ What traffic policy costs, measured in one run on 127.0.0.1:
     Target: at least 0.7 × nginx.
 
 One nginx process holds the backends (C{GET /} a 13-byte body,
-C{GET /body.json} the JSON); wrk drives every target.  The targets are
-started in turn and measured in alternating rounds (C{--repeat}); the
-medians are reported, with the CPU time of each proxy's own processes
-(user+system from C{/proc/PID/stat}).  Every run is bounded by
-C{--duration} seconds and the whole by C{--repeat} rounds.
+C{GET /body.json} the JSON); wrk drives every target, and the CPU time
+of each proxy's own processes (user+system from C{/proc/PID/stat}) is
+read around each run.  For (a) the three txlb processes run side by side
+and take turns, C{--cycles} short runs each in a rotating order, so that
+each cycle compares them under the same load from whatever else shares
+the machine: the median of the per-cycle ratios is the figure to read.
+For (b) the two proxies are started in turn, C{--repeat} rounds of
+C{--duration} seconds.  Every run is bounded in time, every loop in
+count.
 
     python3 bench/policy.py
-    python3 bench/policy.py --duration 5 --repeat 3 --json policy.json
+    python3 bench/policy.py --cycles 20 --repeat 5 --json policy.json
     python3 bench/policy.py --parts headers          # (a) only
 """
 
@@ -216,12 +220,13 @@ def wrk(port: int, path: str, connections: int, seconds: float, headers: tuple[s
 
 
 def measure(proc: subprocess.Popen, port: int, path: str, connections: int, opts,
-            headers: tuple[str, ...] = ()) -> dict:
-    """A warm-up, then one run of --duration seconds with the proxy's CPU time around it."""
-    if opts.warmup > 0:
-        wrk(port, path, connections, opts.warmup, headers)
+            headers: tuple[str, ...] = (), seconds: Optional[float] = None, warmup: Optional[float] = None) -> dict:
+    """A warm-up, then one run (--duration seconds) with the proxy's CPU time around it."""
+    warmup = opts.warmup if warmup is None else warmup
+    if warmup > 0:
+        wrk(port, path, connections, warmup, headers)
     before = _lab.cpuSeconds(proc.pid)
-    r = wrk(port, path, connections, opts.duration, headers)
+    r = wrk(port, path, connections, opts.duration if seconds is None else seconds, headers)
     r["cpu_s"] = _lab.cpuSeconds(proc.pid) - before
     r["cpu_us_per_req"] = r["cpu_s"] / r["done"] * 1e6 if r["done"] else None
     r["rss_mib"] = _lab.rssMiB(proc.pid)
@@ -252,16 +257,64 @@ def partHeaders(lab: Lab, backend: int, opts, results: dict, notes: list[str]) -
     targets = [("txlb", ""), ("txlb+headers", HEADER_RULES)]
     if policy != HEADER_RULES:
         targets.append(("txlb+policy", policy))
-    for rnd in range(opts.repeat):
+    # Every target runs for the whole part; short runs take turns, in an
+    # order that rotates, so that each cycle compares the targets under
+    # the same load from whatever else shares the machine.
+    running = []
+    try:
         for target, text in targets:
-            proc, port = startTxlb(lab, f"{target}-{rnd}", backend, text)
-            try:
-                r = measure(proc, port, "/", 50, opts)
-            finally:
-                lab.stop(proc)
-            results.setdefault(target, []).append(r)
-            print(f"# round {rnd + 1} {target}: {r['req_s']:.0f} req/s, "
-                  f"{r['cpu_us_per_req'] or 0:.1f} cpu-us/req, {r['errors']} errors", file=sys.stderr, flush=True)
+            proc, port = startTxlb(lab, target, backend, text)
+            running.append((target, proc, port))
+            if opts.warmup > 0:
+                wrk(port, "/", 50, opts.warmup)
+        for cycle in range(opts.cycles):
+            turn = cycle % len(running)
+            for target, proc, port in running[turn:] + running[:turn]:
+                r = measure(proc, port, "/", 50, opts, seconds=opts.cycle_seconds, warmup=0)
+                results.setdefault(target, []).append(r)
+                print(f"# cycle {cycle + 1} {target}: {r['req_s']:.0f} req/s, "
+                      f"{r['cpu_us_per_req'] or 0:.1f} cpu-us/req, {r['errors']} errors", file=sys.stderr, flush=True)
+    finally:
+        for _, proc, _ in running:
+            lab.stop(proc)
+
+
+def partRewrite(opts, results: dict, notes: list[str]) -> None:
+    """
+    (a) in one process: what the two header rules add to writing one
+    request head and one response head (the only per-request work they
+    do), with the variables a request's values need.  Steadier than (a)
+    under load, and it says how much of (a)'s difference is theirs.
+    """
+    import timeit
+
+    sys.path.insert(0, str(ROOT))
+    from txlb.config import parse
+    from txlb.http.headers import requestHead, responseHead
+    from txlb.policy.headers import compileRules, variables
+
+    config = parse(txlbConfig(8080, 9001, HEADER_RULES), "bench.toml")
+    policy = compileRules(config.services[0].header_rules)
+    request = [(b"Host", b"127.0.0.1:8080"), (b"User-Agent", b"wrk"), (b"Accept", b"*/*")]
+    response = [(b"Server", b"nginx"), (b"Date", b"Mon, 07 Dec 2026 13:00:00 GMT"),
+                (b"Content-Type", b"text/plain"), (b"Content-Length", b"13"), (b"Connection", b"keep-alive")]
+
+    def heads(rules) -> None:
+        values = () if rules is None else variables("127.0.0.1", "5f3a-17", "bench", "server-1")
+        requestHead(b"GET", b"/", request, client="127.0.0.1", host=b"127.0.0.1:8080", proto=b"http",
+                    requestId="5f3a-17", framing=None, rules=None if rules is None else rules.request,
+                    values=values)
+        responseHead(200, b"OK", response, requestId="5f3a-17", framing=b"Content-Length: 13", close=False,
+                     rules=None if rules is None else rules.response)
+
+    # Short timings taking turns, the fastest of each kept: what is left
+    # when nothing else got in the way.
+    number, best = 5000, {"heads": float("inf"), "heads+rules": float("inf")}
+    for _ in range(20):
+        for name, rules in (("heads", None), ("heads+rules", policy)):
+            best[name] = min(best[name], timeit.timeit(lambda: heads(rules), number=number) / number * 1e6)
+    for name, us in best.items():
+        results[name] = [{"us": us, "errors": 0}]
 
 
 def partGzip(lab: Lab, backend: int, body: bytes, opts, results: dict, notes: list[str]) -> None:
@@ -293,11 +346,12 @@ def report(results: dict, notes: list[str], body: bytes, opts) -> str:
     def f(x, spec):
         return format(x, spec) if x is not None else "-"
 
-    lines = [f"# txlb policy benchmark: {opts.duration:g}s per run, {opts.repeat} round(s), medians", ""]
+    lines = [f"# txlb policy benchmark, medians; (b): {opts.duration:g}s per run, {opts.repeat} round(s)", ""]
     lines += notes
     if "txlb" in results:
         off = med(results["txlb"], "cpu_us_per_req")
-        lines += ["", "(a) HTTP keep-alive, GET / (13 bytes), 50 connections",
+        lines += ["", f"(a) HTTP keep-alive, GET / (13 bytes), 50 connections; {opts.cycles} cycles of "
+                      f"{opts.cycle_seconds:g}s per target, taking turns",
                   f"{'target':12} {'req/s':>8} {'cpu-us/req':>10} {'p99 ms':>7} {'errors':>6}"]
         ruled = [t for t in ("txlb", "txlb+headers", "txlb+policy") if t in results]
         for target in ruled:
@@ -309,13 +363,18 @@ def report(results: dict, notes: list[str], body: bytes, opts) -> str:
             if off and on:
                 lines.append(f"{target} overhead: {on - off:+.1f} cpu-us/req = {100 * (on / off - 1):+.1f}% "
                              f"(target <= +15% for everything on)")
-            # The same, round by round: each round's targets ran one after the other.
+            # The same, cycle by cycle: each cycle's targets ran one after the other.
             pairs = [(a["cpu_us_per_req"], b["cpu_us_per_req"]) for a, b in zip(results["txlb"], results[target])
                      if a.get("cpu_us_per_req") and b.get("cpu_us_per_req")]
             if len(pairs) > 1:
                 ratios = [b / a for a, b in pairs]
-                lines.append("  by round: " + ", ".join(f"{100 * (r - 1):+.0f}%" for r in ratios)
+                lines.append("  by cycle: " + ", ".join(f"{100 * (r - 1):+.0f}%" for r in ratios)
                              + f"; median {100 * (statistics.median(ratios) - 1):+.1f}%")
+    if "heads" in results:
+        bare, ruled = results["heads"][0]["us"], results["heads+rules"][0]["us"]
+        lines.append(f"in one process: a request and a response head {bare:.2f} us, with the two rules "
+                     f"{ruled:.2f} us: {ruled - bare:+.2f} us per request"
+                     + (f" = {100 * (ruled - bare) / off:+.1f}% of txlb's cpu-us/req above" if off else ""))
     if "txlb-gzip" in results:
         ng, tx = med(results["nginx-gzip"], "body_mib_s"), med(results["txlb-gzip"], "body_mib_s")
         wire = len(gzip.compress(body, opts.level))
@@ -329,6 +388,9 @@ def report(results: dict, notes: list[str], body: bytes, opts) -> str:
                          f"{sum(r['errors'] for r in rs):6d}")
         if ng and tx:
             lines.append(f"txlb / nginx: {tx / ng:.2f}x MiB/s (target >= 0.7x)")
+        ngCpu, txCpu = med(results["nginx-gzip"], "cpu_us_per_req"), med(results["txlb-gzip"], "cpu_us_per_req")
+        if ngCpu and txCpu:
+            lines.append(f"txlb / nginx: {txCpu / ngCpu:.2f}x CPU per response (both compress with zlib)")
     problems = [f"{t} round {i + 1}: {r['errors']} errors; {r.get('firstError', '')}"
                 for t, rs in results.items() for i, r in enumerate(rs) if r["errors"]]
     if problems:
@@ -340,7 +402,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
     ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds of load before each run")
-    ap.add_argument("--repeat", type=int, default=3, help="rounds, alternating the targets (default 3)")
+    ap.add_argument("--repeat", type=int, default=3, help="(b): rounds, alternating the targets (default 3)")
+    ap.add_argument("--cycles", type=int, default=10, help="(a): runs of each target, taking turns (default 10)")
+    ap.add_argument("--cycle-seconds", type=float, default=2.0, help="(a): seconds per run (default 2)")
     ap.add_argument("--parts", default="headers,gzip", help="comma-separated: headers, gzip (default both)")
     ap.add_argument("--body-kib", type=int, default=256, help="the compressible body's size (default 256)")
     ap.add_argument("--level", type=int, default=6, help="gzip level for both (default 6)")
@@ -349,8 +413,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (configs, logs)")
     opts = ap.parse_args(argv)
     parts = {p for p in opts.parts.split(",") if p}
-    if parts - {"headers", "gzip"} or not 1 <= opts.repeat <= 20 or not 0 < opts.duration <= 120:
-        ap.error("--parts takes headers and gzip; --repeat 1..20; --duration up to 120 s")
+    if (parts - {"headers", "gzip"} or not 1 <= opts.repeat <= 20 or not 0 < opts.duration <= 120
+            or not 1 <= opts.cycles <= 50 or not 0 < opts.cycle_seconds <= 30):
+        ap.error("--parts takes headers and gzip; --repeat 1..20; --duration up to 120 s; --cycles 1..50 "
+                 "of up to 30 s")
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
             ap.error(f"needs {tool}")
@@ -361,6 +427,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         backend = backends(lab, body)
         if "headers" in parts:
+            partRewrite(opts, results, notes)
             partHeaders(lab, backend, opts, results, notes)
         if "gzip" in parts:
             partGzip(lab, backend, body, opts, results, notes)
