@@ -164,6 +164,24 @@ def test_response_rules_apply_after_txlb_own_headers():
     assert (b"x-request-id", b"rid-1") in fields and (b"content-length", b"0") in fields
 
 
+
+def test_rules_that_take_out_txlb_own_lines_do_so_on_every_head_they_write():
+    """The sift set and own names are worked out once per head writer: each writer gets its own."""
+    rules = compileSide([ops(set=[("X-Request-ID", "mine")], remove=["Forwarded", "X-Forwarded-Host"])])
+    for forwarded in (False, True, False, True):
+        data = requestHead(b"GET", b"/p", [(b"Host", b"a.example"), (b"Forwarded", b"for=1.1.1.1")],
+                           client="10.0.0.1", host=b"a.example", proto=b"http", requestId="rid-1", framing=None,
+                           forwarded=forwarded, rules=rules)
+        _, fields = parseRequest(data)
+        assert [v for n, v in fields if n == b"x-request-id"] == [b"mine"]
+        assert b"forwarded" not in dict(fields) and b"x-forwarded-host" not in dict(fields)
+        assert dict(fields)[b"x-forwarded-for"] == b"10.0.0.1"
+        fields = parseResponse(responseHead(200, b"OK", [(b"X-Request-ID", b"theirs")], requestId="rid-1",
+                                            framing=b"Content-Length: 0", close=False, extra=(b"Forwarded: x",),
+                                            rules=rules))
+        assert [v for n, v in fields if n == b"x-request-id"] == [b"mine"] and b"forwarded" not in dict(fields)
+
+
 TOKEN = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-!#$%&'*+.^_`|~", min_size=1,
                 max_size=8).filter(lambda n: n.lower().encode() not in FRAMING and n.lower() != "host")
 VALUE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=12).map(
