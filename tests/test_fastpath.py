@@ -15,7 +15,7 @@ from twisted.internet import abstract, tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor
 
-from tests.support import Backend, Txlb, freePort, httpAnswer, httpRequests
+from tests.support import Backend, Txlb, freePort, httpAnswer, httpRequests, waitFor
 from txlb import fastpath, readloop, wire
 
 
@@ -128,10 +128,11 @@ def test_a_proxy_on_the_public_road_answers_and_copies_large_bodies(monkeypatch)
                     status, length, received = _response(client)
                     assert status == 200
                     assert received == (body if target == "/big" else b"b1")
-            events = txlb.events()
-            assert [e["event"] for e in events].count("fast_path_disabled") == 1
-            big = [e for e in events if e.get("event") == "request" and e.get("path") == "/big"]
-            assert big and not big[0].get("spliced")
+            # Access lines are written at the log's next flush.
+            big = waitFor(lambda: [e for e in txlb.events("request") if e.get("path") == "/big"],
+                          what="the request event of /big")
+            assert not big[0].get("spliced")
+            assert [e["event"] for e in txlb.events()].count("fast_path_disabled") == 1
     finally:
         backend.stop()
 

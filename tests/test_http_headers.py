@@ -32,7 +32,8 @@ NAMES = st.one_of(
     st.sampled_from([b"Connection", b"Keep-Alive", b"TE", b"Trailer", b"Upgrade", b"Proxy-Connection",
                      b"Proxy-Authorization", b"Proxy-Authenticate", b"Transfer-Encoding", b"X-Forwarded-For",
                      b"X-Request-ID", b"Content-Length", b"Forwarded", b"Accept", b"X-A", b"x-b"]),
-    st.text(TOKEN_CHARS, min_size=1, max_size=10).map(str.encode),
+    # A second Host never reaches these functions: the frontend answers 400.
+    st.text(TOKEN_CHARS, min_size=1, max_size=10).map(str.encode).filter(lambda n: n.lower() != b"host"),
 )
 VALUES = st.text("abcdefghijklmnopqrstuvwxyz0123456789 ,.=;-XABK", max_size=20).map(lambda t: t.strip().encode())
 HEADERS = st.lists(st.tuples(NAMES, VALUES), max_size=12)
