@@ -1305,3 +1305,15 @@ def test_a_udp_service_and_dns_cannot_share_a_socket():
     line, path, message = problem(text)
     assert path == "dns.listen"
     assert "is already used by services[0].listen" in message
+
+
+def test_http2_and_max_concurrent_streams():
+    config = parse(toml(POOL + service('protocol = "http"\n')))
+    assert config.services[0].http2 is True and config.services[0].limits.max_concurrent_streams == 100
+    config = parse(toml(POOL + service('protocol = "http"\nhttp2 = false\nlimits = { max_concurrent_streams = 8 }\n')))
+    assert config.services[0].http2 is False and config.services[0].limits.max_concurrent_streams == 8
+    found = problems(POOL + service('protocol = "http"\nhttp2 = "yes"\nlimits = { max_concurrent_streams = 0 }\n'))
+    assert [(line, path) for line, path, _ in found] == [
+        (8, "services[0].http2"), (9, "services[0].limits.max_concurrent_streams")]
+    assert "between 1 and 10000" in found[1][2]
+    assert problem(POOL + service("http2 = true\n"))[1] == "services[0].http2"  # a TCP service
