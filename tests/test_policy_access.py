@@ -12,7 +12,9 @@ import ipaddress
 import random
 
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from txlb.config import ConfigError, parse
@@ -21,6 +23,7 @@ from txlb.policy.access import CACHE_SIZE, AccessList, NetworkSet, clientAddress
 from txlb.policy.ratelimit import ConnectionLimits, parseRate
 from txlb.tap import summary
 
+from tests.test_reload import Running
 from tests.test_tcp import Harness as TCPHarness
 from tests.test_udp import Harness as UDPHarness
 
@@ -273,3 +276,48 @@ def test_a_denied_udp_client_starts_no_flow():
     h.send(b"q", ("198.51.100.1", 4000))
     assert len(h.sockets) == 1
     assert h.metrics.refusals == {("dns", "deny"): 2}
+
+
+# Reloads.
+
+
+TCP = """
+[pools.db]
+servers = [{ name = "db-1", address = "127.0.0.1:9001" }]
+
+[[services]]
+name = "db"
+protocol = "tcp"
+listen = "tcp:6432:interface=127.0.0.1"
+pool = "db"
+"""
+
+
+def test_a_reload_applies_a_tcp_services_rules_to_new_connections(tmp_path):
+    running = Running(tmp_path, TCP + 'deny = ["127.0.0.5"]\nlimits = { connection_rate = "1/m" }\n')
+
+    def connect(port: int):
+        address = IPv4Address("TCP", "127.0.0.5", 4000)
+        protocol = running.reactor.listening[port].buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    running.connect = connect
+    try:
+        factory = running.service.balancers["db"].factory
+        _, refused = running.connect(6432)
+        assert refused.disconnecting
+        limits = factory.connectionLimits
+        result = running.reload(TCP + 'deny = ["127.0.0.9"]\nlimits = { connection_rate = "1/m" }\n')
+        assert result.ok and "service db: access changed" in result.changes
+        assert factory.connectionLimits is limits  # unchanged: its buckets are kept
+        _, first = running.connect(6432)
+        _, second = running.connect(6432)
+        assert not first.disconnecting and second.disconnecting  # one a minute
+        result = running.reload(TCP)
+        assert result.ok and factory.access is None and factory.connectionLimits is None
+        _, third = running.connect(6432)
+        assert not third.disconnecting
+    finally:
+        running.service.stopService()
