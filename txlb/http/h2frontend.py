@@ -421,8 +421,15 @@ class H2Connection:
         self.send()
 
     def send(self) -> None:
-        """Frames were queued: out at the end of this turn, unless a read gathers them."""
-        if not self._holding and self._later is None and not self._gone:
+        """
+        Frames were queued: out at the end of this turn, unless a read
+        gathers them; out now when no other stream could add to them.
+        """
+        if self._holding or self._later is not None or self._gone:
+            return
+        if len(self.streams) <= 1:
+            self._write()
+        else:
             self._later = self.service.clock.callLater(0, self._write)
 
     def _write(self) -> None:
