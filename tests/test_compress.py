@@ -16,7 +16,10 @@ from hypothesis import given, strategies as st
 
 from tests.test_http_frontend import Harness
 from txlb.config import CacheConfig
-from txlb.http.compress import DEFAULT_TYPES, Compression, Encoder, acceptsGzip, qualities
+from txlb.http import compress
+from txlb.http.compress import (
+    DEFAULT_TYPES, BrotliEncoder, Compression, Encoder, acceptsGzip, chooseEncoding, qualities,
+)
 from txlb.http.routing import Route, Router
 
 # Accept-Encoding.
@@ -94,11 +97,43 @@ def test_each_flush_makes_what_was_given_readable():
         assert reader.decompress(encoder.compress(piece) + encoder.flush()) == piece
 
 
+@pytest.mark.parametrize("value, brotli, chosen", [
+    (b"gzip, deflate, br", True, b"br"),  # what browsers send: equal weights, the smaller coding
+    (b"gzip, deflate, br", False, b"gzip"),
+    (b"br;q=0.5, gzip", True, b"gzip"),
+    (b"br, gzip;q=0.8", True, b"br"),
+    (b"br", True, b"br"),
+    (b"br", False, None),
+    (b"*", True, b"br"),
+    (b"*", False, b"gzip"),
+    (b"br;q=0, *", True, b"gzip"),
+    (b"gzip;q=0, *;q=0.1", True, b"br"),
+    (b"identity, deflate", True, None),
+])
+def test_the_coding_chosen(value, brotli, chosen):
+    assert chooseEncoding([(b"Accept-Encoding", value)], brotli) == chosen
+
+
+needsBrotli = pytest.mark.skipif(compress._brotli is None, reason="the brotli extra is not installed")
+
+
+@needsBrotli
+@given(st.lists(st.binary(max_size=3000), max_size=8), st.integers(1, 9))
+def test_brotli_output_decompresses_to_the_input_and_each_flush_makes_it_readable(pieces, level):
+    import brotli
+
+    encoder, decoder = BrotliEncoder(level), brotli.Decompressor()
+    for i, piece in enumerate(pieces):
+        out = decoder.process(encoder.compress(piece) + encoder.flush())
+        assert out == piece
+    assert decoder.process(encoder.finish()) == b"" and decoder.is_finished()
+
+
 # The decision.
 
 BIG = [(b"Content-Type", b"text/html; charset=utf-8"), (b"Content-Length", b"5000"), (b"ETag", b'"v1"'),
        (b"Accept-Ranges", b"bytes")]
-GZIP = [(b"Accept-Encoding", b"gzip, br")]
+GZIP = [(b"Accept-Encoding", b"gzip, deflate")]
 
 
 def decide(headers=BIG, request=GZIP, status=200, method=b"GET", compression=None):
@@ -114,6 +149,20 @@ def test_a_compressible_response_is_rewritten_for_gzip():
                    (b"Vary", b"Accept-Encoding"), (b"Content-Encoding", b"gzip")]
 
 
+@needsBrotli
+def test_a_client_that_weighs_brotli_no_lower_gets_it():
+    out, encoder = decide(request=[(b"Accept-Encoding", b"gzip, br")])
+    assert isinstance(encoder, BrotliEncoder) and encoder.encoding == "br"
+    assert out[-2:] == [(b"Vary", b"Accept-Encoding"), (b"Content-Encoding", b"br")]
+
+
+def test_without_the_brotli_package_gzip_it_is(monkeypatch):
+    monkeypatch.setattr(compress, "_brotli", None)
+    out, encoder = decide(request=[(b"Accept-Encoding", b"br, gzip")])
+    assert isinstance(encoder, Encoder) and (b"Content-Encoding", b"gzip") in out
+    assert decide(request=[(b"Accept-Encoding", b"br")]) == ([*BIG, (b"Vary", b"Accept-Encoding")], None)
+
+
 def test_an_existing_vary_is_extended_once():
     out, _ = decide([*BIG, (b"Vary", b"Cookie")])
     assert (b"Vary", b"Cookie, Accept-Encoding") in out and [n for n, _ in out].count(b"Vary") == 1
@@ -127,7 +176,7 @@ def test_a_weak_etag_stays_as_it_is():
 
 
 def test_a_client_that_does_not_accept_gzip_gets_the_body_as_is_but_told_it_varies():
-    for request in ([], [(b"Accept-Encoding", b"gzip;q=0, br")], [(b"Accept-Encoding", b"identity")]):
+    for request in ([], [(b"Accept-Encoding", b"gzip;q=0, deflate")], [(b"Accept-Encoding", b"identity")]):
         out, encoder = decide(request=request)
         assert encoder is None
         assert out == [*BIG, (b"Vary", b"Accept-Encoding")]

@@ -15,7 +15,7 @@ from txlb.config import (
     describeTransforms,
     parse,
 )
-from txlb.http.compress import DEFAULT_TYPES
+from txlb.http.compress import CODINGS, DEFAULT_TYPES
 from txlb.tap import summary
 
 POOL = '[pools.api]\nservers = [{ name = "a", address = "127.0.0.1:9001" }]\n'
@@ -50,11 +50,11 @@ def test_a_service_and_its_routes():
     assert describeTransforms(service) == [
         "request headers: remove X-Debug; set X-Env",
         "response headers: remove Server; add X-Served-By",
-        "compress: gzip level 4, text/*, application/json, from 2048 bytes",
+        f"compress: {CODINGS} level 4, text/*, application/json, from 2048 bytes",
         "routes[0] redirect 301: host new.example.com (the rest of the URL kept)",
         "routes[1] redirect 302: scheme https, path_prefix /new/ (the rest of the URL kept)",
         "routes[2] request headers: add X-Route",
-        f"routes[2] compress: gzip level 1, {', '.join(DEFAULT_TYPES)}, from 1024 bytes",
+        f"routes[2] compress: {CODINGS} level 1, {', '.join(DEFAULT_TYPES)}, from 1024 bytes",
     ]
     lines = summary(config)
     assert lines[1:3] == ["  request headers: remove X-Debug; set X-Env",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import json
 import random
 import shutil
@@ -27,6 +28,7 @@ import requests
 from tests.support import (
     Backend, Txlb, connect, freePort, httpRequests, recvAll, sourceEnv, twistdCommand, waitFor,
 )
+from txlb.http.compress import CODINGS  # what --check offers: the subprocess imports the same
 
 MiB = 1 << 20
 
@@ -304,21 +306,49 @@ needsCurl = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl"
 @needsCurl
 @pytest.mark.parametrize("query", ["", "?chunked=1"])
 def test_gzip_is_decoded_by_curl_and_requests_to_the_original_bytes(world, query):
-    out = subprocess.run(["curl", "-s", "--compressed", "-D", "-", world.url("/text" + query)],
-                         capture_output=True, timeout=20)
+    out = subprocess.run(["curl", "-s", "--compressed", "-H", "Accept-Encoding: gzip", "-D", "-",
+                          world.url("/text" + query)], capture_output=True, timeout=20)
     head, _, body = out.stdout.partition(b"\r\n\r\n")
     assert b"\r\nContent-Encoding: gzip" in head and b"\r\nVary: Accept-Encoding" in head
     assert b'\r\nETag: W/"t1"' in head and b"Transfer-Encoding: chunked" in head
     assert body == TEXT
-    r = requests.get(world.url("/text" + query), timeout=10)
+    gzipOnly = {"Accept-Encoding": "gzip, deflate"}
+    r = requests.get(world.url("/text" + query), headers=gzipOnly, timeout=10)
     assert r.headers["Content-Encoding"] == "gzip" and r.content == TEXT
-    raw = requests.get(world.url("/text" + query), stream=True, timeout=10).raw.read(decode_content=False)
+    raw = requests.get(world.url("/text" + query), headers=gzipOnly, stream=True,
+                       timeout=10).raw.read(decode_content=False)
     assert len(raw) < len(TEXT) / 2 and gzip.decompress(raw) == TEXT
     asked = urllib.request.Request(world.url("/text" + query), headers={"Accept-Encoding": "gzip"})
     with urllib.request.urlopen(asked, timeout=10) as answer:  # urllib leaves the decoding to zlib
         assert answer.headers["Content-Encoding"] == "gzip"
         assert zlib.decompress(answer.read(), 16 + zlib.MAX_WBITS) == TEXT
     assert world.lb.requestEvent(r.headers["X-Request-ID"])["encoding"] == "gzip"
+
+
+needsBrotli = pytest.mark.skipif(importlib.util.find_spec("brotli") is None,
+                                 reason="the brotli extra is not installed")
+
+
+@needsCurl
+@needsBrotli
+@pytest.mark.parametrize("query", ["", "?chunked=1"])
+def test_a_client_that_takes_brotli_gets_it_decoded_to_the_original_bytes(world, query):
+    import brotli
+
+    out = subprocess.run(["curl", "-s", "--compressed", "-H", "Accept-Encoding: gzip, deflate, br", "-D", "-",
+                          world.url("/text" + query)], capture_output=True, timeout=20)
+    head, _, body = out.stdout.partition(b"\r\n\r\n")
+    assert b"\r\nContent-Encoding: br" in head and b"\r\nVary: Accept-Encoding" in head
+    assert b"Transfer-Encoding: chunked" in head and body == TEXT
+    asked = {"Accept-Encoding": "br;q=1, gzip;q=0.9"}
+    r = requests.get(world.url("/text" + query), headers=asked, timeout=10)
+    assert r.headers["Content-Encoding"] == "br" and r.content == TEXT
+    raw = requests.get(world.url("/text" + query), headers=asked, stream=True,
+                       timeout=10).raw.read(decode_content=False)
+    assert len(raw) < len(TEXT) / 2 and brotli.decompress(raw) == TEXT
+    assert world.lb.requestEvent(r.headers["X-Request-ID"])["encoding"] == "br"
+    r = requests.get(world.url("/text" + query), headers={"Accept-Encoding": "br;q=0.5, gzip"}, timeout=10)
+    assert r.headers["Content-Encoding"] == "gzip" and r.content == TEXT  # gzip weighed higher
 
 
 def test_without_accept_encoding_the_body_comes_as_is(world):
@@ -484,6 +514,23 @@ def test_the_cache_serves_a_gzip_and_a_plain_variant_to_two_clients(world):
     assert out.stdout == TEXT
 
 
+@needsBrotli
+def test_the_cache_keeps_a_brotli_variant_beside_the_gzip_one(world):
+    import brotli
+
+    path = "/cached?v=br"  # another resource: its variants start empty
+    before = world.app.cachedServed
+    answers = []
+    for _ in range(2):
+        for accept in ("br", "gzip"):
+            r = requests.get(world.url(path, world.cachedPort), headers={"Accept-Encoding": accept},
+                             stream=True, timeout=10)
+            answers.append((r.headers["X-Cache"], r.headers["Content-Encoding"], r.raw.read(decode_content=False)))
+    assert world.app.cachedServed - before == 2
+    assert [(c, e) for c, e, _ in answers] == [("MISS", "br"), ("MISS", "gzip"), ("HIT", "br"), ("HIT", "gzip")]
+    assert brotli.decompress(answers[2][2]) == gzip.decompress(answers[3][2]) == TEXT
+
+
 # Reload.
 
 
@@ -506,7 +553,7 @@ def test_the_status_page_shows_the_policy(world):
     assert servicePolicy(world) == [
         "request headers: remove X-Debug; set X-Env, X-Who",
         "response headers: remove Server; set Strict-Transport-Security; add X-Served-By",
-        "compress: gzip level 6, text/*, application/json, from 1024 bytes",
+        f"compress: {CODINGS} level 6, text/*, application/json, from 1024 bytes",
         "routes[0] redirect 301: host new.example.com (the rest of the URL kept)",
         "routes[1] redirect 308: path_prefix /new/ (the rest of the URL kept)",
         "routes[2] redirect 302: scheme https (the rest of the URL kept)",
@@ -515,7 +562,7 @@ def test_the_status_page_shows_the_policy(world):
         "routes[4] response headers: remove X-Backend",
     ]
     assert servicePolicy(world, "cached") == [
-        "compress: gzip level 6, text/*, from 1024 bytes"]
+        f"compress: {CODINGS} level 6, text/*, from 1024 bytes"]
 
 
 def test_check_prints_the_policy_and_refuses_what_could_smuggle(world, tmp_path):
@@ -524,6 +571,7 @@ def test_check_prints_the_policy_and_refuses_what_could_smuggle(world, tmp_path)
     assert good.returncode == 0, good.stdout + good.stderr
     assert "  routes[3] redirect 307: scheme https, host new.example.com:8443, path_prefix /here/" in good.stdout
     assert "  response headers: remove Server; set Strict-Transport-Security; add X-Served-By" in good.stdout
+    assert f"  compress: {CODINGS} level 6, text/*, application/json, from 1024 bytes" in good.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text(world.config().replace(
         'headers = { request = { set = { "X-Env" = "prod"',

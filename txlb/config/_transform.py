@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from txlb.config._rules import CompressConfig, HeaderOps, HeaderRules, RedirectConfig
 from txlb.config._table import _describe, _integer, _Invalid, _oneOf, _Table, parseSize
+from txlb.http import compress as _compress
 from txlb.http.compress import DEFAULT_TYPES
 from txlb.policy.headers import RuleError, Template, checkName
 from txlb.policy.redirect import DEFAULT_STATUS, STATUSES
@@ -226,7 +227,7 @@ def _describeRules(rules: Optional[HeaderRules]) -> list[str]:
 def _describeCompress(compress: Optional[CompressConfig]) -> list[str]:
     if compress is None:
         return []
-    return [f"compress: gzip level {compress.level}, {', '.join(compress.types)}, "
+    return [f"compress: {_compress.CODINGS} level {compress.level}, {', '.join(compress.types)}, "
             f"from {compress.min_size} bytes"]
 
 
