@@ -14,7 +14,7 @@ from h2.errors import ErrorCodes
 from hpack import Decoder
 from hypothesis import given, settings, strategies as st
 from h2.frame_buffer import CONTINUATION_BACKLOG
-from hyperframe.frame import ContinuationFrame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, RstStreamFrame
 
 from tests.test_http_frontend import OK, Harness, head
 from txlb.http.h2frontend import PREFACE, H2Connection, Malformed, Refused, StaticEncoder, requestFields
@@ -604,3 +604,23 @@ def test_reset_budget_renews_after_its_window():
         c.flush()
         h.reactor.advance(11)
     assert not c.goaway()
+
+
+def test_body_longer_than_its_content_length_ends_the_connection():
+    h = Harness()
+    c = Client(h)
+    sid = c.conn.get_next_available_stream_id()
+    c.conn.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/"),
+                              (b":authority", b"a"), (b"content-length", b"5")])
+    c.flush()
+    backend, server = h.answer()
+    frame = DataFrame(sid)
+    frame.data = b"0123456789"  # what the client's own h2 would refuse to send
+    frame.flags.add("END_STREAM")
+    c.frontend.dataReceived(frame.serialize())
+    c.read()
+    [goaway] = c.goaway()
+    assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert server.value().endswith(b"\r\n\r\n")  # the head, and not one byte of that body
+    h.reactor.advance(0)
+    assert getattr(server, "aborted", False) or server.disconnecting
