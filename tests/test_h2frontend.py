@@ -624,3 +624,22 @@ def test_body_longer_than_its_content_length_ends_the_connection():
     assert server.value().endswith(b"\r\n\r\n")  # the head, and not one byte of that body
     h.reactor.advance(0)
     assert getattr(server, "aborted", False) or server.disconnecting
+
+
+def test_a_stream_whose_window_stays_shut_times_out_on_the_client(events):
+    h = Harness(clientTimeout=10, backendTimeout=5)
+    c = Client(h)
+    sid = c.request("/big")
+    backend, server = h.answer()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100_000)
+    c.read()  # the client takes 64 KiB and opens no window
+    h.reactor.advance(6)
+    c.read()
+    assert not c.of(h2.events.StreamReset, sid)  # the backend is not blamed after its 5s
+    h.reactor.advance(5)
+    c.read()
+    [reset] = c.of(h2.events.StreamReset, sid)
+    [event] = [e for e in events if e.get("event") == "request"]
+    assert event["error"] == "the client read nothing for 10s"
+    assert getattr(server, "aborted", False) or server.disconnecting
+    assert not c.goaway()

@@ -21,7 +21,7 @@ from txlb.http.bodysplice import SINK, SOURCE, BodySplice, spliceable
 from txlb.http.headers import requestId, responseHead
 from txlb.policy.headers import variables
 from txlb.pool import Pool
-from txlb.wire import backlogged, buffered, sendNow
+from txlb.wire import buffered, sendNow
 
 if TYPE_CHECKING:  # pragma: no cover
     from txlb.http.frontend import HTTPFrontend
@@ -396,7 +396,7 @@ class Exchange:
         if splice is not None:
             slow = splice.waitingForSink or not splice.started  # (waiting for Twisted's buffer to drain)
         else:
-            slow = backlogged(frontend.transport)
+            slow = frontend.backlogged()
         timeout = service.clientTimeout if slow else service.backendTimeout
         quiet = service.clock.seconds() - self.lastMoved
         if not timeout or quiet < timeout:

@@ -45,7 +45,7 @@ from txlb.policy.admission import Refusal
 from txlb.policy.headers import variables
 from txlb.pool import Pool
 from txlb.readloop import adopt
-from txlb.wire import Cork, sendNow
+from txlb.wire import Cork, backlogged, sendNow
 
 _log = Logger(namespace="txlb.http")
 
@@ -333,6 +333,10 @@ class HTTPFrontend(Protocol):
 
     def _idle(self) -> None:
         self.transport.loseConnection()
+
+    def backlogged(self) -> bool:
+        """The client is not taking what it was sent (so a stalled body is its fault)."""
+        return backlogged(self.transport)
 
     def _headerTimeout(self) -> None:
         self._refuse(408, "the request headers did not arrive in time")

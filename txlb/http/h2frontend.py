@@ -65,7 +65,7 @@ from zope.interface import implementer
 from txlb.http.exchange import Exchange
 from txlb.http.frontend import HTTPFrontend, ReadGate
 from txlb.logs import emit
-from txlb.wire import sendNow
+from txlb.wire import backlogged, sendNow
 
 _log = Logger(namespace="txlb.http2")
 
@@ -884,6 +884,10 @@ class H2Stream(HTTPFrontend):
         self.connection.streamDone(self)
 
     # HTTPFrontend's hooks, for a stream.
+
+    def backlogged(self) -> bool:
+        # The stream's window is shut, or the connection's socket is full.
+        return bool(self.buffer) or self.connection.socketFull or backlogged(self.connection.transport)
 
     def _exchangeDone(self, exchange: Exchange) -> None:
         self.exchanges.popleft()
