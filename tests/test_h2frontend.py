@@ -14,7 +14,7 @@ from h2.errors import ErrorCodes
 from hpack import Decoder
 from hypothesis import given, settings, strategies as st
 from h2.frame_buffer import CONTINUATION_BACKLOG
-from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 
 from tests.test_http_frontend import OK, Harness, head
 from txlb.http.h2frontend import PREFACE, H2Connection, Malformed, Refused, StaticEncoder, requestFields
@@ -496,6 +496,9 @@ def test_idle_connection_gets_goaway():
     backend, _ = h.answer()
     backend.dataReceived(OK)
     c.read()
+    assert c.response(sid)[1:] == (b"hello", True)
+    h.reactor.advance(4)
+    assert not c.goaway()
     h.reactor.advance(6)
     c.read()
     [goaway] = c.goaway()
@@ -565,7 +568,7 @@ def test_metrics_count_requests_by_protocol():
     h = Harness()
     h.service.metrics = Metrics({"p": h.pool}, h.reactor)
     c = Client(h)
-    sid = c.request("/")
+    c.request("/")
     backend, _ = h.answer()
     backend.dataReceived(OK)
     frontend, client = h.accept()
