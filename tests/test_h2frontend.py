@@ -498,7 +498,8 @@ def test_idle_connection_gets_goaway():
     c.read()
     assert c.response(sid)[1:] == (b"hello", True)
     h.reactor.advance(4)
-    assert not c.goaway()
+    c.read()
+    assert not c.goaway() and not c.transport.disconnecting
     h.reactor.advance(6)
     c.read()
     [goaway] = c.goaway()
