@@ -89,6 +89,9 @@ def appBackend(name: str) -> Backend:
                 answer = b"x" * int(target[5:])
             elif target == "/echo":
                 answer = body
+            elif target == "/text":
+                answer = b"txlb over HTTP/2 " * 4096
+                extra = b"Content-Type: text/plain\r\n"
             else:
                 answer = json.dumps({"server": name, "method": method, "target": target, "headers": fields,
                                      "body": len(body)}).encode()
@@ -114,7 +117,7 @@ def lb(ca, tmp_path_factory):
     ca.cert_pem.write_to_path(str(directory / "ca.pem"))
     web = [appBackend(f"w{i}") for i in range(3)]
     static = [appBackend("static")]
-    ports = {name: freePort() for name in ("plain", "tls", "sticky", "cache", "off")}
+    ports = {name: freePort() for name in ("plain", "tls", "sticky", "cache", "off", "policy")}
 
     def service(name: str, extra: str = "", pool: str = "web") -> str:
         return (f'[[services]]\nname = "{name}"\nprotocol = "http"\n'
@@ -129,6 +132,10 @@ def lb(ca, tmp_path_factory):
         + service("sticky", 'sticky = { mode = "cookie", cookie = "LB" }\n')
         + service("cache", 'cache = { max_size = "8MiB", max_object = "1MiB" }\n')
         + service("off", "http2 = false\n")
+        + service("policy", 'headers = { request = { set = { "X-Env" = "h2" } }, '
+                            'response = { add = { "X-Served-By" = "${server}" } } }\n'
+                            'compress = { types = ["text/*", "application/octet-stream"], min_size = "1KiB" }\n'
+                            '[[services.routes]]\npath_prefix = "/old/"\nredirect = { path_prefix = "/new/", status = 308 }\n')
     )
     txlb = Txlb(config, directory).start(listening=len(ports))
     yield txlb, ports, directory
@@ -324,3 +331,18 @@ def test_continuation_flood_gets_goaway_and_others_are_served(lb):
     assert b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" in data  # a GOAWAY frame on stream 0
     with httpx.Client(http2=True, http1=False) as client:
         assert client.get(f"http://127.0.0.1:{ports['plain']}/after").status_code == 200
+
+
+def test_header_rules_compression_and_redirects_over_http2(lb):
+    _, ports, _ = lb
+    base = f"http://127.0.0.1:{ports['policy']}"
+    with httpx.Client(http2=True, http1=False) as client:
+        seen = client.get(f"{base}/who")
+        assert seen.http_version == "HTTP/2"
+        assert seen.json()["headers"]["x-env"] == "h2"
+        assert seen.headers["x-served-by"] == seen.json()["server"]
+        text = client.get(f"{base}/text", headers={"Accept-Encoding": "gzip"})
+        assert text.headers["content-encoding"] == "gzip"
+        assert text.content == b"txlb over HTTP/2 " * 4096
+        moved = client.get(f"{base}/old/page", follow_redirects=False)
+        assert moved.status_code == 308 and moved.headers["location"].endswith("/new/page")
