@@ -647,3 +647,22 @@ def test_a_stream_whose_window_stays_shut_times_out_on_the_client(events):
     assert event["error"] == "the client read nothing for 10s"
     assert getattr(server, "aborted", False) or server.disconnecting
     assert not c.goaway()
+
+
+def test_expect_100_continue_gets_the_interim_answer():
+    h = Harness()
+    c = Client(h)
+    sid = c.request("/up", method="POST", extra=[(b"content-length", b"3"), (b"expect", b"100-continue")],
+                    end=False)
+    backend, server = h.answer()
+    assert b"\r\nexpect: 100-continue\r\n" in server.value()
+    backend.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\n")
+    c.read()
+    [interim] = c.of(h2.events.InformationalResponseReceived, sid)
+    assert dict(interim.headers)[b":status"] == b"100"
+    c.send(sid, b"abc", end=True)
+    assert server.value().endswith(b"\r\n\r\nabc")
+    backend.dataReceived(OK)
+    c.read()
+    headers, body, ended = c.response(sid)
+    assert (headers[b":status"], body, ended) == (b"200", b"hello", True)
