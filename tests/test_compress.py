@@ -299,6 +299,22 @@ def test_a_route_without_compress_compresses_nothing():
     assert body == TEXT and b"content-encoding" not in fields and b"vary" not in fields
 
 
+def test_a_compressed_body_turns_nagle_off_on_the_client_connection():
+    """Its pieces must not wait for the client's delayed ACKs (L{txlb.wire.noDelay})."""
+    h = compressing()
+    frontend, client = h.accept()
+    calls: list[bool] = []
+    client.setTcpNoDelay = calls.append
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(TEXT), TEXT)
+    frontend.dataReceived(b"GET /raw/x HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\n\r\n")
+    backend, _ = h.answer()
+    backend.dataReceived(head)
+    assert calls == []  # a body that goes as it came: one write, or spliced
+    frontend.dataReceived(b"GET /x HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\n\r\n")
+    backend.dataReceived(head)
+    assert calls == [True] and b"Content-Encoding: gzip" in client.value()
+
+
 def test_no_compression_without_accept_encoding_and_the_length_is_kept():
     h = compressing()
     frontend, client = h.accept()

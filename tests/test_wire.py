@@ -13,7 +13,7 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 
-from txlb.wire import Cork, backlogged, sendNow
+from txlb.wire import Cork, backlogged, noDelay, sendNow
 
 
 @pytest.fixture
@@ -112,3 +112,17 @@ def test_a_client_backlog_is_seen_through_a_wrapper(pair) -> None:
     transport.write(b"queued")  # not sent until the reactor's next turn
     assert backlogged(transport) and backlogged(wrapper)
     assert not backlogged(StringTransport())
+
+
+def test_no_delay_reaches_the_tcp_transport_under_wrappers(pair) -> None:
+    transport, _, _ = pair
+
+    class Wrapper:
+        def __init__(self, transport) -> None:
+            self.transport = transport
+
+    for wrapped in (transport, Wrapper(Wrapper(transport))):
+        transport.setTcpNoDelay(False)
+        noDelay(wrapped)
+        assert transport.getTcpNoDelay()
+    noDelay(StringTransport())  # nothing to set: nothing happens

@@ -105,3 +105,22 @@ class Cork:
         out, self.out = self.out, None
         if out:
             sendNow(self.transport, out[0] if len(out) == 1 else b"".join(out))
+
+
+def noDelay(transport) -> None:
+    """
+    C{TCP_NODELAY} on the TCP connection under C{transport} (through TLS,
+    or another wrapper).  For a connection that writes one message in
+    several pieces (a body compressed as it streams): with Nagle's
+    algorithm on, a piece smaller than a segment waits for the ACK of the
+    one before it, which a client sends only when its delayed-ACK timer
+    fires (40 ms on Linux) once it is past a connection's first exchange.
+    """
+    for _ in range(4):
+        setNoDelay = getattr(transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            setNoDelay(True)
+            return
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return

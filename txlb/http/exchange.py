@@ -21,7 +21,7 @@ from txlb.http.bodysplice import SINK, SOURCE, BodySplice, spliceable
 from txlb.http.headers import requestId, responseHead
 from txlb.policy.headers import variables
 from txlb.pool import Pool
-from txlb.wire import buffered, sendNow
+from txlb.wire import buffered, noDelay, sendNow
 
 if TYPE_CHECKING:  # pragma: no cover
     from txlb.http.frontend import HTTPFrontend
@@ -179,6 +179,7 @@ class Exchange:
             framing = _lengthLine(headers) if status != 204 else None
         elif self.encoder is not None:
             self.encoding = self.encoder.encoding
+            noDelay(frontend.transport)  # the body leaves in a piece per read (txlb.wire.noDelay)
             if self.version == "1.1":
                 framing = b"Transfer-Encoding: chunked"
                 self.toClientChunked = True
