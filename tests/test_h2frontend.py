@@ -666,3 +666,15 @@ def test_expect_100_continue_gets_the_interim_answer():
     c.read()
     headers, body, ended = c.response(sid)
     assert (headers[b":status"], body, ended) == (b"200", b"hello", True)
+
+
+def test_a_stream_holding_its_whole_window_does_not_hold_up_the_others():
+    h = Harness()
+    c = Client(h)
+    held = c.request("/a", method="POST", extra=[(b"content-length", b"100000")], body=b"a" * 65535, end=False)
+    assert c.conn.local_flow_control_window(held) == 0  # not connected yet: nothing acknowledged
+    other = c.request("/b", method="POST", extra=[(b"content-length", b"40000")], end=False)
+    assert c.conn.local_flow_control_window(other) == 65535
+    c.send(other, b"b" * 40000, end=True)
+    backend, server = h.answer(1)
+    assert server.value().endswith(b"\r\n\r\n" + b"b" * 40000)

@@ -295,6 +295,11 @@ class H2Connection:
         })
         h2.encoder = StaticEncoder()
         h2.initiate_connection()
+        # Every stream may hold its whole window (64 KiB) unacknowledged, its
+        # backend being slow, without holding up the others: the
+        # connection's window is theirs together.
+        if self.maxStreams > 1:
+            h2.increment_flow_control_window(h2.local_settings.initial_window_size * (self.maxStreams - 1))
         h2.decoder.max_header_list_size = service.maxHeaderBytes * _DECODER_FACTOR
         self.resetBudget = max(2 * self.maxStreams, MIN_RESETS)
         self._resets = 0
