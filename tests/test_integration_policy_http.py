@@ -57,7 +57,8 @@ class App:
     C{/etag} (304 to its C{If-None-Match}); C{/gz} a body it encoded itself;
     C{/notransform}; C{/range} (206 to a C{Range}); C{/cached} fresh for a
     minute; C{/stream?mib=N} N MiB of L{BLOCK}s, written as the client
-    takes them.
+    takes them.  C{chunked=1} frames C{/text} and C{/stream} chunked
+    rather than by C{Content-Length}.
     """
 
     def __init__(self) -> None:
@@ -106,7 +107,7 @@ class App:
                 status, body = 200, TEXT
                 extra = ["Content-Type: text/plain", "Cache-Control: max-age=60"]
             elif url.path == "/stream":
-                self.stream(sock, int(query["mib"][0]), method)
+                self.stream(sock, int(query["mib"][0]), method, bool(query.get("chunked")))
                 continue
             else:
                 status, body = 404, b"no\n"
@@ -126,11 +127,14 @@ class App:
                     data += body
             sock.sendall(data)
 
-    def stream(self, sock: socket.socket, mib: int, method: str) -> None:
-        sock.sendall(b"HTTP/1.1 200 X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (mib * MiB))
+    def stream(self, sock: socket.socket, mib: int, method: str, chunked: bool) -> None:
+        framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % (mib * MiB)
+        sock.sendall(b"HTTP/1.1 200 X\r\nContent-Type: application/json\r\n%s\r\n\r\n" % framing)
         if method != "HEAD":
             for _ in range(mib):
-                sock.sendall(BLOCK)
+                sock.sendall(b"%x\r\n%s\r\n" % (len(BLOCK), BLOCK) if chunked else BLOCK)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
 
 
 def configText(port: int, cachedPort: int, adminPort: int, backend: Backend, reloaded: bool = False) -> str:
@@ -444,7 +448,8 @@ def test_what_must_not_be_compressed_is_untouched(world, path, method, extra, st
         assert b"Content-Encoding: gzip" in head and b'ETag: W/"e1"' in head
 
 
-def test_50_mib_compressed_on_the_way_without_memory_growth_or_splicing(world):
+@pytest.mark.parametrize("framing", ["", "&chunked=1"])
+def test_50_mib_compressed_on_the_way_without_memory_growth_or_splicing(world, framing):
     requests.get(world.url("/text"), timeout=10)  # zlib and friends loaded
     baseline = world.lb.rss()
     peak = baseline
@@ -456,7 +461,8 @@ def test_50_mib_compressed_on_the_way_without_memory_growth_or_splicing(world):
     decoded = wire = 0
     with connect(world.port, timeout=60) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        s.sendall(b"GET /stream?mib=50 HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n")
+        s.sendall(f"GET /stream?mib=50{framing} HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\n"
+                  "Connection: close\r\n\r\n".encode())
         data = b""
         while b"\r\n\r\n" not in data:
             data += s.recv(65536)
