@@ -678,3 +678,20 @@ def test_a_stream_holding_its_whole_window_does_not_hold_up_the_others():
     c.send(other, b"b" * 40000, end=True)
     backend, server = h.answer(1)
     assert server.value().endswith(b"\r\n\r\n" + b"b" * 40000)
+
+
+def test_a_reload_turning_http2_off_applies_to_new_connections():
+    h = Harness()
+    c = Client(h)
+    h.service.update(http2=False, maxStreams=5)
+    sid = c.request("/")  # the open HTTP/2 connection goes on
+    backend, _ = h.answer()
+    backend.dataReceived(OK)
+    c.read()
+    assert c.response(sid)[1:] == (b"hello", True)
+    frontend, client = h.accept("10.9.9.9")
+    frontend.dataReceived(PREFACE)
+    assert frontend.h2 is None and client.value().startswith(b"HTTP/1.1 4")
+    h.service.update(http2=True)
+    again = Client(h, "10.9.9.8")
+    assert again.conn.remote_settings.max_concurrent_streams == 5
