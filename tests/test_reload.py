@@ -166,6 +166,33 @@ class Reactor(MemoryReactorClock):
         self.listening[port] = factory
         return _Port(self, port, factory)
 
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        if port in self.taken or port in self.listening:
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        self.listening[port] = protocol
+        udpPort = _UDPPort(self, port, protocol)
+        protocol.makeConnection(udpPort)
+        return udpPort
+
+
+class _UDPPort(_Port):
+    """A listening UDP port: what its protocol sends to clients, recorded."""
+
+    def __init__(self, reactor: "Reactor", port: int, protocol) -> None:
+        super().__init__(reactor, port, protocol)
+        self.sent: list[tuple[bytes, tuple]] = []
+
+    def getHandle(self):
+        return self
+
+    def sendto(self, data: bytes, address: tuple) -> int:
+        self.sent.append((data, address))
+        return len(data)
+
+    def stopListening(self) -> None:
+        super().stopListening()
+        self.factory.doStop()
+
 
 @pytest.fixture
 def events():
@@ -386,3 +413,56 @@ def test_admin_listen_moves(tmp_path):
     assert set(r.reactor.listening) == {8080, 8182} and r.reactor.listening[8182] is site
     assert r.reload(BASE).ok
     assert set(r.reactor.listening) == {8080}
+
+
+UDP = """
+[[services]]
+name = "dns"
+protocol = "udp"
+listen = "udp:5300:interface=127.0.0.1"
+pool = "api"
+timeouts = { idle = "30s" }
+"""
+
+
+class _FlowSocket:
+    def __init__(self, family, address, flow) -> None:
+        self.address, self.flow, self.sent, self.closed = address, flow, [], False
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_udp_services_are_added_changed_and_removed_in_place(running, events):
+    result = running.reload(BASE + UDP)
+    assert result.ok and "service dns added" in result.changes
+    listener = running.reactor.listening[5300]
+    assert listener is running.service._entries["udp:5300:interface=127.0.0.1"]
+    balancer = running.service.balancers["dns"].factory
+    assert listener.balancer is balancer
+    assert running.service.metrics.services["dns"].protocol == "udp"
+    sockets = []
+    balancer.openSocket = lambda *args: sockets.append(_FlowSocket(*args)) or sockets[-1]
+    listener.datagramReceived(b"q", ("127.0.0.9", 4000))
+    [flow] = sockets
+    assert flow.address == ("127.0.0.1", 9001) and flow.sent == [b"q"]
+
+    # New settings apply in place: the flow keeps its server and socket.
+    result = running.reload(BASE + UDP.replace('"30s"', '"5s"') + "limits = { max_flows = 7 }\n")
+    assert result.ok
+    assert running.service.balancers["dns"].factory is balancer
+    assert (balancer.idleTimeout, balancer.maxFlows) == (5.0, 7)
+    listener.datagramReceived(b"q2", ("127.0.0.9", 4000))
+    assert flow.sent == [b"q", b"q2"] and not flow.closed
+
+    # Removed: the port closes and the flow ends, its server released.
+    result = running.reload(BASE)
+    assert result.ok and "service dns removed" in result.changes
+    assert 5300 not in running.reactor.listening
+    assert flow.closed
+    assert running.service.pools["api"].server("a").active == 0
+    [ended] = [e for e in events if e["event"] == "udp_flow"]
+    assert ended["ended"] == "shutdown"

@@ -107,3 +107,15 @@ def test_default_config_path_is_txlb_toml_in_the_working_directory(tmp_path):
     result = twistd("-n", "txlb", "--check", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "txlb.toml: configuration is valid" in result.stdout
+
+
+def test_check_summarises_udp_services():
+    from txlb.config import parse
+    from txlb.tap import summary
+
+    config = parse(
+        '[pools.r]\nservers = [{ name = "r1", address = "127.0.0.1:5301" }]\n'
+        '[[services]]\nname = "dns"\nprotocol = "udp"\nlisten = "udp:5353"\npool = "r"\n'
+        'timeouts = { idle = "5s" }\nlimits = { max_flows = 300 }\n'
+    )
+    assert summary(config)[0] == "service dns (udp) on udp:5353 -> pool r (flows idle after 5s, at most 300)"

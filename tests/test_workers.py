@@ -269,3 +269,34 @@ def test_a_unix_socket_is_shared_by_all(tmp_path):
         assert shared.socketFor(0)[1] == socket.AF_UNIX
     finally:
         shared.stopListening()
+
+
+def test_udp_sockets_share_one_port_and_keep_each_client_on_one():
+    shared = bindShared(MemoryReactorClock(), "udp:0:interface=127.0.0.1", 2)
+    clients = []
+    try:
+        ports = {skt.getsockname()[1] for skt in shared.sockets}
+        assert len(ports) == 1 and shared.backlog == 0
+        assert {skt.type for skt in shared.sockets} == {socket.SOCK_DGRAM}
+        port = ports.pop()
+        for i in range(16):
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.bind(("127.0.0.1", 0))
+            clients.append(c)
+            for n in range(3):
+                c.sendto(b"%d" % n, ("127.0.0.1", port))
+        where: dict[tuple, set] = {}
+        for slot, skt in enumerate(shared.sockets):
+            while True:
+                try:
+                    _, address = skt.recvfrom(100)
+                except BlockingIOError:
+                    break
+                where.setdefault(address, set()).add(slot)
+        assert len(where) == 16
+        assert all(len(slots) == 1 for slots in where.values()), "the kernel hashes a client to one socket"
+        assert set().union(*where.values()) == {0, 1}
+    finally:
+        shared.stopListening()
+        for c in clients:
+            c.close()
