@@ -12,10 +12,9 @@ import socket
 
 import pytest
 from twisted.internet import abstract, tcp
-from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactor
 
 from tests.support import Backend, Txlb, freePort, httpAnswer, httpRequests, waitFor
+from tests.test_wire import pair  # noqa: F401 (a fixture)
 from txlb import fastpath, readloop, wire
 
 
@@ -25,21 +24,6 @@ def decideAfresh(monkeypatch):
     fastpath.reset()
     yield
     fastpath.reset()
-
-
-@pytest.fixture
-def pair():
-    """A Twisted server transport on a real loopback connection, and the peer socket."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    peer = socket.create_connection(listener.getsockname())
-    accepted, address = listener.accept()
-    listener.close()
-    reactor = MemoryReactor()
-    transport = tcp.Server(accepted, Protocol(), address, None, 1, reactor)
-    peer.settimeout(5)
-    yield transport, peer
-    peer.close()
-    accepted.close()
 
 
 def test_this_twisted_has_what_the_fast_path_needs(events):
@@ -80,7 +64,7 @@ def test_a_reactor_of_unknown_internals_keeps_its_own_reading():
 
 def test_switched_off_by_the_environment_the_public_road_is_taken(monkeypatch, pair, events):
     monkeypatch.setenv(fastpath.ENVIRONMENT, "0")
-    transport, peer = pair
+    transport, peer, _ = pair
     assert not fastpath.enabled()
     # The reactor keeps reading the transport...
     assert not readloop.adopt(transport)

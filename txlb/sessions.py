@@ -134,7 +134,31 @@ def _redisFactory(store: "RedisStore"):
 
 
 @implementer(ISessionStore)
-class RedisStore(Service):
+class RedisConnected(Service):
+    """
+    A service that keeps one connection to the Redis at C{self.address}
+    (reconnecting with back-off), told of it through C{_up}, C{_down} and
+    C{_failed} as L{RedisStore} is; C{self.clock} is the reactor.
+    """
+
+    _factory = None
+    _conn = _candidate = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._factory = _redisFactory(self)
+        self._factory.startConnecting(_WatchedEndpoint(clientFromString(self.clock, self.address), self))
+
+    def stopService(self):
+        super().stopService()
+        self._conn = self._candidate = None
+        if self._factory is not None:
+            factory, self._factory = self._factory, None
+            return factory.disconnect()
+        return None
+
+
+class RedisStore(RedisConnected):
     """
     Affinities in Redis, shared by every balancer that uses the same Redis.
 
@@ -167,21 +191,8 @@ class RedisStore(Service):
         self.timeout = timeout
         self._ms = max(1, int(self.ttl * 1000))
 
-    # The service: connect, reconnect with back-off (txredisapi's
-    # ClientService), disconnect.
-
-    def startService(self) -> None:
-        super().startService()
-        self._factory = _redisFactory(self)
-        self._factory.startConnecting(_WatchedEndpoint(clientFromString(self.clock, self.address), self))
-
-    def stopService(self):
-        super().stopService()
-        self._conn = self._candidate = None
-        if self._factory is not None:
-            factory, self._factory = self._factory, None
-            return factory.disconnect()
-        return None
+    # The service (L{RedisConnected}): connect, reconnect with back-off
+    # (txredisapi's ClientService), disconnect.
 
     # ISessionStore.
 

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txlb.sessions import _redisFactory, _WatchedEndpoint
+from txlb.sessions import RedisConnected
 
 _log = Logger(namespace="txlb.ratelimit")
 
@@ -51,7 +49,7 @@ return 0
 """
 
 
-class RedisBuckets(Service):
+class RedisBuckets(RedisConnected):
     """
     One connection to Redis for every shared rate limit of this process.
 
@@ -74,19 +72,6 @@ class RedisBuckets(Service):
         self.probeTimeout = probeTimeout
         #: Decisions made, by who made them: C{redis} or C{local}.
         self.decisions = {"redis": 0, "local": 0}
-
-    def startService(self) -> None:
-        super().startService()
-        self._factory = _redisFactory(self)
-        self._factory.startConnecting(_WatchedEndpoint(clientFromString(self.clock, self.address), self))
-
-    def stopService(self):
-        super().stopService()
-        self._conn = self._candidate = None
-        if self._factory is not None:
-            factory, self._factory = self._factory, None
-            return factory.disconnect()
-        return None
 
     def take(self, key: str, intervalUs: int, toleranceUs: int, timeout: float,
              fallback: Callable[[], float]) -> "float | Deferred[float]":
