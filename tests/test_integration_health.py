@@ -345,7 +345,7 @@ def test_plugin_kind_from_a_separate_directory(tmp_path, programs, backends):
                 kind="send_expect", interval=0.1, timeout=0.1, rise=1, fall=2,
                 options={"send": "PING\r\n", "expect": "+PONG"})
     programs.append(p)
-    assert p.events("ready")[0]["kinds"] == ["http", "send_expect", "tcp"]
+    assert p.events("ready")[0]["kinds"] == ["grpc", "http", "send_expect", "tcp"]
     down = p.waitEvent("server_state", server="loading")
     assert down["reason"] == "2 consecutive failures: answered '-LOADING Redis is loading the dataset in memory'"
     waitFor(lambda: pong.connections >= 3)
