@@ -157,6 +157,27 @@ class RedisConnected(Service):
             return factory.disconnect()
         return None
 
+    #: What the connection serves, in its events' words: the text's name
+    #: and the events' prefix (C{sessions_connected}, C{sessions_restored}).
+    role = ("session store", "sessions")
+    degraded = False
+    connected = False
+    _probeFailures = 0
+
+    def _accepted(self, conn) -> None:
+        """C{conn} answered its probe: it is the connection from now on."""
+        what, prefix = self.role
+        self._candidate = None
+        self._conn = conn
+        self._probeFailures = 0
+        if self.degraded:
+            self.degraded = False
+            _log.info(f"{what} {{address}} is back", event=f"{prefix}_restored", store="redis", address=self.address)
+        elif not self.connected:
+            _log.info(f"{what} {{address}} connected", event=f"{prefix}_connected", store="redis",
+                      address=self.address)
+        self.connected = True
+
 
 class RedisStore(RedisConnected):
     """
@@ -176,10 +197,6 @@ class RedisStore(RedisConnected):
     _conn = None
     #: A connection made but not yet seen answering.
     _candidate = None
-    degraded = False
-    connected = False
-    _probeFailures = 0
-    _factory = None
     #: Redis older than 6.2 has no GETEX: GET, then PEXPIRE.
     _legacy = False
 
@@ -281,17 +298,7 @@ class RedisStore(RedisConnected):
             timer.cancel()
             if isinstance(value, Failure) or conn is not self._candidate:
                 return
-            self._candidate = None
-            self._conn = conn
-            self._probeFailures = 0
-            if self.degraded:
-                self.degraded = False
-                _log.info("session store {address} is back", event="sessions_restored",
-                          store="redis", address=self.address)
-            elif not self.connected:
-                _log.info("session store {address} connected", event="sessions_connected",
-                          store="redis", address=self.address)
-            self.connected = True
+            self._accepted(conn)
 
         conn.execute_command("PING").addBoth(ponged)
 

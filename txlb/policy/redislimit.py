@@ -62,9 +62,7 @@ class RedisBuckets(RedisConnected):
     _candidate = None
     _sha = None
     _factory = None
-    degraded = False
-    connected = False
-    _probeFailures = 0
+    role = ("rate-limit store", "rate_limit")
 
     def __init__(self, clock, address: str, probeTimeout: float = 0.2) -> None:
         self.clock = clock
@@ -144,18 +142,8 @@ class RedisBuckets(RedisConnected):
                     self._candidate = None
                     self._failed(f"cannot load the rate-limit script: {sha.getErrorMessage()}")
                 return
-            self._candidate = None
             self._sha = sha.decode("ascii") if isinstance(sha, bytes) else str(sha)
-            self._conn = conn
-            self._probeFailures = 0
-            if self.degraded:
-                self.degraded = False
-                _log.info("rate-limit store {address} is back", event="rate_limit_restored",
-                          store="redis", address=self.address)
-            elif not self.connected:
-                _log.info("rate-limit store {address} connected", event="rate_limit_connected",
-                          store="redis", address=self.address)
-            self.connected = True
+            self._accepted(conn)
 
         def ponged(value):
             if isinstance(value, Failure):
