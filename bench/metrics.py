@@ -1,5 +1,5 @@
 """
-What counting costs per request: L{txlb.metrics.Metrics.httpRequest} (the
+What counting costs per request: L{txlb.observe.metrics.Metrics.httpRequest} (the
 one call the HTTP proxy makes per answered request) and
 L{Metrics.request} (what the TCP balancer calls per connection), against
 doing the same with prometheus_client's own labelled metric objects.
@@ -24,9 +24,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram  # noqa: E40
 from twisted.internet.task import Clock  # noqa: E402
 
 from txlb.interfaces import PickContext  # noqa: E402
-from txlb.metrics import HISTORY, Metrics  # noqa: E402
-from txlb.pool import Pool, Server  # noqa: E402
-from txlb.schedulers.least import LeastConnections  # noqa: E402
+from txlb.observe.metrics import HISTORY, Metrics  # noqa: E402
+from txlb.balance.pool import Pool, Server  # noqa: E402
+from txlb.balance.schedulers.least import LeastConnections  # noqa: E402
 
 
 def perCall(fn, n: int) -> float:

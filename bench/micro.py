@@ -8,10 +8,10 @@ load generators: what each piece costs per request or per MiB.
     rewrite   the request head to the backend and the response head to the
               client (L{txlb.http.headers}; µs per request and response)
     event     one access event through Twisted's logger to the JSON-lines
-              observer (L{txlb.logs.emit}; µs per event), and straight to
+              observer (L{txlb.observe.logs.emit}; µs per event), and straight to
               the observer in batches, as under twistd (C{direct})
     splice    bytes moved between two loopback TCP connections by
-              L{txlb.splice.SplicePair}, beside the same bytes copied
+              L{txlb.net.splice.SplicePair}, beside the same bytes copied
               through Python by a Twisted protocol pair (MiB/s, and CPU-µs
               of this process per MiB); a child process feeds and drains
 
@@ -48,7 +48,7 @@ from twisted.logger import Logger, LogPublisher  # noqa: E402
 
 from txlb.config import LogConfig  # noqa: E402
 from txlb.http.headers import requestHead, responseHead  # noqa: E402
-from txlb.logs import accessTo, emit, makeObserver  # noqa: E402
+from txlb.observe.logs import accessTo, emit, makeObserver  # noqa: E402
 
 _REQUEST = (
     b"GET /catalog/items?page=2&sort=price HTTP/1.1\r\n"
@@ -140,7 +140,7 @@ def benchEvent(number: int) -> dict:
     observer = makeObserver(LogConfig(), stdout=out)
 
     def direct() -> None:
-        # As under twistd (txlb.logs.accessTo): straight to the observer,
+        # As under twistd (txlb.observe.logs.accessTo): straight to the observer,
         # lines made at the flush, here every 100 events.
         for _ in range(100):
             emit(log, "request", dict(fields))
@@ -184,7 +184,7 @@ def _feedAndDrain(inPort: int, outPort: int, total: int) -> None:
 def _relayOnce(mode: str, mib: int) -> dict:
     from twisted.internet import epollreactor
 
-    from txlb.splice import SplicePair
+    from txlb.net.splice import SplicePair
 
     reactor = epollreactor.EPollReactor()
     listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]

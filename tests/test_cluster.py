@@ -1,6 +1,6 @@
 """
 Cluster membership, the leader lease with fencing, and admin changes shared
-between nodes: L{txlb.cluster.Cluster}'s time runs on a L{Clock}, its store is
+between nodes: L{txlb.control.cluster.Cluster}'s time runs on a L{Clock}, its store is
 a real C{redis-server} started on a free loopback port.
 
 Redis replies arrive through the global reactor, which these tests turn by
@@ -21,12 +21,12 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from txlb.cluster import (
+from txlb.control.cluster import (
     Cluster, IClusterStore, RedisConnection, RedisStore, Standalone, applyChange, spawnCommand,
 )
 from txlb.config import ClusterConfig
-from txlb.pool import Pool, Server, ServerState
-from txlb.schedulers.rotation import RoundRobin
+from txlb.balance.pool import Pool, Server, ServerState
+from txlb.balance.schedulers.rotation import RoundRobin
 from tests.support import RedisServer
 
 pytest.importorskip("txredisapi")
@@ -392,7 +392,7 @@ def adminCall(resource, method: bytes, path: bytes, body: Optional[dict] = None)
 
 
 def test_admin_changes_are_shared():
-    from txlb.admin import AdminResource
+    from txlb.control.admin import AdminResource
 
     pool = makePool()
     resource = AdminResource({"api": pool})

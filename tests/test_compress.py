@@ -300,7 +300,7 @@ def test_a_route_without_compress_compresses_nothing():
 
 
 def test_a_compressed_body_turns_nagle_off_on_the_client_connection():
-    """Its pieces must not wait for the client's delayed ACKs (L{txlb.wire.noDelay})."""
+    """Its pieces must not wait for the client's delayed ACKs (L{txlb.net.wire.noDelay})."""
     h = compressing()
     frontend, client = h.accept()
     calls: list[bool] = []

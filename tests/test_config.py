@@ -37,8 +37,8 @@ from txlb.config import (
     parseSize,
 )
 from txlb.interfaces import SchedulerOptionsError
-from txlb.schedulers import DEFAULT_ALGORITHM, schedulerFactories
-from txlb.schedulers.rotation import roundRobin
+from txlb.balance.schedulers import DEFAULT_ALGORITHM, schedulerFactories
+from txlb.balance.schedulers.rotation import roundRobin
 
 
 def toml(text: str) -> str:

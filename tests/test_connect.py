@@ -13,9 +13,9 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
-from txlb.connect import Deadlines, PendingConnect, connectSocket
-from txlb.endpoints import EndpointCache
-from txlb.splice import SpliceLoop, available, loopFor
+from txlb.net.connect import Deadlines, PendingConnect, connectSocket
+from txlb.net.endpoints import EndpointCache
+from txlb.net.splice import SpliceLoop, available, loopFor
 
 needsLoop = pytest.mark.skipif(not available, reason="no epoll or splice on this platform")
 

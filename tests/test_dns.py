@@ -13,7 +13,7 @@ from twisted.names import dns
 from twisted.names.client import Resolver
 from twisted.names.error import DNSQueryRefusedError
 
-from txlb.dns import DNSService, Responder, parseListen
+from txlb.control.dns import DNSService, Responder, parseListen
 from tests.support import freePort
 from tests.test_cluster import resolve, spin
 

@@ -1,5 +1,5 @@
 """
-Tests for L{txlb.endpoints}: addresses as Twisted endpoint strings.
+Tests for L{txlb.net.endpoints}: addresses as Twisted endpoint strings.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndp
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.protocol import Factory, Protocol
 
-from txlb.endpoints import (
+from txlb.net.endpoints import (
     EndpointCache,
     EndpointError,
     checkClient,
@@ -291,7 +291,7 @@ def test_udp_sockets_collide_as_tcp_ones_do():
 
 from twisted.internet.endpoints import TCP6ClientEndpoint, serverFromString, clientFromString  # noqa: E402
 
-from txlb.endpoints import connectParts, listenParts  # noqa: E402
+from txlb.net.endpoints import connectParts, listenParts  # noqa: E402
 
 
 @pytest.mark.parametrize("text", [

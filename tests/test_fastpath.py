@@ -1,5 +1,5 @@
 """
-L{txlb.fastpath}: Twisted's private names are checked before they are
+L{txlb.net.fastpath}: Twisted's private names are checked before they are
 used, and without them (or with C{TXLB_FAST_PATH=0}) txlb takes Twisted's
 public road: the reactor reads, C{transport.write} writes, bodies are
 copied.  C{run-tests} also runs the whole integration suite that way.
@@ -15,7 +15,9 @@ from twisted.internet import abstract, tcp
 
 from tests.support import Backend, Txlb, freePort, httpAnswer, httpRequests, waitFor
 from tests.test_wire import pair  # noqa: F401 (a fixture)
-from txlb import fastpath, readloop, wire
+from txlb.net import fastpath
+from txlb.net import readloop
+from txlb.net import wire
 
 
 @pytest.fixture(autouse=True)

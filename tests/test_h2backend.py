@@ -29,7 +29,7 @@ from txlb.health._grpc import checkRequest, servingStatus
 from txlb.http.grpc import grpcErrorHeaders, isGrpc
 from txlb.http.h2backend import MAX_BUFFERED, H2Stream, _Dechunk, _FrameSplitter
 from txlb.interfaces import IHealthCheck
-from txlb.pool import ServerState
+from txlb.balance.pool import ServerState
 
 
 class H2Server:
@@ -520,7 +520,7 @@ class _Endpoint:
 
 
 def _runCheck(answer):
-    from txlb.pool import Server
+    from txlb.balance.pool import Server
 
     endpoint = _Endpoint()
     results = []

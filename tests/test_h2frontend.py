@@ -564,7 +564,7 @@ def test_static_encoder_blocks_decode_to_what_was_encoded(blocks, resize):
 
 
 def test_metrics_count_requests_by_protocol():
-    from txlb.metrics import Metrics
+    from txlb.observe.metrics import Metrics
 
     h = Harness()
     h.service.metrics = Metrics({"p": h.pool}, h.reactor)

@@ -1,4 +1,4 @@
-from txlb.hashkey import hashKeyOf
+from txlb.balance.hashkey import hashKeyOf
 
 HEADERS = [(b"Host", b"a"), (b"X-User", b"alice"), (b"Cookie", b"theme=dark; SESSIONID=abc123")]
 

@@ -22,7 +22,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from txlb.config import HealthConfig
-from txlb.endpoints import EndpointCache
+from txlb.net.endpoints import EndpointCache
 from txlb.health import (
     BUILTINS,
     JITTER,
@@ -41,8 +41,8 @@ from txlb.interfaces import (
     IHealthCheck,
     IHealthCheckFactory,
 )
-from txlb.pool import Pool, Server, ServerState
-from txlb.schedulers.rotation import RoundRobin
+from txlb.balance.pool import Pool, Server, ServerState
+from txlb.balance.schedulers.rotation import RoundRobin
 
 UP, DOWN, CHECKING = ServerState.UP, ServerState.DOWN, ServerState.CHECKING
 

@@ -14,12 +14,12 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from txlb.endpoints import EndpointCache
+from txlb.net.endpoints import EndpointCache
 from txlb.http.backend import BackendConnections
 from txlb.http.frontend import HTTPProxyFactory, HTTPService
 from txlb.http.routing import Route, Router
-from txlb.pool import Pool, Server
-from txlb.schedulers.rotation import RoundRobin
+from txlb.balance.pool import Pool, Server
+from txlb.balance.schedulers.rotation import RoundRobin
 
 
 class Transport(StringTransport):

@@ -74,8 +74,8 @@ def importGraph() -> dict[str, set[str]]:
 def test_graphSeesImports():
     """The graph is real: the service imports the pool, the pool not the service."""
     graph = importGraph()
-    assert "txlb.pool" in graph["txlb.service"]
-    assert "txlb.service" not in graph["txlb.pool"]
+    assert "txlb.balance.pool" in graph["txlb.service"]
+    assert "txlb.service" not in graph["txlb.balance.pool"]
 
 
 def test_noImportCircle():

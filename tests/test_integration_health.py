@@ -38,10 +38,10 @@ from twisted.logger import globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 
 from txlb.config import HealthConfig
-from txlb.endpoints import EndpointCache, serverAddress
+from txlb.net.endpoints import EndpointCache, serverAddress
 from txlb.health import HealthChecks, healthCheckFactories
-from txlb.pool import Pool, Server
-from txlb.schedulers.rotation import RoundRobin
+from txlb.balance.pool import Pool, Server
+from txlb.balance.schedulers.rotation import RoundRobin
 
 spec = json.loads(sys.argv[1])
 
@@ -358,10 +358,10 @@ import json, statistics, sys, time
 from twisted.internet import protocol, reactor
 from twisted.internet.task import LoopingCall
 from txlb.config import HealthConfig
-from txlb.endpoints import EndpointCache
+from txlb.net.endpoints import EndpointCache
 from txlb.health import HealthChecks, healthCheckFactories
-from txlb.pool import Pool, Server
-from txlb.schedulers.rotation import RoundRobin
+from txlb.balance.pool import Pool, Server
+from txlb.balance.schedulers.rotation import RoundRobin
 
 n, interval, seconds = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 

@@ -168,7 +168,7 @@ def test_a_drained_server_keeps_its_flows_and_takes_no_new_ones(backends):
         assert "draining" in text
         a.close()
         waitFor(lambda: txlb.events("server_drained"), what="b0 drained once its flow went idle")
-        # The flow's access line may follow the drain's by up to a flush (txlb.logs).
+        # The flow's access line may follow the drain's by up to a flush (txlb.observe.logs).
         [event] = waitFor(lambda: [e for e in txlb.events("udp_flow") if e["selectedServer"] == "b0"],
                           what="the drained server's flow event")
         assert event["datagramsIn"] == 2

@@ -13,7 +13,7 @@ import subprocess
 
 from tests.support import Backend, connect, freePort, poolToml, recvLine, sourceEnv, tcpServiceToml, twistdCommand, waitFor
 from txlb.config import LogConfig
-from txlb.logs import LogFile, makeObserver
+from txlb.observe.logs import LogFile, makeObserver
 
 
 def events(path, kind: str) -> list[dict]:

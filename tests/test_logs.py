@@ -10,7 +10,7 @@ import json
 from twisted.logger import Logger, LogPublisher
 
 from txlb.config import LogConfig
-from txlb.logs import makeObserver
+from txlb.observe.logs import makeObserver
 
 
 def emit(config: LogConfig, **kwargs) -> str:
@@ -85,7 +85,7 @@ def test_events_are_flushed_in_batches_but_warnings_at_once():
 
 
 def test_timestamps_keep_milliseconds_across_seconds():
-    from txlb.logs import _timestamp
+    from txlb.observe.logs import _timestamp
 
     assert _timestamp(0.5) == "1970-01-01T00:00:00.500+00:00"
     assert _timestamp(1.25) == "1970-01-01T00:00:01.250+00:00"
@@ -94,7 +94,7 @@ def test_timestamps_keep_milliseconds_across_seconds():
 
 def test_emit_writes_what_info_would():
     """The per-request shortcut gives the same line as Logger.info."""
-    from txlb.logs import emit as emitEvent
+    from txlb.observe.logs import emit as emitEvent
 
     fields = dict(service="web", path="/a\"b", status=200, cache=None)
     for config in (LogConfig(), LogConfig(format="text")):
@@ -111,7 +111,7 @@ def test_emit_writes_what_info_would():
 
 
 def test_emit_gives_other_observers_an_ordinary_event():
-    from txlb.logs import emit as emitEvent
+    from txlb.observe.logs import emit as emitEvent
 
     seen = []
     emitEvent(Logger(namespace="txlb.http", observer=seen.append), "request", {"status": 503})
@@ -123,7 +123,7 @@ def test_emit_gives_other_observers_an_ordinary_event():
 def test_lines_encode_like_the_standard_encoder():
     import pytest
 
-    from txlb.logs import _encode
+    from txlb.observe.logs import _encode
 
     value = {"a": 1.5, "b": None, "c": "é\n\"", "d": [1, "x"], "f": True}
     assert _encode(value) == json.dumps(value, separators=(",", ":"))
@@ -142,7 +142,7 @@ def test_access_events_straight_to_the_process_log_are_the_same_lines_in_order()
     """
     from twisted.internet.task import Clock
 
-    from txlb.logs import accessTo, emit as emitEvent
+    from txlb.observe.logs import accessTo, emit as emitEvent
 
     clock = Clock()
     clock.running = True
@@ -174,7 +174,7 @@ def test_access_events_straight_to_the_process_log_are_the_same_lines_in_order()
 
 
 def test_text_logs_keep_the_publishers_road():
-    from txlb import logs
+    from txlb.observe import logs
 
     logs.accessTo(makeObserver(LogConfig(format="text"), stdout=io.StringIO()))
     assert logs._direct is None

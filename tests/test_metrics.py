@@ -1,5 +1,5 @@
 """
-L{txlb.metrics} and L{txlb.stats}: counting on a L{Clock}, the Prometheus
+L{txlb.observe.metrics} and L{txlb.observe.stats}: counting on a L{Clock}, the Prometheus
 exposition read back with prometheus_client's own parser.
 """
 
@@ -13,10 +13,10 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 
 from txlb.interfaces import PickContext
-from txlb.metrics import Metrics
-from txlb.pool import Pool, Server, ServerState
-from txlb.schedulers.least import LeastConnections
-from txlb.stats import DecisionLog, Window, bucketSeconds, latencyBucket
+from txlb.observe.metrics import Metrics
+from txlb.balance.pool import Pool, Server, ServerState
+from txlb.balance.schedulers.least import LeastConnections
+from txlb.observe.stats import DecisionLog, Window, bucketSeconds, latencyBucket
 
 
 def samples(metrics: Metrics) -> dict[str, list]:
@@ -168,10 +168,10 @@ def test_ejections_seen_on_the_log_while_running():
     clock, pool, metrics = setup()
     metrics.startService()
     try:
-        Logger(namespace="txlb.pool").info("x", event="server_ejected", pool="api", server="a")
+        Logger(namespace="txlb.balance.pool").info("x", event="server_ejected", pool="api", server="a")
     finally:
         metrics.stopService()
-    Logger(namespace="txlb.pool").info("x", event="server_ejected", pool="api", server="a")
+    Logger(namespace="txlb.balance.pool").info("x", event="server_ejected", pool="api", server="a")
     assert metrics.ejections == {("api", "a"): 1}
 
 

@@ -10,8 +10,8 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
-from txlb.aggregate import mergeExpositions
-from txlb.metrics import Metrics, wantsOpenMetrics
+from txlb.observe.aggregate import mergeExpositions
+from txlb.observe.metrics import Metrics, wantsOpenMetrics
 
 
 def _families(text: str) -> dict:

@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from txlb.config import ConfigError, parse
-from txlb.metrics import Metrics
+from txlb.observe.metrics import Metrics
 from txlb.policy.access import CACHE_SIZE, AccessList, NetworkSet, clientAddress, parseNetwork
 from txlb.policy.ratelimit import ConnectionLimits, parseRate
 from txlb.tap import summary

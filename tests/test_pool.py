@@ -11,8 +11,8 @@ import pytest
 from twisted.internet.task import Clock
 
 from txlb.interfaces import PickContext
-from txlb.pool import BANDWIDTH_TAU, Pool, Server, ServerState
-from txlb.schedulers.rotation import RoundRobin
+from txlb.balance.pool import BANDWIDTH_TAU, Pool, Server, ServerState
+from txlb.balance.schedulers.rotation import RoundRobin
 
 
 def makePool(n: int = 3):

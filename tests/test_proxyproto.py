@@ -22,12 +22,12 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tests.support import tcpPair
-from txlb import splice
+from txlb.net import splice
 from txlb.config import ConfigError, parse
-from txlb.endpoints import EndpointCache
+from txlb.net.endpoints import EndpointCache
 from txlb.interfaces import IEarlyBytes
-from txlb.pool import Pool, Server
-from txlb.proxyproto import (
+from txlb.balance.pool import Pool, Server
+from txlb.net.proxyproto import (
     V1_MAX,
     V2_MAX_BLOCK,
     V2_SIGNATURE,
@@ -42,7 +42,7 @@ from txlb.proxyproto import (
     parseV1,
     trusts,
 )
-from txlb.schedulers.rotation import RoundRobin
+from txlb.balance.schedulers.rotation import RoundRobin
 from txlb.tap import summary
 from txlb.tcp import TCPBalancerFactory
 
@@ -585,7 +585,7 @@ def test_under_tls_the_service_protocol_hears_the_header_client(tmp_path):
     import trustme
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
-    from txlb.tls import ServerTLS
+    from txlb.net.tls import ServerTLS
 
     cert = trustme.CA().issue_cert("localhost")
     cert.private_key_pem.write_to_path(str(tmp_path / "site.key"))

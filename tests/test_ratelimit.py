@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from txlb.config import parse
 from txlb.config._policy import RateLimitConfig
 from txlb.http.routing import Router
-from txlb.metrics import Metrics
+from txlb.observe.metrics import Metrics
 from txlb.policy.access import AccessList
 from txlb.policy.admission import DENIED, Admission, Refusal, limited
 from txlb.policy.build import Policies

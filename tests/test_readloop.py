@@ -1,5 +1,5 @@
 """
-L{txlb.readloop}: an adopted transport is read through txlb's epoll set,
+L{txlb.net.readloop}: an adopted transport is read through txlb's epoll set,
 and pausing, resuming, half-close and closing behave as Twisted's.
 """
 
@@ -15,8 +15,8 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from txlb.readloop import adopt
-from txlb.splice import loopFor
+from txlb.net.readloop import adopt
+from txlb.net.splice import loopFor
 
 
 class Recorder(Protocol):

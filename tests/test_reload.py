@@ -16,9 +16,9 @@ from twisted.logger import globalLogPublisher
 from txlb.config import ServerConfig, parse
 from txlb.health import healthCheckFactories
 from txlb.http.frontend import HTTPProxyFactory
-from txlb.pool import ServerState
-from txlb.reload import ConfigDiff, PoolDiff, ServerDiff, describe, diffConfigs, diffServers
-from txlb.schedulers import schedulerFactories
+from txlb.balance.pool import ServerState
+from txlb.control.reload import ConfigDiff, PoolDiff, ServerDiff, describe, diffConfigs, diffServers
+from txlb.balance.schedulers import schedulerFactories
 from txlb.service import TxlbService
 from txlb.tcp import TCPBalancerFactory
 
@@ -266,7 +266,7 @@ def test_a_removed_server_drains_first(running):
 def test_the_file_replaces_what_the_admin_api_changed(running):
     pool = running.service.pools["api"]
     pool.setWeight(pool.server("a"), 9)
-    from txlb.pool import Server
+    from txlb.balance.pool import Server
 
     pool.add(Server("extra", "tcp:host=127.0.0.1:port=9009"))
     result = running.reload(BASE)

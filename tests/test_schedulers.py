@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 
 from tests.support import ROOT, sourceEnv
 from txlb.interfaces import IScheduler, ISchedulerFactory, SchedulerOptionsError
-from txlb.schedulers import BUILTINS, DEFAULT_ALGORITHM, schedulerFactories
+from txlb.balance.schedulers import BUILTINS, DEFAULT_ALGORITHM, schedulerFactories
 from txlb.testing import verifySchedulerFactory
 
 SPEC_ALGORITHMS = {

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from tests.support import ROOT
 from txlb.interfaces import SchedulerOptionsError
-from txlb.schedulers.hashing import ConsistentHash, IPHash, stableHash
+from txlb.balance.schedulers.hashing import ConsistentHash, IPHash, stableHash
 from txlb.testing import FakePool
 
 KEYS = [f"10.{i // 256 % 256}.{i % 256}.{i // 65536 + 1}" for i in range(10_000)]
@@ -138,7 +138,7 @@ def test_replicas_option():
 
 _CHILD = """
 import json, sys
-from txlb.schedulers.hashing import ConsistentHash, stableHash
+from txlb.balance.schedulers.hashing import ConsistentHash, stableHash
 from txlb.testing import FakePool
 pool = FakePool(ConsistentHash(), ["server-1", "server-2", "server-3"])
 keys = [f"127.0.{i}.{i * 7 % 256}" for i in range(200)]

@@ -10,8 +10,8 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from txlb.pool import BANDWIDTH_TAU
-from txlb.schedulers.least import LeastBandwidth, LeastConnections, LeastResponseTime
+from txlb.balance.pool import BANDWIDTH_TAU
+from txlb.balance.schedulers.least import LeastBandwidth, LeastConnections, LeastResponseTime
 from txlb.testing import FakePool
 
 # least_connections

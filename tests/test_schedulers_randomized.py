@@ -10,7 +10,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from txlb.schedulers.randomized import PowerOfTwo, Random
+from txlb.balance.schedulers.randomized import PowerOfTwo, Random
 from txlb.testing import FakePool
 
 

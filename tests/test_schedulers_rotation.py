@@ -11,7 +11,7 @@ from itertools import groupby
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from txlb.schedulers.rotation import RoundRobin, WeightedRoundRobin
+from txlb.balance.schedulers.rotation import RoundRobin, WeightedRoundRobin
 from txlb.testing import FakePool
 
 

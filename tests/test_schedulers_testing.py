@@ -10,8 +10,8 @@ from typing import Collection, Optional
 import pytest
 
 from txlb.interfaces import Decision, PickContext
-from txlb.schedulers import SchedulerBase, SchedulerFactory
-from txlb.schedulers.least import LeastConnections
+from txlb.balance.schedulers import SchedulerBase, SchedulerFactory
+from txlb.balance.schedulers.least import LeastConnections
 from txlb.testing import FakePool, verifySchedulerFactory
 
 

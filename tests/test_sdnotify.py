@@ -1,5 +1,5 @@
 """
-systemd notifications (L{txlb.sdnotify}): the notifier on its own, the
+systemd notifications (L{txlb.control.sdnotify}): the notifier on its own, the
 service on a memory reactor, and a real C{twistd txlb} talking to a
 notification socket this test binds, as systemd would.
 """
@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 
 from tests.support import ROOT, Backend, freePort, poolToml, sourceEnv, tcpServiceToml, twistdCommand, waitFor
-from txlb.sdnotify import Notifier, SystemdService, monotonicUsec, notifyAddress, watchdogInterval
+from txlb.control.sdnotify import Notifier, SystemdService, monotonicUsec, notifyAddress, watchdogInterval
 
 
 # The notifier.

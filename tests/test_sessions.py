@@ -13,7 +13,7 @@ from zope.interface.verify import verifyObject
 
 from txlb.config import SessionsConfig
 from txlb.interfaces import ISessionStore
-from txlb.sessions import MemoryStore, RedisStore, makeStore
+from txlb.balance.sessions import MemoryStore, RedisStore, makeStore
 
 
 def kinds(events, kind):

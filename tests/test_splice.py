@@ -13,7 +13,7 @@ import socket
 import pytest
 
 from tests.support import tcpPair
-from txlb import splice
+from txlb.net import splice
 
 pytestmark = pytest.mark.skipif(not splice.available, reason="no os.splice on this platform")
 

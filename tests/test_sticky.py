@@ -1,5 +1,5 @@
 """
-Sticky sessions: the rules of L{txlb.sticky} on their own, then the HTTP
+Sticky sessions: the rules of L{txlb.balance.sticky} on their own, then the HTTP
 and TCP proxies using them on a memory reactor, time on a Clock.
 """
 
@@ -12,10 +12,10 @@ from zope.interface import implementer
 
 from txlb.config import StickyConfig
 from txlb.interfaces import ISessionStore
-from txlb.pool import Pool, Server, ServerState
-from txlb.schedulers.rotation import RoundRobin
-from txlb.sessions import MemoryStore
-from txlb.sticky import CONNECT_FAILED, FULL, NOT_IN_POOL, Sticky, storeKey, usable
+from txlb.balance.pool import Pool, Server, ServerState
+from txlb.balance.schedulers.rotation import RoundRobin
+from txlb.balance.sessions import MemoryStore
+from txlb.balance.sticky import CONNECT_FAILED, FULL, NOT_IN_POOL, Sticky, storeKey, usable
 
 from tests import test_http_frontend as httpHarness
 from tests import test_tcp as tcpHarness

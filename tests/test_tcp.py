@@ -19,10 +19,10 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from txlb import splice
-from txlb.endpoints import EndpointCache
-from txlb.pool import Pool, Server
-from txlb.schedulers.rotation import RoundRobin
+from txlb.net import splice
+from txlb.net.endpoints import EndpointCache
+from txlb.balance.pool import Pool, Server
+from txlb.balance.schedulers.rotation import RoundRobin
 from txlb.tcp import TCPBalancerFactory
 
 
@@ -363,7 +363,7 @@ class Direct:
     """
     A balancer whose servers are real loopback listeners (or any address
     given), fed with real client connections wrapped in Twisted's own TCP
-    transport, so that the direct road (L{txlb.connect}, L{txlb.splice}) is
+    transport, so that the direct road (L{txlb.net.connect}, L{txlb.net.splice}) is
     the one taken.
     """
 

@@ -12,7 +12,7 @@ import trustme
 from OpenSSL import SSL
 
 from txlb.config import ConfigError, load
-from txlb.tls import CertificateError, ServerTLS, checkCertificate
+from txlb.net.tls import CertificateError, ServerTLS, checkCertificate
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """
-Tests for L{txlb._tomlpos}: the line of every key path.
+Tests for L{txlb.config._tomlpos}: the line of every key path.
 
 The property test generates small documents (tables, arrays of tables and
 their sub-tables, dotted keys, inline tables, arrays over several lines,
@@ -18,7 +18,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from txlb._tomlpos import keyLines, lineOf
+from txlb.config._tomlpos import keyLines, lineOf
 
 
 def test_tables_keys_and_arrays():

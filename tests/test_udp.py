@@ -13,12 +13,12 @@ import pytest
 from twisted.internet.task import Clock
 
 from txlb import udp
-from txlb.metrics import Metrics
-from txlb.pool import Pool, Server, ServerState
-from txlb.schedulers.hashing import IPHash
-from txlb.schedulers.least import LeastConnections
-from txlb.schedulers.rotation import RoundRobin
-from txlb.splice import SpliceLoop
+from txlb.observe.metrics import Metrics
+from txlb.balance.pool import Pool, Server, ServerState
+from txlb.balance.schedulers.hashing import IPHash
+from txlb.balance.schedulers.least import LeastConnections
+from txlb.balance.schedulers.rotation import RoundRobin
+from txlb.net.splice import SpliceLoop
 from txlb.udp import IDLE_CHECKS, ServerSocket, UDPBalancer, UDPListener, openServerSocket
 
 

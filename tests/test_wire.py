@@ -1,5 +1,5 @@
 """
-L{txlb.wire}: bytes go straight to the socket when nothing is queued, and
+L{txlb.net.wire}: bytes go straight to the socket when nothing is queued, and
 through Twisted's buffer, in order, otherwise.
 """
 
@@ -13,7 +13,7 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 
-from txlb.wire import Cork, backlogged, noDelay, sendNow
+from txlb.net.wire import Cork, backlogged, noDelay, sendNow
 
 
 @pytest.fixture

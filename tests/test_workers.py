@@ -15,16 +15,16 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
 from tests.support import freePort
-from txlb.aggregate import applyServerFigures, mergeDecisions, mergeExpositions, serverFigures
+from txlb.observe.aggregate import applyServerFigures, mergeDecisions, mergeExpositions, serverFigures
 from txlb.config import parse
-from txlb.control import ChannelClosed, ControlChannel, RemoteError
-from txlb.metrics import Metrics
-from txlb.pool import Pool, Server, ServerState
-from txlb.reload import serversOnly
-from txlb.schedulers.rotation import RoundRobin
-from txlb.stats import Window, latencyBucket
-from txlb.worker import Worker, applyState
-from txlb.workers import bindShared, poolState
+from txlb.control.channel import ChannelClosed, ControlChannel, RemoteError
+from txlb.observe.metrics import Metrics
+from txlb.balance.pool import Pool, Server, ServerState
+from txlb.control.reload import serversOnly
+from txlb.balance.schedulers.rotation import RoundRobin
+from txlb.observe.stats import Window, latencyBucket
+from txlb.service.worker import Worker, applyState
+from txlb.service.workers import bindShared, poolState
 
 
 def pair(handleA=lambda m: None, handleB=lambda m: None):

@@ -23,7 +23,7 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.internet.defer import Deferred
 
-    from txlb.pool import Server
+    from txlb.balance.pool import Server
 
 
 class SchedulerOptionsError(ValueError):
@@ -229,7 +229,7 @@ class IEarlyBytes(Interface):
     """
     A protocol that takes the bytes a client sent before the protocol's
     connection was made: what followed a PROXY header in the same read
-    (L{txlb.proxyproto}).  A protocol that hands its socket to the kernel
+    (L{txlb.net.proxyproto}).  A protocol that hands its socket to the kernel
     (the TCP balancer's splicing) must send them on first, and cannot if
     they come as a C{dataReceived} after it has done so.
     """

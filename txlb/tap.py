@@ -114,7 +114,7 @@ def makeService(options: Options, out: TextIO = None, err: TextIO = None):
     out = out or sys.stdout
     err = err or sys.stderr
     from txlb.health import healthCheckFactories
-    from txlb.schedulers import schedulerFactories
+    from txlb.balance.schedulers import schedulerFactories
 
     factories = schedulerFactories()
     healthFactories = healthCheckFactories()
@@ -129,9 +129,9 @@ def makeService(options: Options, out: TextIO = None, err: TextIO = None):
 
     from txlb.service import TxlbService
 
-    from txlb.logs import makeObserver
+    from txlb.observe.logs import makeObserver
 
-    # More than one worker: this process is the master (txlb.workers).
+    # More than one worker: this process is the master (txlb.service.workers).
     role = "master" if config.txlb.workers > 1 else "single"
     path = logPath(config.log.path, getattr(options, "parent", None))
     observer = makeObserver(attrs.evolve(config.log, path=path), clock=reactor)

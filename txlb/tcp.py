@@ -11,8 +11,8 @@ connect fails, half-close passed through both ways, an idle timeout, and
 exact accounting (active connections, bytes, time to first byte).
 
 Plaintext connections to a server with a literal IP address take a shorter
-road: the backend socket is connected directly (L{txlb.connect}) and both
-sockets are handed to the kernel (L{txlb.splice}) without a Twisted
+road: the backend socket is connected directly (L{txlb.net.connect}) and both
+sockets are handed to the kernel (L{txlb.net.splice}) without a Twisted
 transport for the backend.  The rules (backpressure, half-close, retries,
 accounting) are the same on both roads.
 """
@@ -30,15 +30,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txlb.connect import Deadlines, PendingConnect, connectSocket
-from txlb.drain import OpenConnections
-from txlb.endpoints import EndpointCache
+from txlb.net.connect import Deadlines, PendingConnect, connectSocket
+from txlb.net.drain import OpenConnections
+from txlb.net.endpoints import EndpointCache
 from txlb.interfaces import IEarlyBytes, PickContext
-from txlb.logs import emit
+from txlb.observe.logs import emit
 from txlb.policy.access import DENY
-from txlb.pool import Pool, Server
-from txlb.proxyproto import WRITERS
-from txlb.splice import SplicePair, loopFor, spliceable
+from txlb.balance.pool import Pool, Server
+from txlb.net.proxyproto import WRITERS
+from txlb.net.splice import SplicePair, loopFor, spliceable
 
 _log = Logger(namespace="txlb.tcp")
 
@@ -76,14 +76,14 @@ class TCPBalancerFactory(Factory):
         self.clock = clock
         self.idleTimeout = idleTimeout
         self.accessLog = accessLog
-        #: A L{txlb.metrics.Metrics} to count connections in, or L{None}.
+        #: A L{txlb.observe.metrics.Metrics} to count connections in, or L{None}.
         self.metrics = metrics
-        #: A L{txlb.sticky.Sticky} (C{ip} mode), or L{None}.
+        #: A L{txlb.balance.sticky.Sticky} (C{ip} mode), or L{None}.
         self.sticky = sticky
-        #: Hand plaintext connections to the kernel (L{txlb.splice}) where it can.
+        #: Hand plaintext connections to the kernel (L{txlb.net.splice}) where it can.
         self.splice = splice
         #: C{"v1"} or C{"v2"}: a PROXY header naming the client starts each
-        #: backend connection (L{txlb.proxyproto}); L{None}: none.
+        #: backend connection (L{txlb.net.proxyproto}); L{None}: none.
         self.proxyProtocol = proxyProtocol
         #: The reactor to watch directly connected sockets with, if it can.
         self.fdReactor = endpoints.reactor if IReactorFDSet.providedBy(endpoints.reactor) else None
@@ -226,7 +226,7 @@ class Frontend(_Side):
 
     backend: Optional["Backend"] = None
     server: Optional[Server] = None
-    #: The connection's sticky state (a L{txlb.sticky.Affinity}), if any.
+    #: The connection's sticky state (a L{txlb.balance.sticky.Affinity}), if any.
     affinity = None
     #: Servers whose connect failed, in order.
     tried: tuple[Server, ...] = ()
@@ -240,7 +240,7 @@ class Frontend(_Side):
     connected = False
     gotFirstByte = False
     closed = False
-    #: The kernel moves the bytes (L{txlb.splice}).
+    #: The kernel moves the bytes (L{txlb.net.splice}).
     spliced = False
     splice: Optional[SplicePair] = None
     _connecting = None

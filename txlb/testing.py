@@ -4,7 +4,7 @@ Test doubles for people who write txlb schedulers.
 
 As C{treq.testing} lets code that uses treq be tested without a network,
 this module lets a scheduler be driven exactly as txlb's pool drives it --
-the same L{txlb.pool.Pool}, the same notifications, in the same order --
+the same L{txlb.balance.pool.Pool}, the same notifications, in the same order --
 but with a L{twisted.internet.task.Clock} and no reactor or sockets, so a
 test runs in microseconds and can set every live figure a scheduler reads.
 
@@ -26,7 +26,7 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from txlb.interfaces import Decision, IScheduler, ISchedulerFactory, PickContext
-from txlb.pool import Pool, Server, ServerState
+from txlb.balance.pool import Pool, Server, ServerState
 
 __all__ = ["FakePool", "verifySchedulerFactory"]
 

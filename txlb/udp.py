@@ -4,7 +4,7 @@ UDP services: datagrams balanced by flow.
 
 A flow is everything one client address and port sends to one of the
 service's listening sockets.  Its first datagram asks the pool for a server
-(L{txlb.pool.Pool.pick}, as a TCP connection does: health, drain, weights,
+(L{txlb.balance.pool.Pool.pick}, as a TCP connection does: health, drain, weights,
 slow start, connection limits and every scheduler apply, and C{ip_hash} or
 C{consistent_hash} hash the client's IP address); the flow then keeps that
 server, through a datagram socket of its own connected to the server.  What
@@ -43,12 +43,12 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from txlb.endpoints import EndpointError, udpTarget
+from txlb.net.endpoints import EndpointError, udpTarget
 from txlb.interfaces import PickContext
-from txlb.logs import emit
+from txlb.observe.logs import emit
 from txlb.policy.access import DENY
-from txlb.pool import Pool, Server, ServerState
-from txlb.splice import available as _epoll, loopFor
+from txlb.balance.pool import Pool, Server, ServerState
+from txlb.net.splice import available as _epoll, loopFor
 
 _log = Logger(namespace="txlb.udp")
 
@@ -70,7 +70,7 @@ DROP_REASONS = ("max_flows", "no_server", "socket", "send")
 class ServerSocket:
     """
     One flow's datagram socket, connected to its server, read in txlb's
-    epoll set (a L{txlb.splice.SpliceLoop}) when given one, else by the
+    epoll set (a L{txlb.net.splice.SpliceLoop}) when given one, else by the
     reactor as an C{IReadDescriptor}: the loop costs a dictionary lookup
     per readiness event where the reactor runs each in a logging context.
 
@@ -157,7 +157,7 @@ class ServerSocket:
 def openServerSocket(reactor, loop: Optional[bool] = None) -> Callable:
     """
     What L{UDPBalancer} opens flows' server sockets with: a L{ServerSocket}
-    on C{reactor}, read in the reactor's L{txlb.splice.SpliceLoop} (made on
+    on C{reactor}, read in the reactor's L{txlb.net.splice.SpliceLoop} (made on
     first use) where epoll exists, unless C{loop} is false.
     """
     useLoop = (_epoll and hasattr(reactor, "addReader")) if loop is None else loop
@@ -330,7 +330,7 @@ class UDPBalancer:
         self.idleTimeout = idleTimeout
         self.maxFlows = maxFlows
         self.accessLog = accessLog
-        #: A L{txlb.metrics.Metrics} to count flows in, or L{None}.
+        #: A L{txlb.observe.metrics.Metrics} to count flows in, or L{None}.
         self.metrics = metrics
         #: Every live flow (of every listener).
         self.open: set[Flow] = set()

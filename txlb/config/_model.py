@@ -17,7 +17,7 @@ from txlb.config._rules import CompressConfig, HeaderRules, RedirectConfig
 from txlb.policy.ratelimit import Rate
 
 #: Scheduler factories by the name C{algorithm =} uses, as
-#: L{txlb.schedulers.schedulerFactories} gives them: called with a pool's
+#: L{txlb.balance.schedulers.schedulerFactories} gives them: called with a pool's
 #: C{options}, they raise L{SchedulerOptionsError} when those do not suit.
 Algorithms = Mapping[str, Callable[[Mapping[str, Any]], Any]]
 

@@ -2,7 +2,7 @@
 """
 Reading a service's PROXY protocol keys: C{accept_proxy} (the header in,
 TCP and HTTP services) and C{proxy_protocol} (the header out, TCP
-services).  See L{txlb.proxyproto}.
+services).  See L{txlb.net.proxyproto}.
 """
 
 from __future__ import annotations

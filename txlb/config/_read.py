@@ -24,7 +24,7 @@ from typing import Any, Collection, Mapping, Optional
 
 import attrs
 
-from txlb._tomlpos import keyLines
+from txlb.config._tomlpos import keyLines
 from txlb.config._model import (
     AdminConfig,
     Algorithms,
@@ -74,7 +74,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from txlb.config._proxy import readProxy
 from txlb.config._transform import readCompress, readHeaderRules, readRedirect, routeHeaders
 from txlb.config._admission import checkRedis, rate, readAccess, readRateLimit
-from txlb.endpoints import EndpointError, checkServer, isUDP, listenParts, parseUDPListen, sameSocket, udpTarget
+from txlb.net.endpoints import EndpointError, checkServer, isUDP, listenParts, parseUDPListen, sameSocket, udpTarget
 from txlb.interfaces import SchedulerOptionsError
 
 # The sections.
@@ -93,7 +93,7 @@ def _readProcess(t: _Table) -> ProcessConfig:
 def _shareable(listen: str) -> bool:
     """
     Whether worker processes can share C{listen}'s socket: a TCP, UDP or
-    unix one (L{txlb.workers.bindShared}).
+    unix one (L{txlb.service.workers.bindShared}).
     """
     if isUDP(listen):
         return True
@@ -140,7 +140,7 @@ def _readServers(pool: _Table) -> tuple[ServerConfig, ...]:
 
 
 def _readPool(t: _Table, name: str, algorithms: Optional[Algorithms]) -> PoolConfig:
-    from txlb.schedulers import DEFAULT_ALGORITHM
+    from txlb.balance.schedulers import DEFAULT_ALGORITHM
 
     algorithm = t.get("algorithm", _string, None)
     options = t.get("options", _freeTable, MappingProxyType({}))
@@ -264,7 +264,7 @@ def _file(t: _Table, key: str, default: Optional[str] = None) -> Optional[str]:
 
 
 def _readTLS(t: Optional[_Table]) -> Optional[TLSConfig]:
-    from txlb.tls import CertificateError, checkCertificate
+    from txlb.net.tls import CertificateError, checkCertificate
 
     if t is None:
         return None
@@ -293,7 +293,7 @@ def _hasProblems(t: _Table) -> bool:
 
 
 def _readBackendTLS(t: Optional[_Table]) -> Optional[BackendTLSConfig]:
-    from txlb.tls import CertificateError, checkCertificate
+    from txlb.net.tls import CertificateError, checkCertificate
 
     if t is None:
         return None

@@ -12,7 +12,7 @@ from typing import Optional
 
 import attrs
 
-from txlb.pool import ServerState
+from txlb.balance.pool import ServerState
 
 
 @attrs.define

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from txlb.interfaces import CheckResult, IHealthCheck, IHealthCheckFactory
 from txlb.health._checks import describeFailure
 from txlb.health._machine import RiseFall
-from txlb.pool import Server, ServerState
+from txlb.balance.pool import Server, ServerState
 
 _log = Logger(namespace="txlb.health")
 
@@ -120,16 +120,16 @@ class HealthChecks(Service):
     On start it marks the pool as checked, so that servers added at run
     time start as C{CHECKING}, and checks every server of the pool,
     following servers as they are added and removed.  Verdicts go to
-    L{txlb.pool.Pool.setHealth}, which logs the C{server_state} events.
+    L{txlb.balance.pool.Pool.setHealth}, which logs the C{server_state} events.
 
     With C{kind = "none"} it checks nothing, and on start marks the pool
     unchecked and puts any server that is not C{UP} back up (what a reload
     that turns checks off needs).  Stopping leaves every server as it is,
     so that the checks of a reloaded config take over where these ended.
 
-    @param pool: the L{txlb.pool.Pool} to check.
+    @param pool: the L{txlb.balance.pool.Pool} to check.
     @param config: its L{txlb.config.HealthConfig}.
-    @param endpoints: an L{txlb.endpoints.EndpointCache} to connect with.
+    @param endpoints: an L{txlb.net.endpoints.EndpointCache} to connect with.
     @param clock: an C{IReactorTime}; checks are timed on it.
     @param factories: health-check factories by kind, as
         L{healthCheckFactories} returns them.

@@ -29,7 +29,7 @@ from zope.interface.verify import verifyObject
 
 from txlb.config import HealthConfig
 from txlb.interfaces import CheckResult, IHealthCheck, IHealthCheckFactory
-from txlb.pool import Server
+from txlb.balance.pool import Server
 
 __all__ = ["CheckHarness", "verifyHealthCheckFactory"]
 

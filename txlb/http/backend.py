@@ -23,12 +23,12 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txlb.endpoints import EndpointCache
+from txlb.net.endpoints import EndpointCache
 from txlb.http.bodysplice import MIN_SPLICE
 from txlb.http.h2backend import H2Backends
-from txlb.pool import Server
-from txlb.readloop import adopt
-from txlb.wire import sendNow
+from txlb.balance.pool import Server
+from txlb.net.readloop import adopt
+from txlb.net.wire import sendNow
 
 #: Bytes asked of one read while a large body streams through Python (one
 #: that cannot be spliced: over TLS, chunked, being cached): a quarter of

@@ -6,13 +6,13 @@ the backend's socket to the client's through a pipe with C{splice(2)},
 without passing through Python's memory.
 
 The sockets stay Twisted's transports' own: L{BodySplice} watches them in
-the reactor's one L{txlb.splice.SpliceLoop} (the epoll set that TCP
-splicing and L{txlb.readloop} use too) while it moves exactly the bytes it
+the reactor's one L{txlb.net.splice.SpliceLoop} (the epoll set that TCP
+splicing and L{txlb.net.readloop} use too) while it moves exactly the bytes it
 was told to, and takes them out of that set before it reports the end.
 The transports must not be reading or writing meanwhile: the caller
 pauses them first and resumes them after.
 
-Backpressure is L{txlb.splice}'s: the backend is read only while the pipe
+Backpressure is L{txlb.net.splice}'s: the backend is read only while the pipe
 is empty, so a slow client stops the backend and nothing piles up in txlb.
 """
 
@@ -22,7 +22,7 @@ import os
 import socket
 from typing import Callable, Optional
 
-from txlb.splice import READY_IN, READY_OUT, WATCH_IN, WATCH_OUT, available, loopFor, pipes, spliceable
+from txlb.net.splice import READY_IN, READY_OUT, WATCH_IN, WATCH_OUT, available, loopFor, pipes, spliceable
 
 __all__ = ["BodySplice", "CLOSED", "MIN_SPLICE", "SINK", "SOURCE", "available", "spliceable"]
 
@@ -31,7 +31,7 @@ __all__ = ["BodySplice", "CLOSED", "MIN_SPLICE", "SINK", "SOURCE", "available", 
 MIN_SPLICE = 64 * 1024
 
 #: Bytes asked of one splice call: the size of the shared pool's pipes
-#: (L{txlb.splice.pipes}); 1 MiB costs a third of the CPU time of 64 KiB
+#: (L{txlb.net.splice.pipes}); 1 MiB costs a third of the CPU time of 64 KiB
 #: per byte moved.
 CHUNK = 1 << 20
 
@@ -73,7 +73,7 @@ class BodySplice:
     """
     Moves exactly C{length} bytes from socket C{source} to socket C{sink}.
 
-    @param reactor: the reactor whose L{txlb.splice.SpliceLoop} watches
+    @param reactor: the reactor whose L{txlb.net.splice.SpliceLoop} watches
         the sockets.
     @param moved: C{moved(n)} for every C{n} bytes written to C{sink}.
     @param ended: called once, after this splice's registrations are gone,

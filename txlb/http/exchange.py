@@ -20,8 +20,8 @@ from txlb.http.backend import BackendConnection
 from txlb.http.bodysplice import SINK, SOURCE, BodySplice, spliceable
 from txlb.http.headers import requestId, responseHead
 from txlb.policy.headers import variables
-from txlb.pool import Pool
-from txlb.wire import buffered, noDelay, sendNow
+from txlb.balance.pool import Pool
+from txlb.net.wire import buffered, noDelay, sendNow
 
 if TYPE_CHECKING:  # pragma: no cover
     from txlb.http.frontend import HTTPFrontend
@@ -52,7 +52,7 @@ class Exchange:
     pool: Optional[Pool] = None
     error: Optional[str] = None
     finished = False
-    #: The request's sticky state (a L{txlb.sticky.Affinity}) when the
+    #: The request's sticky state (a L{txlb.balance.sticky.Affinity}) when the
     #: service is sticky.
     affinity = None
     #: When the service caches: C{HIT}, C{MISS}, C{STALE} or C{BYPASS}; the
@@ -179,7 +179,7 @@ class Exchange:
             framing = _lengthLine(headers) if status != 204 else None
         elif self.encoder is not None:
             self.encoding = self.encoder.encoding
-            noDelay(frontend.transport)  # the body leaves in a piece per read (txlb.wire.noDelay)
+            noDelay(frontend.transport)  # the body leaves in a piece per read (txlb.net.wire.noDelay)
             if self.version == "1.1":
                 framing = b"Transfer-Encoding: chunked"
                 self.toClientChunked = True

@@ -31,21 +31,21 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txlb.cache import ResponseCache, storedResponse
-from txlb.drain import OpenConnections
+from txlb.net.drain import OpenConnections
 from txlb.http.backend import BackendConnection, BackendConnections
 from txlb.http.errors import errorResponse
 from txlb.http.exchange import Exchange, _headerValue, absoluteForm
 from txlb.http.grpc import grpcErrorResponse, isGrpc
 from txlb.http.headers import requestHead
 from txlb.http.routing import Router
-from txlb.hashkey import hashKeyOf
+from txlb.balance.hashkey import hashKeyOf
 from txlb.interfaces import PickContext
-from txlb.logs import emit
+from txlb.observe.logs import emit
 from txlb.policy.admission import Refusal
 from txlb.policy.headers import variables
-from txlb.pool import Pool
-from txlb.readloop import adopt
-from txlb.wire import Cork, backlogged, sendNow
+from txlb.balance.pool import Pool
+from txlb.net.readloop import adopt
+from txlb.net.wire import Cork, backlogged, sendNow
 
 _log = Logger(namespace="txlb.http")
 
@@ -112,7 +112,7 @@ class HTTPService:
     What every connection of one HTTP service shares (the factory's state).
     """
 
-    #: A L{txlb.metrics.Metrics} told about every finished exchange, or L{None}.
+    #: A L{txlb.observe.metrics.Metrics} told about every finished exchange, or L{None}.
     metrics = None
 
     def __init__(
@@ -149,7 +149,7 @@ class HTTPService:
         self.forwarded = forwarded
         self.accessLog = accessLog
         self.proto = proto
-        #: A L{txlb.sticky.Sticky}, or L{None}.
+        #: A L{txlb.balance.sticky.Sticky}, or L{None}.
         self.sticky = sticky
         self.cacheConfig = cacheConfig
         #: Speak HTTP/2 to clients that ask (ALPN, or the preface), with

@@ -62,9 +62,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txlb.endpoints import hostOf
+from txlb.net.endpoints import hostOf
 from txlb.http.grpc import wantsTrailers
-from txlb.wire import sendNow
+from txlb.net.wire import sendNow
 
 #: What a TLS connection to an h2 pool's servers offers in ALPN.
 ALPN = (b"h2",)

@@ -64,8 +64,8 @@ from zope.interface import implementer
 
 from txlb.http.exchange import Exchange
 from txlb.http.frontend import HTTPFrontend, ReadGate
-from txlb.logs import emit
-from txlb.wire import backlogged, sendNow
+from txlb.observe.logs import emit
+from txlb.net.wire import backlogged, sendNow
 
 _log = Logger(namespace="txlb.http2")
 

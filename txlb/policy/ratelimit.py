@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 
 import attrs
 
-from txlb.hashkey import hashKeyOf
+from txlb.balance.hashkey import hashKeyOf
 
 #: The reasons a refusal is counted and logged under.
 RATE_LIMIT = "rate_limit"

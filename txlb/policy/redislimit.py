@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txlb.sessions import RedisConnected
+from txlb.balance.sessions import RedisConnected
 
 _log = Logger(namespace="txlb.ratelimit")
 
@@ -123,7 +123,7 @@ class RedisBuckets(RedisConnected):
         command.addBoth(answered)
         return answer
 
-    # Redis coming and going (through txlb.sessions' reconnecting factory).
+    # Redis coming and going (through txlb.balance.sessions' reconnecting factory).
 
     def _up(self, conn) -> None:
         """
