@@ -7,12 +7,14 @@ sockets (L{txlb.udp.ServerSocket}) are tested on loopback, read by hand.
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
 from twisted.internet.task import Clock
 
 from txlb import udp
+from txlb.observe.aggregate import MergedMetrics, statsPart
 from txlb.observe.metrics import Metrics
 from txlb.balance.pool import Pool, Server, ServerState
 from txlb.balance.schedulers.hashing import IPHash
@@ -499,3 +501,53 @@ def test_a_loop_that_goes_away_ends_the_flow(echoServer):
     loop.connectionLost(None)
     assert flow.ends == ["shutdown"]
     sock.close()
+
+
+def test_stats_show_flows_datagrams_and_bytes_per_server():
+    h = Harness(metrics=True)
+    h.send(b"abc", ("192.0.2.1", 1))
+    h.send(b"de", ("192.0.2.1", 2))
+    h.send(b"fgh", ("192.0.2.1", 1))
+    h.answer(h.sockets[0], b"12345")
+    assert h.balancer.figures() == {("p", "s0"): [1, 2, 1, 6, 5], ("p", "s1"): [1, 1, 0, 2, 0]}
+    [service] = h.metrics.stats(history=False)["services"]
+    seen = service["udp"]
+    assert (seen["flows"], seen["datagramsIn"], seen["datagramsOut"], seen["bytesIn"], seen["bytesOut"]) == (2, 3, 1, 8, 5)
+    assert seen["servers"] == [
+        {"pool": "p", "server": "s0", "flows": 1, "datagramsIn": 2, "datagramsOut": 1, "bytesIn": 6, "bytesOut": 5},
+        {"pool": "p", "server": "s1", "flows": 1, "datagramsIn": 1, "datagramsOut": 0, "bytesIn": 2, "bytesOut": 0},
+    ]
+    assert seen["droppedTotal"] == 0 and set(seen["dropped"]) == set(udp.DROP_REASONS)
+    # Ended flows keep their counts; only the live ones count as flows.
+    h.clock.pump([1.0] * 10)
+    h.send(b"i", ("192.0.2.1", 3))
+    seen = h.metrics.stats(history=False)["services"][0]["udp"]
+    assert (seen["flows"], seen["datagramsIn"], seen["bytesIn"]) == (1, 4, 9)
+    assert [(s["server"], s["flows"]) for s in seen["servers"]] == [("s0", 1), ("s1", 0)]
+
+
+def test_stats_of_tcp_and_http_services_have_no_udp_part():
+    h = Harness(metrics=True)
+    h.metrics.addService("web", "http", ("p",))
+    services = {s["name"]: s for s in h.metrics.stats(history=False)["services"]}
+    assert "udp" in services["dns"] and "udp" not in services["web"]
+
+
+def test_a_master_adds_up_its_workers_udp_figures():
+    """What each worker sends (L{statsPart}) is summed by server in the master's L{MergedMetrics}."""
+    workers = [Harness(metrics=True), Harness(metrics=True, maxFlows=1)]
+    workers[0].send(b"abc", ("192.0.2.1", 1))
+    workers[0].answer(workers[0].sockets[0], b"1234")
+    workers[1].send(b"de", ("192.0.2.1", 2))
+    workers[1].send(b"f", ("192.0.2.1", 3))  # over max_flows: dropped
+    parts = [json.loads(json.dumps(statsPart(w.metrics))) for w in workers]  # as the channel carries them
+    master = Harness(metrics=True)
+    merged = MergedMetrics(master.metrics, parts).stats(history=False)
+    [service] = merged["services"]
+    assert service["activeConnections"] == 2
+    seen = service["udp"]
+    assert (seen["flows"], seen["datagramsIn"], seen["datagramsOut"], seen["bytesIn"], seen["bytesOut"]) == (2, 2, 1, 5, 4)
+    assert seen["servers"] == [
+        {"pool": "p", "server": "s0", "flows": 2, "datagramsIn": 2, "datagramsOut": 1, "bytesIn": 5, "bytesOut": 4},
+    ]
+    assert seen["dropped"]["max_flows"] == 1 and seen["droppedTotal"] == 1

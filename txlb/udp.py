@@ -498,16 +498,26 @@ class UDPBalancer:
         Datagrams and bytes so far, ended and live flows together, by
         C{(pool, server)}: C{[datagrams in, datagrams out, bytes in, bytes out]}.
         """
-        out = {key: list(values) for key, values in self.totals.items()}
+        return {key: values[1:] for key, values in self.figures().items()}
+
+    def figures(self) -> dict[tuple[str, str], list[int]]:
+        """
+        L{counters} with the live flows in front, by C{(pool, server)}:
+        C{[flows, datagrams in, datagrams out, bytes in, bytes out]}; what
+        C{/api/stats} and the status page show.  Read when asked, from
+        the flows themselves: nothing is counted per datagram for it.
+        """
+        out = {key: [0, *values] for key, values in self.totals.items()}
         for flow in list(self.open):
             key = (flow.pool.name, flow.server.name)
             values = out.get(key)
             if values is None:
-                values = out[key] = [0, 0, 0, 0]
-            values[0] += flow.datagramsIn
-            values[1] += flow.datagramsOut
-            values[2] += flow.bytesIn
-            values[3] += flow.bytesOut
+                values = out[key] = [0, 0, 0, 0, 0]
+            values[0] += 1
+            values[1] += flow.datagramsIn
+            values[2] += flow.datagramsOut
+            values[3] += flow.bytesIn
+            values[4] += flow.bytesOut
         return out
 
     def finish(self) -> None:

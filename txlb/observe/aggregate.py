@@ -7,7 +7,8 @@ figures, exactly as a single process does.  When the admin API is asked,
 the master collects the parts it needs from every worker and adds them up
 here: Prometheus samples with equal labels are summed, the per-second
 windows of L{txlb.observe.stats} are merged slot by slot (their latency histograms
-add exactly), and servers' in-flight counts and totals are summed into the
+add exactly), UDP services' flows, datagrams and bytes are summed by
+server, and servers' in-flight counts and totals are summed into the
 master's own L{txlb.balance.pool.Server}s, which serve no traffic of their own.
 
 Everything here takes data and returns data; the collecting is in
@@ -69,10 +70,18 @@ def statsPart(metrics: Metrics) -> dict[str, Any]:
     for name in list(metrics.services):
         services[name] = [metrics.activeConnections(name), metrics.connections.get(name, 0)]
     caches = {name: metrics._cacheStats(name, cache) for name, cache in metrics.caches().items()}
+    udp = {}
+    for name in list(metrics.udpServices()):
+        figures = metrics.udpFigures(name)
+        udp[name] = {
+            "servers": [[pool, server, *values] for (pool, server), values in figures["servers"].items()],
+            "dropped": figures["dropped"],
+        }
     return {
         "windows": [[service, pool, w.slots()] for (service, pool), w in list(metrics.windows.items())],
         "counts": services,
         "caches": caches,
+        "udp": udp,
     }
 
 
@@ -198,6 +207,7 @@ class MergedMetrics(Metrics):
         self.services = master.services
         self._counts: dict[str, list[int]] = {}
         self._caches: dict[str, dict] = {}
+        self._udp: dict[str, dict] = {}
         for part in parts:
             for service, pool, slots in part["windows"]:
                 self.windows.setdefault((service, pool), Window(HISTORY)).merge(slots)
@@ -207,6 +217,8 @@ class MergedMetrics(Metrics):
                 acc[1] += total
             for name, stats in part["caches"].items():
                 self._caches[name] = _addCacheStats(self._caches.get(name), stats)
+            for name, figures in part.get("udp", {}).items():
+                _addUDPFigures(self._udp.setdefault(name, {"servers": {}, "dropped": {}}), figures)
         for name in self.services:
             self.connections[name] = self._counts.get(name, [0, 0])[1]
 
@@ -215,6 +227,12 @@ class MergedMetrics(Metrics):
 
     def caches(self) -> dict[str, Any]:
         return dict(self._caches)
+
+    def udpFigures(self, service: str) -> Optional[dict[str, Any]]:
+        info = self.services.get(service)
+        if info is None or info.protocol != "udp":
+            return None
+        return self._udp.get(service, {"servers": {}, "dropped": {}})
 
     def _cacheStats(self, name: str, cache: Any) -> dict[str, Any]:
         return cache
@@ -228,6 +246,21 @@ def _addCacheStats(into: Optional[dict], stats: dict) -> dict:
     for key, n in stats["requests"].items():
         into["requests"][key] = into["requests"].get(key, 0) + n
     return into
+
+
+def _addUDPFigures(into: dict, figures: Mapping[str, Any]) -> None:
+    """One worker's figures of a UDP service (L{statsPart}) added to C{into}: every column is a sum."""
+    servers = into["servers"]
+    for pool, server, *values in figures["servers"]:
+        acc = servers.get((pool, server))
+        if acc is None:
+            servers[(pool, server)] = list(values)
+        else:
+            for i, n in enumerate(values):
+                acc[i] += n
+    dropped = into["dropped"]
+    for reason, n in figures["dropped"].items():
+        dropped[reason] = dropped.get(reason, 0) + n
 
 
 def mergeDecisions(parts: Iterable[list[dict]], limit: int) -> list[dict]:

@@ -296,6 +296,18 @@ class Metrics(Service):
         return {name: info.factory for name, info in list(self.services.items())
                 if info.protocol == "udp" and hasattr(info.factory, "counters")}
 
+    def udpFigures(self, service: str) -> Optional[dict[str, Any]]:
+        """
+        A UDP service's figures, or L{None} for a service that is not UDP:
+        C{{"servers": {(pool, server): [flows, datagrams in, datagrams out,
+        bytes in, bytes out]}, "dropped": {reason: n}}}, read from its
+        balancer (L{txlb.udp.UDPBalancer.figures}).
+        """
+        balancer = self.udpServices().get(service)
+        if balancer is None:
+            return None
+        return {"servers": balancer.figures(), "dropped": dict(balancer.dropped)}
+
     def _cacheStats(self, name: str, cache: Any) -> dict[str, Any]:
         results = {r: self.cacheRequests.get((name, r), 0) for r in ("HIT", "MISS", "STALE", "BYPASS")}
         return {"entries": len(cache), "bytes": cache.size, "maxBytes": cache.maxSize,
@@ -322,6 +334,8 @@ class Metrics(Service):
             entry["connectionsTotal"] = self.connections.get(info.name, 0)
             if info.name in caches:
                 entry["cache"] = self._cacheStats(info.name, caches[info.name])
+            if info.protocol == "udp":
+                entry["udp"] = udpJson(self.udpFigures(info.name))
             services.append(entry)
         out = {
             "time": round(now, 3),
@@ -358,6 +372,28 @@ class Metrics(Service):
         entry["unhealthyBackends"] = sum(1 for s in servers if s.state in _UNHEALTHY)
         entry["otherBackends"] = len(servers) - entry["healthyBackends"] - entry["unhealthyBackends"]
         return entry
+
+
+def udpJson(figures: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """
+    A UDP service's part of C{/api/stats} from L{Metrics.udpFigures}: its
+    live flows, datagrams and bytes both ways and drops, in all and by
+    server (C{in}: client to server, C{out}: server to client).
+    """
+    figures = figures or {}
+    servers = []
+    totals = [0, 0, 0, 0, 0]
+    for (pool, server), values in sorted((figures.get("servers") or {}).items()):
+        servers.append({"pool": pool, "server": server, **dict(zip(_UDP_FIELDS, values))})
+        for i, n in enumerate(values):
+            totals[i] += n
+    dropped = dict(figures.get("dropped") or {})
+    return {**dict(zip(_UDP_FIELDS, totals)), "dropped": dropped, "droppedTotal": sum(dropped.values()),
+            "servers": servers}
+
+
+#: The names of L{txlb.udp.UDPBalancer.figures}' columns in C{/api/stats}.
+_UDP_FIELDS = ("flows", "datagramsIn", "datagramsOut", "bytesIn", "bytesOut")
 
 
 def _ms(seconds: Optional[float]) -> Optional[float]:
