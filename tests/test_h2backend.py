@@ -9,20 +9,20 @@ from __future__ import annotations
 import json
 import struct
 
-from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import DataReceived, RequestReceived, StreamEnded, TrailersReceived
+from h2.events import RequestReceived, TrailersReceived
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 from hypothesis import given, settings, strategies as st
+from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
+from tests.h2support import H2Peer, h2Connection
 from tests.test_http_frontend import Harness, Transport, head
 from txlb.health import GRPCCheck, grpcCheck, healthCheckFactories
 from txlb.health._grpc import checkRequest, servingStatus
@@ -32,40 +32,24 @@ from txlb.interfaces import IHealthCheck
 from txlb.balance.pool import ServerState
 
 
-class H2Server:
+class H2Server(H2Peer):
     """The backend's side of one connection, played by the h2 library."""
 
     def __init__(self, backend, transport, maxStreams: int = 100) -> None:
-        self.backend = backend
-        self.transport = transport
-        self.conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
-        self.conn.local_settings = Settings(client=False, initial_values={
+        conn = h2Connection(client=False)
+        conn.local_settings = Settings(client=False, initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: maxStreams})
-        self.conn.initiate_connection()
-        self.events: list = []
+        conn.initiate_connection()
+        super().__init__(backend, transport, conn)
+        self.backend = backend
         self.pump()
 
     def pump(self) -> None:
-        for _ in range(4):  # settings and their acks go back and forth
-            data = self.transport.value()
-            self.transport.clear()
-            if data:
-                self.events += self.conn.receive_data(data)
-            out = self.conn.data_to_send()
-            if out:
-                self.backend.dataReceived(out)
-            if not data and not out:
-                return
+        self.flush()
 
     def requests(self) -> list:
         self.pump()
-        return [e for e in self.events if isinstance(e, RequestReceived)]
-
-    def body(self, sid: int) -> bytes:
-        return b"".join(e.data for e in self.events if isinstance(e, DataReceived) and e.stream_id == sid)
-
-    def ended(self, sid: int) -> bool:
-        return any(isinstance(e, StreamEnded) and e.stream_id == sid for e in self.events)
+        return self.of(RequestReceived)
 
     def respond(self, sid: int, status: int = 200, body: bytes = b"", headers=(), trailers=None,
                 end: bool = True) -> None:
@@ -384,6 +368,35 @@ def test_a_server_that_does_not_speak_http2_fails_the_connect(events):
     assert "does not speak HTTP/2" in failed["why"]
 
 
+def test_a_tls_server_that_does_not_choose_h2_in_alpn_fails_the_connect(events):
+    # TLS itself is end to end in test_integration_grpc; here, what the
+    # connection does once the handshake has ended without h2.
+    for chosen, said in [(None, "it chose no protocol"), (b"http/1.1", "it chose http/1.1")]:
+        h = h2Harness(servers=1, retries=0)
+        frontend, client = h.accept()
+        frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        backend, transport = h.answer()
+        transport.negotiatedProtocol = chosen
+        backend.handshakeCompleted()
+        assert transport.aborted
+        backend.connectionLost(Failure(ConnectionDone()))
+        assert head(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+        failed = [e for e in events if e.get("event") == "connect_failed"][-1]
+        assert f"s0 did not agree to h2 in TLS's ALPN ({said})" in failed["why"]
+        assert 'protocol = "http/1.1"' in failed["why"]
+
+
+def test_a_tls_handshake_that_fails_says_why(events):
+    h = h2Harness(servers=1, retries=0)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, transport = h.answer()
+    backend.connectionLost(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
+    assert head(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+    [failed] = [e for e in events if e.get("event") == "connect_failed"]
+    assert "TLS with s0 failed: certificate verify failed" in failed["why"]
+
+
 def test_a_connection_without_streams_closes_after_the_idle_timeout():
     h = h2Harness()
     frontend, client = h.accept()
@@ -536,22 +549,31 @@ def test_grpc_check_passes_on_serving_and_fails_otherwise():
          "grpc-status 5: unknown service"),
     ]:
         endpoint, results = _runCheck(None)
-        from twisted.internet.testing import StringTransport
-
         [protocol] = endpoint.protocols
         transport = StringTransport()
         protocol.makeConnection(transport)
-        server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
-        server.initiate_connection()
-        events = server.receive_data(transport.value())
-        [request] = [e for e in events if isinstance(e, RequestReceived)]
+        server = H2Peer(protocol, transport, h2Connection(client=False))
+        server.conn.initiate_connection()
+        [request] = [e for e in server.flush() if isinstance(e, RequestReceived)]
         got = fields(request)
         assert got[b":path"] == b"/grpc.health.v1.Health/Check" and got[b"content-type"] == b"application/grpc"
-        assert b"".join(e.data for e in events if isinstance(e, DataReceived)) == checkRequest("pkg.S")
-        server.send_headers(request.stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        assert server.body(request.stream_id) == checkRequest("pkg.S")
+        server.conn.send_headers(request.stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
         if body:
-            server.send_data(request.stream_id, body)
-        server.send_headers(request.stream_id, trailers, end_stream=True)
-        protocol.dataReceived(server.data_to_send())
+            server.conn.send_data(request.stream_id, body)
+        server.conn.send_headers(request.stream_id, trailers, end_stream=True)
+        server.flush()
         [result] = results
         assert (result.ok, result.detail) == (ok, detail)
+
+
+def test_grpc_check_over_tls_fails_when_the_server_does_not_choose_h2():
+    endpoint, results = _runCheck(None)
+    [protocol] = endpoint.protocols
+    transport = StringTransport()
+    transport.negotiatedProtocol = b"http/1.1"
+    protocol.makeConnection(transport)
+    protocol.handshakeCompleted()
+    [result] = results
+    assert (result.ok, result.detail) == (False, "the server did not agree to h2 in TLS's ALPN (it chose http/1.1)")
+    assert transport.disconnecting

@@ -6,8 +6,6 @@ answered by hand on a memory reactor, time is a Clock.
 
 from __future__ import annotations
 
-import h2.config
-import h2.connection
 import h2.events
 import pytest
 from h2.errors import ErrorCodes
@@ -16,44 +14,25 @@ from hypothesis import given, settings, strategies as st
 from h2.frame_buffer import CONTINUATION_BACKLOG
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 
+from tests.h2support import H2Peer, h2Connection
 from tests.test_http_frontend import OK, Harness, head
 from txlb.http.h2frontend import PREFACE, H2Connection, Malformed, Refused, StaticEncoder, requestFields
 
 
-class Client:
+class Client(H2Peer):
     """An HTTP/2 client connection (h2) to one frontend."""
 
     def __init__(self, h: Harness, address: str = "10.1.2.3", settings=None) -> None:
         self.h = h
         h.factory.http2 = H2Connection
-        self.frontend, self.transport = h.accept(address)
+        self.frontend, transport = h.accept(address)
         # The client may send what a server must refuse.
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=True, header_encoding=None, validate_outbound_headers=False,
-            normalize_outbound_headers=False))
-        self.conn.initiate_connection()
+        conn = h2Connection(client=True, validate_outbound_headers=False, normalize_outbound_headers=False)
+        conn.initiate_connection()
         if settings:
-            self.conn.update_settings(settings)
-        self.events: list = []
+            conn.update_settings(settings)
+        super().__init__(self.frontend, transport, conn, h.reactor)  # frames leave at the end of the reactor's turn
         self.flush()
-
-    def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data:
-            self.frontend.dataReceived(data)
-        self.read()
-
-    def read(self) -> list:
-        self.h.reactor.advance(0)  # frames leave at the end of the reactor's turn
-        data = self.transport.value()
-        self.transport.clear()
-        new = self.conn.receive_data(data) if data else []
-        self.events += new
-        more = self.conn.data_to_send()
-        if more:
-            self.frontend.dataReceived(more)
-            return new + self.read()
-        return new
 
     def request(self, path: str = "/", method: str = "GET", authority: str = "shop.example", extra=(),
                 body: bytes | None = None, end: bool = True) -> int:
@@ -72,9 +51,6 @@ class Client:
         if not body:
             self.conn.send_data(sid, b"", end_stream=end)
         self.flush()
-
-    def of(self, kind, sid=None) -> list:
-        return [e for e in self.events if isinstance(e, kind) and (sid is None or getattr(e, "stream_id", None) == sid)]
 
     def response(self, sid: int) -> tuple[dict, bytes, bool]:
         [answer] = self.of(h2.events.ResponseReceived, sid)

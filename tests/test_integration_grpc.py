@@ -7,6 +7,7 @@ and plain HTTP/1.1 clients in front.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 from concurrent import futures
@@ -14,9 +15,10 @@ from concurrent import futures
 import grpc
 import h11
 import pytest
+import trustme
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tests.support import Txlb, freePort, waitFor
+from tests.support import Backend, Txlb, freePort, httpAnswer, httpRequests, waitFor
 
 
 class GRPCServer:
@@ -27,7 +29,7 @@ class GRPCServer:
     health service says SERVING until told otherwise.
     """
 
-    def __init__(self, name: str, service: str = "pkg.Echo") -> None:
+    def __init__(self, name: str, service: str = "pkg.Echo", credentials=None) -> None:
         self.name = name
         self.release = threading.Event()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
@@ -37,7 +39,10 @@ class GRPCServer:
         }),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        if credentials is None:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+        else:
+            self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
         self.server.start()
         self.streamed = threading.Event()
 
@@ -101,8 +106,8 @@ def _call(channel, method: str, request: bytes, timeout: float = 10.0):
 def servers():
     made = []
 
-    def make(name: str, service: str = "pkg.Echo") -> GRPCServer:
-        server = GRPCServer(name, service)
+    def make(name: str, service: str = "pkg.Echo", credentials=None) -> GRPCServer:
+        server = GRPCServer(name, service, credentials)
         made.append(server)
         return server
 
@@ -243,3 +248,109 @@ def test_a_backend_killed_mid_stream_fails_that_call_and_txlb_keeps_serving(serv
             for i in range(3):
                 reply, _ = _call(channel, "/pkg.Echo/Unary", b"%d" % i)
                 assert reply == survivor.name.encode() + b":%d" % i
+
+
+# h2 over TLS to the servers: ALPN h2, the pool's certificate checks.
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    """
+    A CA (C{ca.pem}), a server certificate it signed for C{grpc.test}, and
+    C{other.pem}, a CA that signed nothing here.
+    """
+    directory = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    trustme.CA().cert_pem.write_to_path(str(directory / "other.pem"))
+    issued = ca.issue_cert("grpc.test")
+    chain = b"".join(pem.bytes() for pem in issued.cert_chain_pems)
+    return {
+        "dir": directory,
+        "grpc": grpc.ssl_server_credentials([(issued.private_key_pem.bytes(), chain)]),
+        "issued": issued,
+    }
+
+
+def _tlsConfig(port: int, servers, tls: str, health: str = "") -> str:
+    return (
+        f'[pools.echo]\nalgorithm = "round_robin"\nprotocol = "h2"\nservers = [{_servers(servers)}]\n'
+        f'retries = 0\ntls = {{ {tls} }}\n{health}\n'
+        f'[[services]]\nname = "grpc"\nprotocol = "http"\nlisten = "tcp:{port}:interface=127.0.0.1"\n'
+        f'pool = "echo"\n'
+    )
+
+
+def test_grpc_reaches_servers_over_tls_with_their_certificates_verified(servers, certificates):
+    echo = [servers("e1", credentials=certificates["grpc"]), servers("e2", credentials=certificates["grpc"])]
+    port = freePort()
+    ca = certificates["dir"] / "ca.pem"
+    healthToml = '[pools.echo.health]\nkind = "grpc"\ninterval = "500ms"\ntimeout = "500ms"\nrise = 1\nfall = 1\n'
+    with Txlb(_tlsConfig(port, echo, f'ca = "{ca}", server_name = "grpc.test"', healthToml)) as txlb:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answers = [_call(channel, "/pkg.Echo/Unary", b"m%d" % i)[0] for i in range(4)]
+            assert sorted(answers) == [b"e1:m0", b"e1:m2", b"e2:m1", b"e2:m3"]
+            reply, call = _call(channel, "/pkg.Echo/Unary", b"t")
+            assert dict(call.trailing_metadata())["x-served-by"] == reply[:2].decode()
+        status, headers, data, trailers = _h11Call(port, "/pkg.Echo/Unary", b"h1")
+        assert status == 200 and data[5:] in (b"e1:h1", b"e2:h1") and trailers["grpc-status"] == "0"
+        # The grpc health check goes over the pool's TLS too: it sees NOT_SERVING.
+        echo[1].serving(False)
+        down = waitFor(lambda: [e for e in txlb.events("server_state")
+                                if e["server"] == "e2" and e["health"] == "unhealthy"], what="e2 to go down")
+        assert "NOT_SERVING" in down[0]["reason"]
+        for i in range(2):
+            status, _, data, _ = _h11Call(port, "/pkg.Echo/Unary", b"%d" % i)
+            assert data[5:] == b"e1:%d" % i
+        assert not txlb.events("connect_failed")
+
+
+def test_a_server_certificate_from_another_ca_is_unavailable_and_says_why(servers, certificates):
+    echo = [servers("e1", credentials=certificates["grpc"])]
+    port = freePort()
+    other = certificates["dir"] / "other.pem"
+    with Txlb(_tlsConfig(port, echo, f'ca = "{other}", server_name = "grpc.test"')) as txlb:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                _call(channel, "/pkg.Echo/Unary", b"x")
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # grpc-status 14
+        status, headers, data, trailers = _h11Call(port, "/pkg.Echo/Unary", b"x")
+        assert status == 200 and headers["grpc-status"] == "14"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: grpc.test\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 502 ")
+        failed = waitFor(lambda: (lambda found: found if len(found) >= 3 else None)(txlb.events("connect_failed")),
+                         what="three connect_failed events")
+        assert all("TLS with e1 failed: certificate verify failed" in e["why"] for e in failed)
+        assert [e["status"] for e in _events(txlb, 3)] == [502, 502, 502]
+
+
+def test_a_tls_server_that_does_not_offer_h2_is_a_clear_error(certificates):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    certificates["issued"].configure_cert(context)
+    context.set_alpn_protocols(["http/1.1"])
+
+    def http11Only(sock: socket.socket, backend: Backend) -> None:
+        with context.wrap_socket(sock, server_side=True) as tls:
+            for _ in httpRequests(tls):
+                httpAnswer(tls, 200, b"HTTP/1.1 only")
+
+    backend = Backend("h1", http11Only)
+    port = freePort()
+    ca = certificates["dir"] / "ca.pem"
+    try:
+        with Txlb(_tlsConfig(port, [backend], f'ca = "{ca}", server_name = "grpc.test"')) as txlb:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: grpc.test\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 502 ")
+            [failed] = waitFor(lambda: txlb.events("connect_failed"), what="the connect_failed event")
+            assert "h1 did not agree to h2 in TLS's ALPN (it chose no protocol)" in failed["why"]
+            assert 'protocol = "http/1.1"' in failed["why"]
+    finally:
+        backend.stop()

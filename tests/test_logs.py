@@ -32,6 +32,12 @@ def test_event_is_one_json_object_with_its_fields_only():
     assert "message" not in record
 
 
+def test_an_events_why_is_one_of_its_fields():
+    record = json.loads(emit(LogConfig(), format="connect to {server} failed: {why}", event="connect_failed",
+                             server="s1", why="TLS with s1 failed: certificate verify failed"))
+    assert record["why"] == "TLS with s1 failed: certificate verify failed" and "message" not in record
+
+
 def test_plain_messages_become_log_events():
     record = json.loads(emit(LogConfig(), format="hello {who}", who="world"))
     assert record["event"] == "log"

@@ -25,13 +25,10 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txlb.health._options import checkOptions, isHostName, option
 from txlb.health._tls import TLS_OPTIONS, TLSOptions, tlsOptions
-from txlb.interfaces import (
-    CheckResult,
-    HealthCheckOptionsError,
-    IHealthCheck,
-    IHealthCheckFactory,
-)
+from txlb.interfaces import CheckResult, IHealthCheck, IHealthCheckFactory
+from txlb.net.tls import errorText
 
 #: At most this much of a response body is read; a body that needs more
 #: fails a check that must look at it (C{expect_json}).
@@ -50,7 +47,7 @@ def describeFailure(failure: Failure) -> str:
     if failure.check(error.ConnectionRefusedError):
         return "connection refused"
     if failure.check(SSL.Error):
-        return f"TLS failed: {_sslMessage(failure.value)}"
+        return f"TLS failed: {errorText(failure.value)}"
     if failure.check(error.DNSLookupError):
         return f"DNS lookup failed: {failure.getErrorMessage()}"
     if failure.check(error.ConnectError):
@@ -58,12 +55,6 @@ def describeFailure(failure: Failure) -> str:
     if failure.check(error.ConnectionDone, error.ConnectionLost):
         return "connection closed before a response"
     return failure.getErrorMessage() or failure.type.__name__
-
-
-def _sslMessage(e: Exception) -> str:
-    # pyOpenSSL errors carry [(library, function, reason), ...].
-    reasons = [r[-1] for r in (e.args[0] if e.args and isinstance(e.args[0], list) else []) if r]
-    return "; ".join(str(r) for r in reasons) or str(e) or type(e).__name__
 
 
 def excerpt(body: bytes, limit: int = EXCERPT) -> str:
@@ -126,15 +117,6 @@ def jsonMismatch(body: bytes, expect: Mapping[str, tuple[Any, ...]]) -> Optional
     return None
 
 
-def _checkOptions(kind: str, options: Mapping[str, object], allowed: frozenset = frozenset()) -> None:
-    unknown = set(options) - allowed
-    if unknown:
-        raise HealthCheckOptionsError(
-            f"unknown option {', '.join(sorted(unknown))} for the {kind} check"
-            + (f" (it takes {', '.join(sorted(allowed))})" if allowed else " (it takes none)")
-        )
-
-
 class _CheckProtocol(Protocol):
     """Common plumbing: one result, delivered once, then the connection goes."""
 
@@ -166,23 +148,12 @@ class _CheckProtocol(Protocol):
                 self.done.callback(result)
 
 
-def _connect(endpoint, protocol: _CheckProtocol) -> None:
+def _start(endpoint, make: Callable[[Deferred], _CheckProtocol]) -> Deferred:
     """
-    Connect C{protocol}; a failure to connect fails its check.  Cancelling
-    the check (C{protocol.done}) cancels the attempt or drops the connection.
+    Connect the protocol C{make} builds around the check's Deferred, and
+    return that Deferred: a failure to connect fails the check, and
+    cancelling the check cancels the attempt or drops the connection.
     """
-    connecting = connectProtocol(endpoint, protocol)
-
-    def failed(failure: Failure) -> None:
-        if not protocol.done.called:
-            protocol.done.errback(failure)
-
-    connecting.addErrback(failed)
-    protocol.cancelConnecting = connecting.cancel
-
-
-def _cancellable(make: Callable[[Deferred], _CheckProtocol]) -> tuple[Deferred, _CheckProtocol]:
-    """A check's Deferred and protocol, the one cancelling the other."""
     protocol: Optional[_CheckProtocol] = None
 
     def cancel(done: Deferred) -> None:
@@ -191,7 +162,15 @@ def _cancellable(make: Callable[[Deferred], _CheckProtocol]) -> tuple[Deferred, 
 
     done: Deferred = Deferred(cancel)
     protocol = make(done)
-    return done, protocol
+    connecting = connectProtocol(endpoint, protocol)
+
+    def failed(failure: Failure) -> None:
+        if not done.called:
+            done.errback(failure)
+
+    connecting.addErrback(failed)
+    protocol.cancelConnecting = connecting.cancel
+    return done
 
 
 # tcp
@@ -234,9 +213,7 @@ class TCPCheck:
     def check(self, server, endpoint, config) -> Deferred:
         if self.tls is not None:
             endpoint = self.tls.wrap(endpoint, hostOf(server.address))
-        done, protocol = _cancellable(lambda d: _Connected(d, self.tls is not None))
-        _connect(endpoint, protocol)
-        return done
+        return _start(endpoint, lambda d: _Connected(d, self.tls is not None))
 
 
 @implementer(IPlugin, IHealthCheckFactory)
@@ -245,7 +222,7 @@ class TCPCheckFactory:
     description = "passes when a TCP connection (or TLS handshake) to the server succeeds"
 
     def __call__(self, options: Mapping[str, object]) -> IHealthCheck:
-        _checkOptions(self.name, options, TLS_OPTIONS)
+        checkOptions(self.name, options, TLS_OPTIONS)
         return TCPCheck(tlsOptions(options))
 
 
@@ -381,9 +358,7 @@ class HTTPCheck:
         if self.tls is not None:
             endpoint = self.tls.wrap(endpoint, hostOf(server.address))
         request = self.request(server, config)
-        done, protocol = _cancellable(lambda d: HTTPCheckProtocol(d, request, config))
-        _connect(endpoint, protocol)
-        return done
+        return _start(endpoint, lambda d: HTTPCheckProtocol(d, request, config))
 
 
 @implementer(IPlugin, IHealthCheckFactory)
@@ -392,10 +367,8 @@ class HTTPCheckFactory:
     description = "an HTTP request to path; passes on expect_status (and expect_json)"
 
     def __call__(self, options: Mapping[str, object]) -> IHealthCheck:
-        _checkOptions(self.name, options, frozenset({"host"}) | TLS_OPTIONS)
-        host = options.get("host")
-        if host is not None and (not isinstance(host, str) or not host or re.search(r"[\s\x00-\x1f]", host)):
-            raise HealthCheckOptionsError("host must be a host name (the Host header to send)")
+        checkOptions(self.name, options, frozenset({"host"}) | TLS_OPTIONS)
+        host = option(options, "host", None, isHostName, "a host name (the Host header to send)")
         return HTTPCheck(host, tlsOptions(options))
 
 

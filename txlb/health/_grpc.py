@@ -30,8 +30,10 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txlb.health._checks import _cancellable, _CheckProtocol, _checkOptions, _connect, hostHeader
-from txlb.interfaces import CheckResult, HealthCheckOptionsError, IHealthCheck, IHealthCheckFactory
+from txlb.health._checks import _CheckProtocol, _start, hostHeader
+from txlb.health._options import checkOptions, isString, option
+from txlb.interfaces import CheckResult, IHealthCheck, IHealthCheckFactory
+from txlb.net.tls import alpnRefusal
 
 PATH = b"/grpc.health.v1.Health/Check"
 #: ServingStatus names, by number.
@@ -141,10 +143,9 @@ class GRPCCheckProtocol(_CheckProtocol):
         self.transport.write(h2.data_to_send())
 
     def handshakeCompleted(self) -> None:
-        negotiated = getattr(self.transport, "negotiatedProtocol", None)
-        if negotiated != b"h2":
-            what = negotiated.decode("latin-1") if negotiated else "no protocol"
-            self._finish(CheckResult(False, f"the server did not agree to HTTP/2 in TLS (ALPN: {what})"))
+        refusal = alpnRefusal(self.transport, b"h2")
+        if refusal is not None:
+            self._finish(CheckResult(False, f"the server {refusal}"))
 
     def dataReceived(self, data: bytes) -> None:
         if self.finished:
@@ -231,9 +232,7 @@ class GRPCCheck:
 
     def check(self, server, endpoint, config) -> Deferred:
         authority = hostHeader(server.address).encode("idna")
-        done, protocol = _cancellable(lambda d: GRPCCheckProtocol(d, authority, self.request))
-        _connect(endpoint, protocol)
-        return done
+        return _start(endpoint, lambda d: GRPCCheckProtocol(d, authority, self.request))
 
 
 @implementer(IPlugin, IHealthCheckFactory)
@@ -242,11 +241,9 @@ class GRPCCheckFactory:
     description = "the gRPC health protocol (grpc.health.v1.Health/Check) over HTTP/2; passes on SERVING"
 
     def __call__(self, options: Mapping[str, object]) -> IHealthCheck:
-        _checkOptions(self.name, options, frozenset({"service"}))
-        service = options.get("service", "")
-        if not isinstance(service, str):
-            raise HealthCheckOptionsError('service must be a gRPC service name, like "pkg.Service" ("" for the server)')
-        return GRPCCheck(service)
+        checkOptions(self.name, options, frozenset({"service"}))
+        return GRPCCheck(option(options, "service", "", isString,
+                                'a gRPC service name, like "pkg.Service" ("" for the server)'))
 
 
 grpcCheck = GRPCCheckFactory()

@@ -17,6 +17,7 @@ from typing import Mapping, Optional
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS, platformTrust
 
+from txlb.health._options import isBool, isHostName, isString, option
 from txlb.interfaces import HealthCheckOptionsError
 
 #: The options this module reads.
@@ -55,25 +56,17 @@ def tlsOptions(options: Mapping[str, object]) -> Optional[TLSOptions]:
         C{ca} file cannot be read, or TLS options are given without
         C{tls = true}.
     """
-    tls = options.get("tls", False)
-    if not isinstance(tls, bool):
-        raise HealthCheckOptionsError("tls must be true or false")
+    tls = option(options, "tls", False, isBool, "true or false")
     given = sorted((TLS_OPTIONS - {"tls"}) & set(options))
     if not tls:
         if given:
             raise HealthCheckOptionsError(f"{', '.join(given)} only apply with tls = true")
         return None
-    serverName = options.get("server_name")
-    if serverName is not None and (not isinstance(serverName, str) or not serverName):
-        raise HealthCheckOptionsError("server_name must be a host name")
-    verify = options.get("verify", True)
-    if not isinstance(verify, bool):
-        raise HealthCheckOptionsError("verify must be true or false")
+    serverName = option(options, "server_name", None, isHostName, "a host name")
+    verify = option(options, "verify", True, isBool, "true or false")
     trustRoot = None
-    ca = options.get("ca")
+    ca = option(options, "ca", None, isString, "the path of a PEM file")
     if ca is not None:
-        if not isinstance(ca, str):
-            raise HealthCheckOptionsError("ca must be the path of a PEM file")
         try:
             with open(ca, "rb") as f:
                 trustRoot = Certificate.loadPEM(f.read())

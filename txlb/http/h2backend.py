@@ -55,6 +55,7 @@ from h2.events import (
 )
 from h2.exceptions import H2Error
 from h2.settings import Settings, SettingCodes
+from OpenSSL import SSL
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProducer
@@ -62,8 +63,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txlb.net.endpoints import hostOf
 from txlb.http.grpc import wantsTrailers
+from txlb.net.endpoints import hostOf
+from txlb.net.tls import alpnRefusal, errorText
 from txlb.net.wire import sendNow
 
 #: What a TLS connection to an h2 pool's servers offers in ALPN.
@@ -611,10 +613,10 @@ class H2BackendConnection(Protocol):
         self.flush()
 
     def handshakeCompleted(self) -> None:
-        negotiated = getattr(self.transport, "negotiatedProtocol", None)
-        if negotiated != b"h2":
-            what = negotiated.decode("latin-1") if negotiated else "no protocol"
-            self.fail(f"{self.server.name} did not agree to HTTP/2 in TLS (ALPN: {what})")
+        refusal = alpnRefusal(self.transport, b"h2")
+        if refusal is not None:
+            self.fail(f"{self.server.name} {refusal}: a server that speaks HTTP/1.1 only needs its pool's "
+                      'protocol = "http/1.1"')
 
     def flush(self) -> None:
         data = self.h2.data_to_send()
@@ -754,7 +756,13 @@ class H2BackendConnection(Protocol):
             if self._idle.active():
                 self._idle.cancel()
             self._idle = None
-        message = self.broken or f"{self.server.name} closed the connection"
+        message = self.broken
+        if message is None:
+            if reason is not None and reason.check(SSL.Error):
+                # The handshake failed: say why (certificate verify failed, ...).
+                message = f"TLS with {self.server.name} failed: {errorText(reason.value)}"
+            else:
+                message = f"{self.server.name} closed the connection"
         if not self.ready:
             if not self.whenReady.called:
                 self.whenReady.errback(Failure(error.ConnectError(string=message)))

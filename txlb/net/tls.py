@@ -99,6 +99,28 @@ def certificateNames(cert: x509.Certificate) -> list[str]:
     return [n.lower() for n in names]
 
 
+def errorText(e: Exception) -> str:
+    """
+    What a pyOpenSSL error says, in OpenSSL's own words (C{certificate
+    verify failed}, C{tlsv1 alert unknown ca}): its reasons, joined.
+    """
+    reasons = [r[-1] for r in (e.args[0] if e.args and isinstance(e.args[0], list) else []) if r]
+    return "; ".join(str(r) for r in reasons) or str(e) or type(e).__name__
+
+
+def alpnRefusal(transport, wanted: bytes) -> Optional[str]:
+    """
+    Why the TLS handshake just completed on C{transport} did not agree on
+    C{wanted} in ALPN, or L{None} when it did: a client that offers only
+    C{wanted} must not go on speaking it to a server that did not choose it.
+    """
+    negotiated = getattr(transport, "negotiatedProtocol", None)
+    if negotiated == wanted:
+        return None
+    chose = f"it chose {negotiated.decode('latin-1')}" if negotiated else "it chose no protocol"
+    return f"did not agree to {wanted.decode('latin-1')} in TLS's ALPN ({chose})"
+
+
 def _serverContext(certPath: str, keyPath: str, minVersion: str, alpn: Sequence[bytes], sessionId: bytes) -> SSL.Context:
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(_VERSIONS[minVersion])

@@ -20,18 +20,24 @@ import signal
 import sys
 import time
 from datetime import datetime, timezone
-from typing import IO, Any, Callable, Optional
+from typing import TYPE_CHECKING, IO, Any, Callable, Optional
 
 from twisted.logger import ILogObserver, LogLevel, Logger, formatEvent
 
 from zope.interface import implementer
 
-from txlb.config import LogConfig
+
+if TYPE_CHECKING:  # records only: the config's readers are a layer above this one
+    from txlb.config import LogConfig
 
 _log = Logger(namespace="txlb")
 
 
+#: Keys of an event dict that are not written as fields.  C{why} is the
+#: message of a legacy C{log.err} (already in its C{message}) but a field
+#: of txlb's own events (C{connect_failed}), which keep it.
 _SKIPPED = frozenset({"format", "message", "time", "system", "isError", "why", "failure"})
+_EVENT_SKIPPED = _SKIPPED - {"why"}
 _second = [-1, ""]
 
 
@@ -53,12 +59,14 @@ def _fields(event: dict[str, Any]) -> dict[str, Any]:
         "time": _timestamp(event.get("log_time", 0)),
         "level": level.name if level is not None else "info",
     }
+    skipped = _EVENT_SKIPPED
     if "event" not in event:
         out["event"] = "log"
         out["message"] = formatEvent(event)
         out["system"] = event.get("log_namespace", event.get("log_system", "-"))
+        skipped = _SKIPPED
     for key, value in event.items():
-        if key not in _SKIPPED and not key.startswith("log_"):
+        if key not in skipped and not key.startswith("log_"):
             out[key] = value
     failure = event.get("log_failure")
     if failure is not None:
