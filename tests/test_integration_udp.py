@@ -302,20 +302,42 @@ def test_dns_queries_are_balanced_over_two_resolvers():
             r.stop()
 
 
+def udpStats(admin: int, service: str = "echo") -> dict:
+    """The C{udp} part of C{service} in C{/api/stats} (and how many workers answered), or {} while unreachable."""
+    try:
+        stats = json.loads(adminGet(admin, "/api/stats?history=0"))
+    except OSError:
+        return {}
+    [entry] = [s for s in stats["services"] if s["name"] == service]
+    return {**entry["udp"], "workers": stats.get("workers"), "activeConnections": entry["activeConnections"]}
+
+
 def test_two_workers_serve_udp_and_keep_each_flow_on_one_server(backends):
-    port = freeUDPPort()
-    with Txlb(config(port, backends, idle="1s", extra="[txlb]\nworkers = 2\n")) as txlb:
+    port, admin = freeUDPPort(), freePort()
+    with Txlb(config(port, backends, admin=admin, idle="1s", extra="[txlb]\nworkers = 2\n")) as txlb:
         waitFor(lambda: len(txlb.events("worker_started")) == 2, what="two workers")
         clients = [client() for _ in range(16)]
         names: dict[int, set] = {}
+        sent = 0
         for round in range(4):
             for i, sock in enumerate(clients):
                 name, echoed = ask(sock, port, b"%d-%d" % (i, round))
                 assert echoed == b"%d-%d" % (i, round)
                 names.setdefault(i, set()).add(name)
+                sent += len(echoed)
         assert all(len(n) == 1 for n in names.values()), names
+        # The master's /api/stats adds up both workers' figures, by server.
+        seen = waitFor(lambda: (s := udpStats(admin)).get("workers") == 2 and s, what="both workers' figures")
+        assert (seen["datagramsIn"], seen["datagramsOut"]) == (64, 64)
+        assert (seen["bytesIn"], seen["bytesOut"]) == (sent, sent + 64 * len("b0:"))
+        assert seen["flows"] == seen["activeConnections"] <= 16  # those not yet idle
+        flowsOf = {b.name: sum(1 for n in names.values() if n == {b.name}) for b in backends}
+        assert {s["server"]: s["datagramsIn"] for s in seen["servers"]} == {n: 4 * k for n, k in flowsOf.items() if k}
         events = waitFor(lambda: len(txlb.events("udp_flow")) == 16 and txlb.events("udp_flow"),
                          what="every flow's event")
+        ended = waitFor(lambda: (s := udpStats(admin)).get("workers") == 2 and s["flows"] == 0 and s,
+                        what="no live flows in either worker")
+        assert (ended["datagramsIn"], ended["datagramsOut"], ended["bytesIn"]) == (64, 64, sent)
         assert {e["worker"] for e in events} == {0, 1}, "the kernel spread the flows over both workers"
         byPort = {e["clientPort"]: e for e in events}
         for i, sock in enumerate(clients):
