@@ -1066,6 +1066,36 @@ def test_a_hash_keyed_pool_no_tcp_service_uses_is_fine():
     assert config.pools["api"].hash_key == "header:X"
 
 
+H2POOL = """
+[pools.api]
+protocol = "h2"
+servers = [{ name = "s1", address = "127.0.0.1:9001" }]
+"""
+
+
+def test_a_tcp_service_cannot_use_an_h2_pool():
+    assert problem(H2POOL + service()) == (
+        7,
+        "services[0].pool",
+        "pool 'api' has protocol = \"h2\", which only HTTP services speak to servers: a TCP service passes the"
+        " client's bytes through as they are (HTTP/2 too); use a pool without protocol = \"h2\"",
+    )
+
+
+def test_a_udp_service_cannot_use_an_h2_pool():
+    assert problem(H2POOL + udpService()) == (
+        7,
+        "services[0].pool",
+        "pool 'api' has protocol = \"h2\", which only HTTP services speak to servers: a UDP service sends"
+        " datagrams; use a pool without protocol = \"h2\"",
+    )
+
+
+def test_an_http_service_and_its_routes_may_use_an_h2_pool():
+    config = parse(toml(H2POOL + service('protocol = "http"\n[[services.routes]]\npath_prefix = "/g/"\npool = "api"\n')))
+    assert config.pools["api"].protocol == "h2" and config.services[0].routes[0].pool == "api"
+
+
 # Several problems; formatting; files.
 
 

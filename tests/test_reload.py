@@ -348,6 +348,21 @@ def test_an_invalid_file_changes_nothing(running, events):
     assert event["errors"] == list(result.errors) and event["path"] == str(running.path)
 
 
+@pytest.mark.parametrize("protocol, listen", [("tcp", "tcp:8080:interface=127.0.0.1"), ("udp", "udp:8080:interface=127.0.0.1")])
+def test_a_tcp_or_udp_service_on_an_h2_pool_is_refused_and_the_old_config_stays(running, events, protocol, listen):
+    before = running.service.config
+    factory = running.service.balancers["web"].factory
+    text = (BASE.replace('algorithm = "round_robin"', 'algorithm = "round_robin"\nprotocol = "h2"')
+            .replace('protocol = "http"', f'protocol = "{protocol}"').replace("tcp:8080:interface=127.0.0.1", listen))
+    result = running.reload(text)
+    assert not result.ok
+    [error] = result.errors
+    assert error.startswith(f"{running.path}:14: services[0].pool: pool 'api' has protocol = \"h2\", which only"
+                            f" HTTP services speak to servers: a {protocol.upper()} service")
+    assert running.service.config is before and running.service.balancers["web"].factory is factory
+    assert set(running.reactor.listening) == {8080}
+
+
 def test_a_service_changing_protocol_gets_a_new_balancer(running):
     old = running.service.balancers["web"].factory
     protocol, transport = running.connect(8080)

@@ -119,3 +119,38 @@ def test_check_summarises_udp_services():
         'timeouts = { idle = "5s" }\nlimits = { max_flows = 300 }\n'
     )
     assert summary(config)[0] == "service dns (udp) on udp:5353 -> pool r (flows idle after 5s, at most 300)"
+
+
+def test_check_summary_says_what_each_pool_speaks_to_its_servers(tmp_path):
+    import trustme
+
+    from txlb.config import parse
+    from txlb.tap import summary
+
+    ca = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca))
+    config = parse(
+        '[pools.web]\nservers = [{ name = "w1", address = "127.0.0.1:8001" }]\n'
+        '[pools.grpc]\nprotocol = "h2"\nservers = [{ name = "g1", address = "127.0.0.1:50051" }]\n'
+        f'[pools.secure]\nprotocol = "h2"\ntls = {{ ca = "{ca}" }}\n'
+        'servers = [{ name = "s1", address = "127.0.0.1:50052" }]\n'
+        '[pools.lax]\ntls = { verify = false }\nservers = [{ name = "l1", address = "127.0.0.1:8443" }]\n'
+    )
+    assert [line.split(":")[0] for line in summary(config)] == [
+        "pool web (power_of_two, h1)",
+        "pool grpc (power_of_two, h2)",
+        "pool secure (power_of_two, h2 over TLS)",
+        "pool lax (power_of_two, h1 over TLS, certificates not verified)",
+    ]
+
+
+def test_check_refuses_a_tcp_service_on_an_h2_pool(tmp_path):
+    config = tmp_path / "txlb.toml"
+    config.write_text(
+        '[pools.grpc]\nprotocol = "h2"\nservers = [{ name = "g1", address = "127.0.0.1:50051" }]\n'
+        '[[services]]\nname = "raw"\nprotocol = "tcp"\nlisten = "tcp:7000"\npool = "grpc"\n'
+    )
+    result = twistd("-n", "txlb", "--config", str(config), "--check", cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"{config}:8: services[0].pool: pool 'grpc' has protocol = \"h2\"" in result.stderr
+    assert "a TCP service passes the client's bytes through" in result.stderr

@@ -71,10 +71,21 @@ def summary(config: Config) -> list[str]:
         lines += [f"  {detail}" for detail in describeAdmission(s)]
     for p in config.pools.values():
         servers = ", ".join(f"{s.name}={s.address}" for s in p.servers) or "no servers"
-        lines.append(f"pool {p.name} ({p.algorithm}): {servers}")
+        lines.append(f"pool {p.name} ({p.algorithm}, {_speaks(p)}): {servers}")
     if config.demo:
         lines.append("demo backends: " + ", ".join(f"{d.name} on {d.listen}" for d in config.demo))
     return lines
+
+
+def _speaks(pool) -> str:
+    """
+    What HTTP services speak to a pool's servers: C{h1} or C{h2}, and over
+    TLS or not (TCP services pass bytes through whatever it says).
+    """
+    protocol = "h2" if pool.protocol == "h2" else "h1"
+    if pool.tls is None:
+        return protocol
+    return f"{protocol} over TLS" + ("" if pool.tls.verify else ", certificates not verified")
 
 
 def logPath(configured: str, parent) -> str:

@@ -643,6 +643,11 @@ def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
             if key in t.data and key != "limits":
                 t.seen.add(key)
                 t.error(key, 'applies to HTTP services only (protocol = "http")')
+    if protocol != "http" and pool in pools and pools[pool].protocol == "h2":
+        how = ("passes the client's bytes through as they are (HTTP/2 too)" if protocol == "tcp"
+               else "sends datagrams")
+        t.error("pool", f'pool {pool!r} has protocol = "h2", which only HTTP services speak to servers: a'
+                        f" {protocol.upper()} service {how}; use a pool without protocol = \"h2\"")
     if protocol == "tcp" and pool in pools and pools[pool].hash_key != "client_ip":
         t.error(
             "pool",
