@@ -93,6 +93,27 @@ def _events(txlb: Txlb, count: int) -> list[dict]:
                    what=f"{count} request events")[:count]
 
 
+def _healthToml(interval: str) -> str:
+    """A grpc health check every C{interval}, one answer enough to go up or down."""
+    return f'[pools.echo.health]\nkind = "grpc"\ninterval = "{interval}"\ntimeout = "{interval}"\nrise = 1\nfall = 1\n'
+
+
+def _health(txlb: Txlb, server: str, health: str) -> list[dict]:
+    """The C{server_state} events that made C{server} C{health}, once there is one."""
+    return waitFor(lambda: [e for e in txlb.events("server_state") if e["server"] == server and e["health"] == health],
+                   what=f"{server} to be {health}")
+
+
+def _get(port: int) -> bytes:
+    """A plain HTTP/1.1 GET through txlb: the whole answer, read until txlb closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: grpc.test\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
 def _identity(data: bytes) -> bytes:
     return data
 
@@ -183,18 +204,14 @@ def test_no_server_up_is_grpc_unavailable_over_http11(servers):
 def test_grpc_health_check_takes_a_not_serving_server_out(servers):
     echo = [servers("e1"), servers("e2")]
     port = freePort()
-    healthToml = '[pools.echo.health]\nkind = "grpc"\ninterval = "100ms"\ntimeout = "100ms"\nrise = 1\nfall = 1\n'
-    with Txlb(_config(port, echo, [servers("o1", "pkg.Other")], healthToml)) as txlb:
+    with Txlb(_config(port, echo, [servers("o1", "pkg.Other")], _healthToml("100ms"))) as txlb:
         echo[1].serving(False)
-        down = waitFor(lambda: [e for e in txlb.events("server_state")
-                                if e["server"] == "e2" and e["health"] == "unhealthy"], what="e2 to go down")
-        assert "NOT_SERVING" in down[0]["reason"]
+        assert "NOT_SERVING" in _health(txlb, "e2", "unhealthy")[0]["reason"]
         for i in range(4):
             status, _, data, trailers = _h11Call(port, "/pkg.Echo/Unary", b"%d" % i)
             assert data[5:] == b"e1:%d" % i and trailers["grpc-status"] == "0"
         echo[1].serving(True)
-        waitFor(lambda: [e for e in txlb.events("server_state")
-                         if e["server"] == "e2" and e["health"] == "healthy"], what="e2 to come back")
+        _health(txlb, "e2", "healthy")
 
 
 # gRPC clients (HTTP/2 on the client side too).
@@ -285,8 +302,7 @@ def test_grpc_reaches_servers_over_tls_with_their_certificates_verified(servers,
     echo = [servers("e1", credentials=certificates["grpc"]), servers("e2", credentials=certificates["grpc"])]
     port = freePort()
     ca = certificates["dir"] / "ca.pem"
-    healthToml = '[pools.echo.health]\nkind = "grpc"\ninterval = "500ms"\ntimeout = "500ms"\nrise = 1\nfall = 1\n'
-    with Txlb(_tlsConfig(port, echo, f'ca = "{ca}", server_name = "grpc.test"', healthToml)) as txlb:
+    with Txlb(_tlsConfig(port, echo, f'ca = "{ca}", server_name = "grpc.test"', _healthToml("500ms"))) as txlb:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             answers = [_call(channel, "/pkg.Echo/Unary", b"m%d" % i)[0] for i in range(4)]
             assert sorted(answers) == [b"e1:m0", b"e1:m2", b"e2:m1", b"e2:m3"]
@@ -296,9 +312,7 @@ def test_grpc_reaches_servers_over_tls_with_their_certificates_verified(servers,
         assert status == 200 and data[5:] in (b"e1:h1", b"e2:h1") and trailers["grpc-status"] == "0"
         # The grpc health check goes over the pool's TLS too: it sees NOT_SERVING.
         echo[1].serving(False)
-        down = waitFor(lambda: [e for e in txlb.events("server_state")
-                                if e["server"] == "e2" and e["health"] == "unhealthy"], what="e2 to go down")
-        assert "NOT_SERVING" in down[0]["reason"]
+        assert "NOT_SERVING" in _health(txlb, "e2", "unhealthy")[0]["reason"]
         for i in range(2):
             status, _, data, _ = _h11Call(port, "/pkg.Echo/Unary", b"%d" % i)
             assert data[5:] == b"e1:%d" % i
@@ -316,12 +330,7 @@ def test_a_server_certificate_from_another_ca_is_unavailable_and_says_why(server
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # grpc-status 14
         status, headers, data, trailers = _h11Call(port, "/pkg.Echo/Unary", b"x")
         assert status == 200 and headers["grpc-status"] == "14"
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: grpc.test\r\nConnection: close\r\n\r\n")
-            answer = b""
-            while chunk := sock.recv(65536):
-                answer += chunk
-        assert answer.startswith(b"HTTP/1.1 502 ")
+        assert _get(port).startswith(b"HTTP/1.1 502 ")
         failed = waitFor(lambda: (lambda found: found if len(found) >= 3 else None)(txlb.events("connect_failed")),
                          what="three connect_failed events")
         assert all("TLS with e1 failed: certificate verify failed" in e["why"] for e in failed)
@@ -343,12 +352,7 @@ def test_a_tls_server_that_does_not_offer_h2_is_a_clear_error(certificates):
     ca = certificates["dir"] / "ca.pem"
     try:
         with Txlb(_tlsConfig(port, [backend], f'ca = "{ca}", server_name = "grpc.test"')) as txlb:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-                sock.sendall(b"GET / HTTP/1.1\r\nHost: grpc.test\r\nConnection: close\r\n\r\n")
-                answer = b""
-                while chunk := sock.recv(65536):
-                    answer += chunk
-            assert answer.startswith(b"HTTP/1.1 502 ")
+            assert _get(port).startswith(b"HTTP/1.1 502 ")
             [failed] = waitFor(lambda: txlb.events("connect_failed"), what="the connect_failed event")
             assert "h1 did not agree to h2 in TLS's ALPN (it chose no protocol)" in failed["why"]
             assert 'protocol = "http/1.1"' in failed["why"]
