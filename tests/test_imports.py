@@ -74,7 +74,7 @@ def importGraph() -> dict[str, set[str]]:
 def test_graphSeesImports():
     """The graph is real: the service imports the pool, the pool not the service."""
     graph = importGraph()
-    assert "txlb.balance.pool" in graph["txlb.service"]
+    assert "txlb.balance.pool" in graph["txlb.service.tree"]
     assert "txlb.service" not in graph["txlb.balance.pool"]
 
 
@@ -83,3 +83,51 @@ def test_noImportCircle():
         tuple(graphlib.TopologicalSorter(importGraph()).static_order())
     except graphlib.CycleError as e:
         raise AssertionError(f"import circle: {' -> '.join(e.args[1])}") from None
+
+
+#: txlb's layers, lowest first (docs/architecture.md).  A module may import
+#: its own layer and those below, never one above: what sits lower can be
+#: read, tested and reused without what is built on it.
+LAYERS = [
+    {"txlb", "txlb.interfaces"},
+    {"txlb.net"},
+    {"txlb.balance"},
+    {"txlb.observe"},
+    {"txlb.health"},
+    {"txlb.policy", "txlb.http", "txlb.cache", "txlb.tcp", "txlb.udp"},
+    {"txlb.config"},
+    {"txlb.control", "txlb.demo"},
+    {"txlb.service", "txlb.tap", "txlb.testing", "txlb.health.testing"},
+]
+
+
+def layerOf(module: str) -> int:
+    """The layer of C{module}: that of the longest package path that names one."""
+    parts = module.split(".")
+    for end in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:end])
+        for rank, members in enumerate(LAYERS):
+            if prefix in members:
+                return rank
+    raise AssertionError(f"{module} is in no layer: add its package to LAYERS")
+
+
+def test_layersKnowEveryModule():
+    for module in importGraph():
+        layerOf(module)
+
+
+def test_layerOf():
+    assert layerOf("txlb.net.splice") == 1
+    assert layerOf("txlb.health._checks") == 4
+    assert layerOf("txlb.health.testing") == len(LAYERS) - 1
+
+
+def test_noImportUpwards():
+    upwards = sorted(
+        f"{module} -> {imported}"
+        for module, imports in importGraph().items()
+        for imported in imports
+        if layerOf(imported) > layerOf(module)
+    )
+    assert upwards == []

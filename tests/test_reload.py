@@ -321,7 +321,7 @@ def test_listen_change_opens_the_new_port_then_closes_the_old(running, events):
     result = running.reload(BASE.replace("tcp:8080:", "tcp:8082:"))
     assert result.ok
     assert set(running.reactor.listening) == {8082}
-    assert running.reactor.listening[8082] is running.service._entries["tcp:8082:interface=127.0.0.1"]
+    assert running.reactor.listening[8082] is running.service.entries["tcp:8082:interface=127.0.0.1"]
     assert [e["listen"] for e in events if e["event"] == "listening"] == ["tcp:8082:interface=127.0.0.1"]
     assert [e["listen"] for e in events if e["event"] == "stopped_listening"] == ["tcp:8080:interface=127.0.0.1"]
     protocol, _ = running.connect(8082)
@@ -371,7 +371,7 @@ def test_a_service_changing_protocol_gets_a_new_balancer(running):
     assert new is not old
     assert isinstance(new, TCPBalancerFactory)
     assert transport.disconnecting  # idle keep-alive connection of the old one closed
-    assert running.service._entries["tcp:8080:interface=127.0.0.1"].factory is new
+    assert running.service.entries["tcp:8080:interface=127.0.0.1"].factory is new
 
 
 def test_services_added_and_removed(running):
@@ -403,7 +403,7 @@ def test_certificates_are_read_again_for_new_connections(tmp_path):
     cert.private_key_pem.write_to_path(str(tmp_path / "site.key"))
     text = BASE + 'tls = { certificates = [{ cert = "site.pem", key = "site.key" }] }\n'
     r = Running(tmp_path, text)
-    entry = r.service._entries["tcp:8080:interface=127.0.0.1"]
+    entry = r.service.entries["tcp:8080:interface=127.0.0.1"]
     before = entry.factory
     assert r.reactor.listening[8080] is entry
     renewed = ca.issue_cert("site.test", "www.site.test")
@@ -455,7 +455,7 @@ def test_udp_services_are_added_changed_and_removed_in_place(running, events):
     result = running.reload(BASE + UDP)
     assert result.ok and "service dns added" in result.changes
     listener = running.reactor.listening[5300]
-    assert listener is running.service._entries["udp:5300:interface=127.0.0.1"]
+    assert listener is running.service.entries["udp:5300:interface=127.0.0.1"]
     balancer = running.service.balancers["dns"].factory
     assert listener.balancer is balancer
     assert running.service.metrics.services["dns"].protocol == "udp"

@@ -16,7 +16,7 @@ when a probe shows it answering again (C{sessions_restored}).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -26,8 +26,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txlb.config import SessionsConfig
 from txlb.interfaces import ISessionStore
+
+if TYPE_CHECKING:  # records only: the config's readers are a layer above this one
+    from txlb.config import SessionsConfig
 
 _log = Logger(namespace="txlb.balance.sessions")
 

@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Collection, Optional, Sequence
+from typing import TYPE_CHECKING, Collection, Optional, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from txlb.config import StickyConfig
 from txlb.balance.hashkey import hashKeyOf
 from txlb.interfaces import Decision, ISessionStore
 from txlb.balance.pool import Pool, Server, ServerState
+
+if TYPE_CHECKING:  # records only: the config's readers are a layer above this one
+    from txlb.config import StickyConfig
 
 _log = Logger(namespace="txlb.balance.sticky")
 

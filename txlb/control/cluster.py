@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
@@ -52,8 +52,10 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from txlb import __version__
-from txlb.config import ClusterConfig
 from txlb.balance.pool import Pool, Server
+
+if TYPE_CHECKING:  # records only: the config's readers are a layer above this one
+    from txlb.config import ClusterConfig
 
 _log = Logger(namespace="txlb.control.cluster")
 

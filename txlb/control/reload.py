@@ -21,11 +21,13 @@ server, like its health, not configuration.
 
 from __future__ import annotations
 
-from typing import Collection, Iterable, Sequence
+from typing import TYPE_CHECKING, Collection, Iterable, Sequence
 
 import attrs
 
-from txlb.config import Config, PoolConfig, ServerConfig, ServiceConfig
+if TYPE_CHECKING:  # records only: the config's readers are a layer above this one
+    from txlb.config import Config, PoolConfig, ServerConfig, ServiceConfig
+
 
 #: Pool settings a reload sets in place (the scheduler, health checks and
 #: servers have their own entries in L{PoolDiff}).

@@ -26,9 +26,9 @@ from twisted.logger import ILogObserver, LogLevel, Logger, formatEvent
 
 from zope.interface import implementer
 
-
 if TYPE_CHECKING:  # records only: the config's readers are a layer above this one
     from txlb.config import LogConfig
+
 
 _log = Logger(namespace="txlb")
 
