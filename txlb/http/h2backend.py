@@ -578,9 +578,7 @@ class H2BackendConnection(Protocol):
     def newStream(self) -> H2Stream:
         """A stream on this connection, for one exchange."""
         self.reserved += 1
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._stopIdle()
         stream = H2Stream(self)
         stream.reused = self.served > 0
         return stream
@@ -598,10 +596,20 @@ class H2BackendConnection(Protocol):
         if not self.streams and not self.reserved and not self.lost:
             if self.draining or self.broken is not None:
                 self.close()
-            elif self._idle is None:
-                self._idle = self.clock.callLater(self.owner.idleTimeout, self.close)
+            else:
+                self.waitIdle()
         if self.ready and self.usable:
             self.owner.roomOn(self)
+
+    def waitIdle(self) -> None:
+        """No stream is here: close after the idle timeout, unless one comes first."""
+        if self._idle is None:
+            self._idle = self.clock.callLater(self.owner.idleTimeout, self.close)
+
+    def _stopIdle(self) -> None:
+        idle, self._idle = self._idle, None
+        if idle is not None and idle.active():
+            idle.cancel()
 
     # Connection.
 
@@ -719,10 +727,7 @@ class H2BackendConnection(Protocol):
         """Close politely (our GOAWAY, then the connection)."""
         if self.lost:
             return
-        if self._idle is not None:
-            if self._idle.active():
-                self._idle.cancel()
-            self._idle = None
+        self._stopIdle()
         self.owner.forget(self)
         try:
             self.h2.close_connection()
@@ -752,10 +757,7 @@ class H2BackendConnection(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self.lost = True
         self.owner.forget(self)
-        if self._idle is not None:
-            if self._idle.active():
-                self._idle.cancel()
-            self._idle = None
+        self._stopIdle()
         message = self.broken
         if message is None:
             if reason is not None and reason.check(SSL.Error):
@@ -822,8 +824,8 @@ class _Connecting:
                 waiter.callback(stream)
             else:
                 owner.connect(self.server, self.timeout, self.tls).chainDeferred(waiter)
-        if not conn.streams and not conn.reserved and conn._idle is None:
-            conn._idle = owner.clock.callLater(owner.idleTimeout, conn.close)
+        if not conn.streams and not conn.reserved:
+            conn.waitIdle()
 
     def _failed(self, failure: Failure) -> None:
         connecting = self.owner._connecting.get(self.server, [])
