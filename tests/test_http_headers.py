@@ -171,3 +171,21 @@ def test_response_head_parses_and_carries_the_request_id(headers, close, keepAli
 def test_response_reason_defaults_when_empty():
     assert responseHead(503, b"", [], requestId="r", framing=None, close=True).startswith(
         b"HTTP/1.1 503 Service Unavailable\r\n")
+
+
+CLIENT_CERTS = st.sampled_from([
+    (),
+    (b"X-Client-Cert-Verified: NONE",),
+    (b"X-Client-Cert-Subject: CN=alice,O=Example", b"X-Client-Cert-Verified: SUCCESS"),
+])
+
+
+@given(HEADERS, CLIENT_CERTS, st.sampled_from([b"X-Client-Cert-Subject", b"x-client-cert-verified",
+                                               b"X-CLIENT-CERT-SUBJECT"]))
+def test_client_certificate_headers_are_txlbs_alone(headers, clientCert, forgedName):
+    """Whatever a client sends as X-Client-Cert-*, the backend sees only what TLS proved (or nothing)."""
+    forged = [(forgedName, b"CN=admin"), (b"X-Client-Cert-Verified", b"SUCCESS")]
+    _, fields = parse(forward([(b"Host", b"h")] + forged + headers, clientCert=clientCert))
+    proved = {name.lower(): value for name, value in (line.split(b": ", 1) for line in clientCert)}
+    for name in (b"x-client-cert-subject", b"x-client-cert-verified"):
+        assert fields.get(name) == ([proved[name]] if name in proved else None)

@@ -354,6 +354,32 @@ def test_client_leaving_the_queue_is_forgotten():
     assert h.servers[0].active == 0
 
 
+def test_with_client_certificates_no_server_is_picked_before_the_handshake(events):
+    """
+    A TLS service that asks for client certificates connects the backend
+    only once the handshake (the certificate) passed; the bytes that came
+    with the handshake's end go first.  A refused handshake never reaches
+    a server, and its connection event says why.
+    """
+    h = Harness()
+    h.factory.clientCerts = True
+    frontend, client = h.accept()
+    assert h.reactor.tcpClients == [] and client.producerState == "producing"
+    frontend.dataReceived(b"early ")
+    frontend.handshakeCompleted()
+    assert h.pending()[0] == "127.0.0.1"
+    frontend.dataReceived(b"bytes ")
+    backend, server = h.answer()
+    frontend.dataReceived(b"later")
+    assert server.value() == b"early bytes later" and frontend.bytesIn == len(b"early bytes later")
+    refused, _ = h.accept("10.9.9.9")
+    refused.refused = "client_cert"  # what txlb.net.tls sets when it ends the handshake
+    refused.connectionLost(Failure(ConnectionDone()))
+    assert len(h.reactor.tcpClients) == 1
+    [event] = [e for e in events if e.get("event") == "connection" and e["client"] == "10.9.9.9"]
+    assert (event["refused"], event["selectedServer"]) == ("client_cert", None)
+
+
 # The direct road: a plaintext service with splice, real loopback sockets, a
 # memory reactor that only records what is watched, and a small loop that
 # calls doRead/doWrite as the reactor would (every wait bounded).

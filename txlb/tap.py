@@ -17,7 +17,7 @@ import attrs
 from twisted.python import usage
 
 from txlb import __version__
-from txlb.config import Config, ConfigError, describeProxy, describeTransforms, load
+from txlb.config import Config, ConfigError, describeProxy, describeTLS, describeTransforms, load
 from txlb.config._admission import describeAdmission
 
 DEFAULT_PATHS = ("txlb.toml", "/etc/txlb/txlb.toml")
@@ -67,6 +67,7 @@ def summary(config: Config) -> list[str]:
                      if s.http2 else " (HTTP/1.1 only: http2 = false)")
         lines.append(line)
         lines += [f"  {detail}" for detail in describeTransforms(s)]
+        lines += [f"  {detail}" for detail in describeTLS(s)]
         lines += [f"  {detail}" for detail in describeProxy(s)]
         lines += [f"  {detail}" for detail in describeAdmission(s)]
     for p in config.pools.values():

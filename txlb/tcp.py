@@ -24,7 +24,7 @@ import time
 from typing import Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorFDSet
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IReactorFDSet
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -106,6 +106,9 @@ class TCPBalancerFactory(Factory):
     #: or L{None}; set, and replaced by reloads, by L{txlb.service}.
     access = None
     connectionLimits = None
+    #: The service's TLS asks clients for certificates: a connection picks
+    #: its server only once its handshake (the certificate) has passed.
+    clientCerts = False
 
     def admit(self, frontend: "Frontend") -> Optional[str]:
         """
@@ -217,7 +220,7 @@ class _TwistedConnect:
         self.d.cancel()
 
 
-@implementer(IHalfCloseableProtocol, IEarlyBytes)
+@implementer(IHalfCloseableProtocol, IEarlyBytes, IHandshakeListener)
 class Frontend(_Side):
     """
     The client's side.  Reading is paused while no backend is connected, so
@@ -252,8 +255,11 @@ class Frontend(_Side):
     #: address it is counted under (C{max_connections_per_client}).
     refused: Optional[str] = None
     counted: Optional[str] = None
-    #: The client's bytes that came before the connection (after its PROXY header).
+    #: The client's bytes that came before the connection (after its PROXY
+    #: header, or with the end of its TLS handshake).
     early = b""
+    #: The backend waits for the TLS handshake (L{TCPBalancerFactory.clientCerts}).
+    _awaitingHandshake = False
 
     def __init__(self, factory: TCPBalancerFactory, client: str) -> None:
         self.factory = factory
@@ -287,7 +293,32 @@ class Frontend(_Side):
             return
         #: Connect the backend socket ourselves and splice it (see the module).
         self._direct = factory.splice and factory.fdReactor is not None and spliceable(self.transport)
+        if factory.clientCerts:
+            # No server is picked, nor connected to, for a client whose
+            # certificate may yet be refused; the idle timeout bounds the wait.
+            self._awaitingHandshake = True
+            self._lastActivity = time.monotonic()
+            self.dataReceived = self._beforeBackend
+            return
         self._connect()
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up, the client's certificate (if asked for) verified: now a server."""
+        if self._awaitingHandshake:
+            self._awaitingHandshake = False
+            if not self.closed:
+                self._connect()
+
+    def _beforeBackend(self, data: bytes) -> None:
+        """
+        Bytes that came in the read that ended the handshake, before any
+        backend: kept for it (L{_firstBytes}), as a PROXY header's early bytes are.
+        """
+        if self.backend is None:
+            self.early += data
+            return
+        del self.dataReceived
+        self.dataReceived(data)
 
     def _pause(self) -> None:
         """Stop reading the client while it waits for a server."""

@@ -14,6 +14,7 @@ from txlb.config._model import (
     Algorithms,
     BackendTLSConfig,
     CacheConfig,
+    CertificateConfig,
     ClusterConfig,
     Config,
     ConfigError,
@@ -36,15 +37,17 @@ from txlb.config._model import (
 )
 from txlb.config._proxy import describeProxy
 from txlb.config._read import load, parse
+from txlb.config._tls import describeTLS
 from txlb.config._rules import CompressConfig, HeaderOps, HeaderRules, RedirectConfig
 from txlb.config._transform import describeTransforms
 from txlb.config._table import PLANNED, parseDuration, parseSize
 
 __all__ = [
-    "AcceptProxyConfig", "AdminConfig", "Algorithms", "BackendTLSConfig", "CacheConfig", "ClusterConfig", "Config",
+    "AcceptProxyConfig", "AdminConfig", "Algorithms", "BackendTLSConfig", "CacheConfig", "CertificateConfig",
+    "ClusterConfig", "Config",
     "ConfigError", "DemoServer", "DNSConfig", "HealthConfig", "Limits", "LogConfig", "PassiveConfig",
     "PoolConfig", "Problem", "ProcessConfig", "RouteConfig", "ServerConfig", "ServiceConfig",
     "SessionsConfig", "StickyConfig", "Timeouts", "TLSConfig", "PLANNED", "load", "parse",
-    "parseDuration", "parseSize", "describeProxy",
+    "parseDuration", "parseSize", "describeProxy", "describeTLS",
     "CompressConfig", "HeaderOps", "HeaderRules", "RedirectConfig", "describeTransforms",
 ]

@@ -165,11 +165,38 @@ class CacheConfig:
 
 
 @attrs.frozen
+class CertificateConfig:
+    """
+    One of a service's C{tls.certificates}: a certificate chain and its key,
+    and whether clients are asked for a certificate of their own.  The
+    client settings are resolved: the entry's own, else the service's
+    C{tls.client_ca}/C{client_auth}.
+    """
+
+    cert: str
+    key: str
+    #: The PEM file of the CA(s) that sign client certificates, or L{None}:
+    #: clients are not asked for one.
+    client_ca: Optional[str] = None
+    #: C{"required"} or C{"optional"} when C{client_ca} is set.
+    client_auth: Optional[str] = None
+
+
+@attrs.frozen
 class TLSConfig:
     """A service's C{tls}: terminate TLS on its listeners."""
 
-    certificates: tuple[tuple[str, str], ...]
+    certificates: tuple[CertificateConfig, ...]
     min_version: str = "1.2"
+    #: The service-wide C{client_ca} and C{client_auth}, as written: the
+    #: defaults of each entry of C{certificates}.
+    client_ca: Optional[str] = None
+    client_auth: Optional[str] = None
+
+    @property
+    def clientCerts(self) -> bool:
+        """Some certificate asks clients for theirs."""
+        return any(c.client_ca for c in self.certificates)
 
 
 @attrs.frozen

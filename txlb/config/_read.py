@@ -28,7 +28,6 @@ from txlb.config._tomlpos import keyLines
 from txlb.config._model import (
     AdminConfig,
     Algorithms,
-    BackendTLSConfig,
     CacheConfig,
     ClusterConfig,
     Config,
@@ -48,7 +47,6 @@ from txlb.config._model import (
     SessionsConfig,
     StickyConfig,
     Timeouts,
-    TLSConfig,
 )
 from txlb.config._table import (
     _boolean,
@@ -72,6 +70,7 @@ from txlb.config._table import (
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 
 from txlb.config._proxy import readProxy
+from txlb.config._tls import readBackendTLS, readTLS
 from txlb.config._transform import readCompress, readHeaderRules, readRedirect, routeHeaders
 from txlb.config._admission import checkRedis, rate, readAccess, readRateLimit
 from txlb.net.endpoints import EndpointError, checkServer, isUDP, listenParts, parseUDPListen, sameSocket, udpTarget
@@ -174,7 +173,7 @@ def _readPool(t: _Table, name: str, algorithms: Optional[Algorithms]) -> PoolCon
         max_connections=t.get("max_connections", _integer(0, 1_000_000), 0),
         queue_timeout=t.get("queue_timeout", parseDuration, 5.0),
         slow_start=t.get("slow_start", parseDuration, 0.0),
-        tls=_readBackendTLS(t.table("tls", "pool_tls")),
+        tls=readBackendTLS(t.table("tls", "pool_tls")),
         protocol=t.get("protocol", _oneOf("http/1.1", "h2"), "http/1.1"),
         health=_readHealth(t.table("health", "health")),
         passive=_readPassive(t.table("passive", "passive")),
@@ -250,69 +249,6 @@ def _readPassive(t: Optional[_Table]) -> Optional[PassiveConfig]:
     )
     t.finish()
     return passive
-
-
-def _file(t: _Table, key: str, default: Optional[str] = None) -> Optional[str]:
-    """A file name, relative to the config file, that must be readable."""
-    name = t.get(key, _string, default)
-    if name is None:
-        return None
-    path = os.path.join(t.ctx.baseDir, name)
-    if not os.access(path, os.R_OK):
-        t.error(key, f"cannot read {path}")
-    return path
-
-
-def _readTLS(t: Optional[_Table]) -> Optional[TLSConfig]:
-    from txlb.net.tls import CertificateError, checkCertificate
-
-    if t is None:
-        return None
-    pairs = []
-    for c in t.tables("certificates", "certificate"):
-        cert, key = _file(c, "cert"), _file(c, "key")
-        c.finish()
-        if cert and key and not _hasProblems(c):
-            try:
-                checkCertificate(cert, key)
-            except CertificateError as e:
-                c.error("cert", str(e))
-        pairs.append((cert, key))
-    if "certificates" in t.data and not pairs:
-        t.error("certificates", "needs at least one { cert = ..., key = ... }")
-    elif "certificates" not in t.data:
-        t.error("certificates", 'is required: [{ cert = "site.pem", key = "site.key" }]')
-    tls = TLSConfig(certificates=tuple(pairs), min_version=t.get("min_version", _oneOf("1.2", "1.3"), "1.2"))
-    t.finish()
-    return tls
-
-
-def _hasProblems(t: _Table) -> bool:
-    """Whether a problem was already found in this table."""
-    return any(p.path.startswith(t.path) for p in t.ctx.problems)
-
-
-def _readBackendTLS(t: Optional[_Table]) -> Optional[BackendTLSConfig]:
-    from txlb.net.tls import CertificateError, checkCertificate
-
-    if t is None:
-        return None
-    tls = BackendTLSConfig(
-        verify=t.get("verify", _boolean, True),
-        ca=_file(t, "ca"),
-        server_name=t.get("server_name", _string, None),
-        cert=_file(t, "cert"),
-        key=_file(t, "key"),
-    )
-    if (tls.cert is None) != (tls.key is None):
-        t.error("cert" if tls.cert is None else "key", "cert and key go together (mutual TLS)")
-    elif tls.cert and tls.key and not _hasProblems(t):
-        try:
-            checkCertificate(tls.cert, tls.key)
-        except CertificateError as e:
-            t.error("cert", str(e))
-    t.finish()
-    return tls
 
 
 _STICKY_KEY = re.compile(r"(cookie|header):[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -660,7 +596,7 @@ def _readService(t: _Table, pools: Mapping[str, Any]) -> ServiceConfig:
         listen=t.get("listen", _stringList(_udpServiceListen if protocol == "udp" else _streamListen)),
         pool=pool,
         timeouts=_readTimeouts(t.table("timeouts", "timeouts"), protocol),
-        tls=None if protocol == "udp" else _readTLS(t.table("tls", "tls")),
+        tls=None if protocol == "udp" else readTLS(t.table("tls", "tls")),
         sticky=None if protocol == "udp" else _readSticky(t.table("sticky", "sticky"), protocol),
     )
     if protocol == "http":

@@ -24,7 +24,7 @@ from typing import Mapping, Optional
 
 import httptools
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -45,6 +45,7 @@ from txlb.policy.admission import Refusal
 from txlb.policy.headers import variables
 from txlb.balance.pool import Pool
 from txlb.net.readloop import adopt
+from txlb.net.tls import clientCertificateLines
 from txlb.net.wire import Cork, backlogged, sendNow
 
 _log = Logger(namespace="txlb.http")
@@ -135,6 +136,7 @@ class HTTPService:
         cacheConfig=None,
         http2: bool = True,
         maxStreams: int = 100,
+        clientCerts: bool = False,
     ) -> None:
         self.name = name
         self.pools = pools
@@ -156,6 +158,9 @@ class HTTPService:
         #: at most C{maxStreams} streams open per connection.
         self.http2 = http2
         self.maxStreams = maxStreams
+        #: Some certificate of the service's TLS asks clients for theirs:
+        #: each request tells the backend what the connection's proved.
+        self.clientCerts = clientCerts
 
     #: The service's L{txlb.cache.ResponseCache}, or L{None}: made from
     #: C{cacheConfig} (a L{txlb.config.CacheConfig}).
@@ -226,10 +231,15 @@ class HTTPProxyFactory(Factory):
         return HTTPFrontend(self, getattr(addr, "host", str(addr)))
 
 
+@implementer(IHandshakeListener)
 class HTTPFrontend(Protocol):
     """One client connection."""
 
     closing = False
+    #: The C{X-Client-Cert-*} lines every request of this connection
+    #: carries (L{txlb.net.tls.clientCertificateLines}), when the service
+    #: asks for client certificates.
+    clientCert: tuple[bytes, ...] = ()
     piping = False
     #: Bytes after a request that asked for an upgrade, kept until the answer.
     upgradeData: Optional[bytes] = None
@@ -285,6 +295,14 @@ class HTTPFrontend(Protocol):
         self.h2.dataReceived(data)
 
     _early = b""
+
+    def handshakeCompleted(self) -> None:
+        """
+        TLS is up (before any request arrives): what the client's
+        certificate proved, once for the connection.
+        """
+        if self.service.clientCerts:
+            self.clientCert = clientCertificateLines(self.transport)
 
     # One timeout at a time per connection (keep-alive idle, request head,
     # backend answer), kept as a deadline on a single timer that is only
@@ -710,6 +728,7 @@ class HTTPFrontend(Protocol):
             framing=framing, forwarded=service.forwarded, upgrade=exchange.upgrade,
             rules=rules, values=() if rules is None or not rules.dynamic else variables(
                 self.client, exchange.requestId, service.name, exchange.server.name),
+            clientCert=self.clientCert,
         )
         exchange.dispatched = time.monotonic()
         exchange.lastSent = service.clock.seconds()

@@ -42,21 +42,6 @@ from collections import deque
 from typing import Optional
 
 import httptools
-from h2.config import H2Configuration
-from h2.connection import H2Connection as _H2
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    RemoteSettingsChanged,
-    RequestReceived,
-    StreamEnded,
-    StreamReset,
-    TrailersReceived,
-    WindowUpdated,
-)
-from h2.exceptions import ProtocolError, StreamClosedError
-from h2.settings import SettingCodes, Settings
 from hpack.table import HeaderTable
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -64,13 +49,14 @@ from zope.interface import implementer
 
 from txlb.http.exchange import Exchange
 from txlb.http.frontend import HTTPFrontend, ReadGate
+from txlb.http import h2wire
+from txlb.http.h2wire import BODY, GONE, REQUEST, RESET, TRAILERS, WINDOW, ServerConnection, StreamClosed
 from txlb.observe.logs import emit
 from txlb.net.wire import backlogged, sendNow
 
 _log = Logger(namespace="txlb.http2")
 
-#: What an HTTP/2 client sends first (RFC 9113 3.4).
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+PREFACE = h2wire.PREFACE
 
 #: Response bytes a stream buffers beyond its send window before it pauses
 #: the backend connection it reads from.
@@ -127,7 +113,8 @@ def requestFields(headers: list, maxHeaderBytes: int) -> tuple[bytes, bytes, Opt
     """
     method = scheme = path = authority = None
     regular: list = []
-    host = None
+    host = length = None
+    cookies: Optional[list] = None
     size = 0
     name = _NAME.fullmatch
     value = _VALUE.fullmatch
@@ -160,9 +147,25 @@ def requestFields(headers: list, maxHeaderBytes: int) -> tuple[bytes, bytes, Opt
                 raise Malformed("more than one Host header")
             host = v
             continue
-        if n == b"content-length" and not v.isdigit():
-            raise Malformed("content-length is not a number")
+        if n == b"content-length":
+            if not v.isdigit():
+                raise Malformed("content-length is not a number")
+            if length is not None:
+                if int(v) != length:
+                    raise Malformed("content-lengths that differ")
+                continue
+            length = int(v)
+        elif n == b"cookie":
+            # Split over several fields for compression (RFC 9113 8.2.3):
+            # one field again for HTTP/1.1.
+            if cookies is None:
+                cookies = [v]
+            else:
+                cookies.append(v)
+            continue
         regular.append((n, v))
+    if cookies is not None:
+        regular.append((b"cookie", b"; ".join(cookies)))
     if size > maxHeaderBytes:
         raise Refused(431, "request header block too large")
     if method is None:
@@ -285,22 +288,13 @@ class H2Connection:
         self.service = service = frontend.service
         self.transport = frontend.transport
         self.streams: dict[int, H2Stream] = {}
-        config = H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False,
-                                 validate_outbound_headers=False, normalize_outbound_headers=False)
-        self.h2 = h2 = _H2(config)
         self.maxStreams = service.maxStreams
-        h2.local_settings = Settings(client=False, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: self.maxStreams,
-            SettingCodes.MAX_HEADER_LIST_SIZE: service.maxHeaderBytes,
-        })
-        h2.encoder = StaticEncoder()
-        h2.initiate_connection()
         # Every stream may hold its whole window (64 KiB) unacknowledged, its
         # backend being slow, without holding up the others: the
         # connection's window is theirs together.
-        if self.maxStreams > 1:
-            h2.increment_flow_control_window(h2.local_settings.initial_window_size * (self.maxStreams - 1))
-        h2.decoder.max_header_list_size = service.maxHeaderBytes * _DECODER_FACTOR
+        self.wire = ServerConnection(
+            StaticEncoder(), self.maxStreams, service.maxHeaderBytes, service.maxHeaderBytes * _DECODER_FACTOR,
+            connectionWindow=h2wire.DEFAULT_WINDOW * max(1, self.maxStreams))
         self.resetBudget = max(2 * self.maxStreams, MIN_RESETS)
         self._resets = 0
         self._resetsSince = service.clock.seconds()
@@ -316,10 +310,10 @@ class H2Connection:
         self._holding = True
         try:
             try:
-                events = self.h2.receive_data(data)
-            except ProtocolError as e:
-                # h2 has queued a GOAWAY naming the error.
-                self._end("protocol_error", str(e) or type(e).__name__)
+                events = self.wire.receive(data)
+            except h2wire.ConnectionError as e:
+                # A GOAWAY naming the error is queued.
+                self._end("protocol_error", str(e))
                 return
             self._handle(events)
         finally:
@@ -333,61 +327,60 @@ class H2Connection:
     def _handle(self, events: list) -> None:
         # Streams opened and reset in this same read are never started: a
         # rapid reset costs no pool pick and no backend connection.
-        resetNow = {e.stream_id for e in events if type(e) is StreamReset}
+        resetNow = {e[1] for e in events if e[0] == RESET} if len(events) > 1 else ()
         streams = self.streams
         for event in events:
             if self._gone:
                 return
-            kind = type(event)
-            if kind is RequestReceived:
-                if event.stream_id in resetNow:
-                    continue
-                self._request(event)
-            elif kind is DataReceived:
-                stream = streams.get(event.stream_id)
+            kind = event[0]
+            if kind == REQUEST:
+                _, sid, headers, ended = event
+                if sid not in resetNow:
+                    self._request(sid, headers, ended)
+            elif kind == BODY:
+                _, sid, data, size, ended = event
+                stream = streams.get(sid)
                 if stream is None:
-                    self._ack(event.flow_controlled_length, event.stream_id)
+                    self._ack(size, sid)
                 else:
-                    stream.received(event.data, event.flow_controlled_length)
-                if not event.flow_controlled_length and event.stream_ended is None:
+                    stream.received(data, size)
+                if ended:
+                    stream = streams.get(sid)
+                    if stream is not None:
+                        stream.requestEnded()
+                elif not size:
                     self._reset()  # an empty DATA frame that ends nothing (CVE-2019-9518)
-            elif kind is TrailersReceived:
-                stream = streams.get(event.stream_id)
+            elif kind == TRAILERS:
+                stream = streams.get(event[1])
                 if stream is not None:
-                    stream.requestTrailers(event.headers)
-            elif kind is StreamEnded:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
+                    stream.requestTrailers(event[2])
                     stream.requestEnded()
-            elif kind is StreamReset:
-                stream = streams.pop(event.stream_id, None)
+            elif kind == RESET:
+                stream = streams.pop(event[1], None)
                 if stream is not None:
                     stream.abandon("the client reset the stream")
                 self._reset()
-            elif kind is WindowUpdated:
-                if event.stream_id:
-                    stream = streams.get(event.stream_id)
+            elif kind == WINDOW:
+                if event[1]:
+                    stream = streams.get(event[1])
                     if stream is not None:
                         stream.push()
                 else:
                     self._pushAll()
-            elif kind is RemoteSettingsChanged:
-                if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                    self._pushAll()
-            elif kind is ConnectionTerminated:
-                self._end(None, None)
-                return
+            elif kind == GONE:
+                # The client opens no more streams: those in flight finish.
+                self.closing = True
         self._idleCheck()
 
-    def _request(self, event: RequestReceived) -> None:
-        sid = event.stream_id
+    def _request(self, sid: int, fields: list, ended: bool) -> None:
+        wire = self.wire
         if self.closing:
-            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            wire.reset(sid, h2wire.REFUSED_STREAM)
             return
         try:
-            method, path, authority, headers = requestFields(event.headers, self.service.maxHeaderBytes)
+            method, path, authority, headers = requestFields(fields, self.service.maxHeaderBytes)
         except Malformed as e:
-            self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+            wire.reset(sid, h2wire.PROTOCOL_ERROR)
             _log.info("HTTP/2 stream refused: {why}", event="http2_malformed", service=self.service.name,
                       client=self.frontend.client, why=str(e))
             self._reset()
@@ -397,12 +390,15 @@ class H2Connection:
             refusal = (e.status, e.message)
         else:
             refusal = None
+        state = wire.streams.get(sid)
+        if state is None:
+            return  # a stream error ended it within this read
         if authority is not None:
             headers.append((b"host", authority))
-        stream = self.streams[sid] = H2Stream(self, sid, method == b"HEAD")
+        stream = self.streams[sid] = H2Stream(self, sid, method == b"HEAD", state)
         if len(self.streams) == 1:
             self.frontend._disarm()
-        stream.begin(method, path, headers, event.stream_ended is not None, refusal)
+        stream.begin(method, path, headers, ended, refusal)
 
     # Bytes out.
 
@@ -439,13 +435,13 @@ class H2Connection:
 
     def _write(self) -> None:
         self._later = None
-        data = self.h2.data_to_send()
+        data = self.wire.dataToSend()
         if data and not self._gone:
             sendNow(self.transport, data)
 
     def _ack(self, size: int, sid: int) -> None:
         if size and not self._gone:
-            self.h2.acknowledge_received_data(size, sid)
+            self.wire.acknowledge(size, sid)
 
     def _pushAll(self) -> None:
         for stream in list(self.streams.values()):
@@ -496,13 +492,13 @@ class H2Connection:
             self._resets = 0
         self._resets += 1
         if self._resets > self.resetBudget:
-            self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+            self.wire.goAway(h2wire.ENHANCE_YOUR_CALM)
             self._end("rapid_reset", f"more than {self.resetBudget} streams reset within {RESET_WINDOW:g}s")
 
     def drain(self) -> None:
         """
         Finish the streams in flight, refuse new ones, then GOAWAY and
-        close (h2 can send nothing more once it sent GOAWAY).
+        close (nothing more can be sent once GOAWAY is).
         """
         self.closing = True
         self._idleCheck()
@@ -511,14 +507,14 @@ class H2Connection:
         """GOAWAY (no error) now, and close once it is out."""
         if self._gone:
             return
-        self.h2.close_connection(ErrorCodes.NO_ERROR)
+        self.wire.goAway(h2wire.NO_ERROR)
         self._end(None, None)
 
     def _end(self, why: Optional[str], detail: Optional[str]) -> None:
         """Send what is framed (a GOAWAY among it), then close the connection."""
         if self._gone:
             return
-        data = self.h2.data_to_send()
+        data = self.wire.dataToSend()
         self._gone = True
         if self._later is not None:
             self._later.cancel()
@@ -585,10 +581,10 @@ class _StreamTransport:
         self.stream.out.write(data)
 
     def loseConnection(self) -> None:
-        self.stream.cut(ErrorCodes.CANCEL)
+        self.stream.cut(h2wire.CANCEL)
 
     def abortConnection(self) -> None:
-        self.stream.cut(ErrorCodes.INTERNAL_ERROR)
+        self.stream.cut(h2wire.INTERNAL_ERROR)
 
     def getPeer(self):
         return self.stream.connection.transport.getPeer()
@@ -623,7 +619,7 @@ class _Response:
         except httptools.HttpParserError as e:  # pragma: no cover - txlb wrote it
             _log.error("HTTP/2 stream {sid}: unreadable response: {e}", sid=self.stream.streamId, e=str(e))
             self.done = True
-            self.stream.cut(ErrorCodes.INTERNAL_ERROR)
+            self.stream.cut(h2wire.INTERNAL_ERROR)
             return
         stream = self.stream
         if stream.buffer or stream.ending:
@@ -692,14 +688,17 @@ class H2Stream(HTTPFrontend):
     #: The response's trailer fields, sent after its body (gRPC's status).
     trailers: Optional[list] = None
 
-    def __init__(self, connection: H2Connection, streamId: int, noBody: bool) -> None:
+    def __init__(self, connection: H2Connection, streamId: int, noBody: bool, state: h2wire.Stream) -> None:
         # Not HTTPFrontend.__init__: a stream has no parser and no socket.
         frontend = connection.frontend
         self.connection = connection
         self.streamId = streamId
+        #: The codec's side of the stream: its windows and state.
+        self.state = state
         self.factory = frontend.factory
         self.service = connection.service
         self.client = frontend.client
+        self.clientCert = frontend.clientCert  # what the connection's TLS proved
         self.exchanges: deque[Exchange] = deque()
         self.reading = None
         self._timer = None
@@ -786,7 +785,7 @@ class H2Stream(HTTPFrontend):
     def sendHead(self, headers: list, end: bool) -> None:
         if self.finished:
             return
-        self.connection.h2.send_headers(self.streamId, headers, end_stream=end)
+        self.connection.wire.sendHeaders(self.state, headers, end)
         if end:
             self._sent()
 
@@ -804,14 +803,14 @@ class H2Stream(HTTPFrontend):
         """Send what the stream's window allows; pause or resume the backend."""
         if self.finished:
             return
-        h2 = self.connection.h2
-        sid = self.streamId
+        wire = self.connection.wire
+        state = self.state
         buffer = self.buffer
         sent = ended = False
         last = self.ending and self.trailers is None
         try:
             while buffer:
-                room = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
+                room = wire.window(state)
                 if room <= 0:
                     break
                 chunk = buffer[0]
@@ -819,19 +818,19 @@ class H2Stream(HTTPFrontend):
                     buffer.popleft()
                     self.buffered -= len(chunk)
                     ended = last and not buffer
-                    h2.send_data(sid, chunk, end_stream=ended)
+                    wire.sendData(state, chunk, ended)
                 else:
                     buffer[0] = chunk[room:]
                     self.buffered -= room
-                    h2.send_data(sid, chunk[:room])
+                    wire.sendData(state, chunk[:room], False)
                 sent = True
             if not buffer and self.ending and not ended:
                 if self.trailers is not None:
-                    h2.send_headers(sid, self.trailers, end_stream=True)
+                    wire.sendHeaders(state, self.trailers, True)
                 else:
-                    h2.end_stream(sid)
+                    wire.sendData(state, b"", True)
                 sent = True
-        except (StreamClosedError, ProtocolError):
+        except StreamClosed:
             # The client closed or reset the stream meanwhile.
             self.finished = True
             self.abandon("the client reset the stream")
@@ -878,10 +877,7 @@ class H2Stream(HTTPFrontend):
             self.reading = None
             size, self.unacked = self.unacked, 0
             self.connection._ack(size, self.streamId)
-            try:
-                self.connection.h2.reset_stream(self.streamId, ErrorCodes.NO_ERROR)
-            except (StreamClosedError, ProtocolError):
-                pass
+            self.connection.wire.reset(self.streamId, h2wire.NO_ERROR)
             self.connection.send()
         if self._timer is not None:
             self._timer.cancel()
@@ -904,10 +900,7 @@ class H2Stream(HTTPFrontend):
         """End the stream with RST_STREAM, as a socket is aborted."""
         if not self.finished:
             self.finished = True
-            try:
-                self.connection.h2.reset_stream(self.streamId, code)
-            except (StreamClosedError, ProtocolError):
-                pass
+            self.connection.wire.reset(self.streamId, code)
             self.connection.send()
         # As a transport's abort reports its loss: not from inside the
         # exchange's own call.

@@ -66,14 +66,18 @@ def requestId(incoming: Optional[bytes]) -> str:
     return newRequestId()
 
 
+#: What a client's TLS certificate proved, said by txlb alone
+#: (L{txlb.net.tls.clientCertificateLines}): never taken from a client,
+#: on any service.
+CLIENT_CERT = frozenset({b"x-client-cert-subject", b"x-client-cert-verified"})
 #: What never goes on as it came: made once, not per request.
-_REQUEST_DROP = HOP_BY_HOP | _REPLACED | {b"x-forwarded-for"}
+_REQUEST_DROP = HOP_BY_HOP | _REPLACED | CLIENT_CERT | {b"x-forwarded-for"}
 _REQUEST_DROP_FORWARDED = _REQUEST_DROP | {b"forwarded"}
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"x-request-id"}
 #: The names of the lines txlb writes itself after the sifted fields,
 #: which header rules may still take out.
 _REQUEST_OWN = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded",
-                          b"x-request-id"})
+                          b"x-request-id"}) | CLIENT_CERT
 _RESPONSE_OWN = frozenset({b"x-request-id"})
 
 
@@ -121,6 +125,7 @@ def requestHead(
     upgrade: Optional[bytes] = None,
     rules=None,
     values: Sequence[bytes] = (),
+    clientCert: Sequence[bytes] = (),
 ) -> bytes:
     """
     The header block sent to a backend, always as HTTP/1.1.
@@ -132,6 +137,8 @@ def requestHead(
     @param rules: the operator's header rules for requests (a
         L{txlb.policy.headers.SideRules}), applied after txlb's own
         headers, with C{values} for their variables.
+    @param clientCert: the C{X-Client-Cert-*} lines of the client's TLS
+        connection, on a service that asks for client certificates.
     """
     drop = _REQUEST_DROP_FORWARDED if forwarded else _REQUEST_DROP
     if rules is not None:
@@ -156,6 +163,8 @@ def requestHead(
         prior = dropped.get(b"forwarded", [])
         lines.append(b"Forwarded: " + b", ".join(prior + [part.encode("latin-1")]))
     lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
+    if clientCert:
+        lines += clientCert
     if rules is not None:
         if own:
             lines[start:] = _without(lines[start:], own)
