@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
@@ -395,6 +395,20 @@ def test_a_tls_handshake_that_fails_says_why(events):
     assert head(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
     [failed] = [e for e in events if e.get("event") == "connect_failed"]
     assert "TLS with s0 failed: certificate verify failed" in failed["why"]
+
+
+def test_a_tls_server_that_closes_right_after_the_handshake_may_want_a_client_certificate(events):
+    h = h2Harness(servers=1, retries=0)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, transport = h.answer()
+    transport.negotiatedProtocol = b"h2"
+    backend.handshakeCompleted()
+    assert not transport.disconnecting
+    backend.connectionLost(Failure(ConnectionLost()))
+    assert head(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+    [failed] = [e for e in events if e.get("event") == "connect_failed"]
+    assert "s0 closed the connection right after the TLS handshake (does it want a client certificate?" in failed["why"]
 
 
 def test_a_connection_without_streams_closes_after_the_idle_timeout():

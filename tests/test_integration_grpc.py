@@ -273,7 +273,8 @@ def test_a_backend_killed_mid_stream_fails_that_call_and_txlb_keeps_serving(serv
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory):
     """
-    A CA (C{ca.pem}), a server certificate it signed for C{grpc.test}, and
+    A CA (C{ca.pem}), a server certificate it signed for C{grpc.test}, a
+    client certificate it signed for txlb (C{lb.pem}, C{lb.key}), and
     C{other.pem}, a CA that signed nothing here.
     """
     directory = tmp_path_factory.mktemp("certs")
@@ -281,10 +282,14 @@ def certificates(tmp_path_factory):
     ca.cert_pem.write_to_path(str(directory / "ca.pem"))
     trustme.CA().cert_pem.write_to_path(str(directory / "other.pem"))
     issued = ca.issue_cert("grpc.test")
-    chain = b"".join(pem.bytes() for pem in issued.cert_chain_pems)
+    client = ca.issue_cert("txlb.test")
+    client.cert_chain_pems[0].write_to_path(str(directory / "lb.pem"))
+    client.private_key_pem.write_to_path(str(directory / "lb.key"))
+    pair = (issued.private_key_pem.bytes(), b"".join(pem.bytes() for pem in issued.cert_chain_pems))
     return {
         "dir": directory,
-        "grpc": grpc.ssl_server_credentials([(issued.private_key_pem.bytes(), chain)]),
+        "grpc": grpc.ssl_server_credentials([pair]),
+        "mutual": grpc.ssl_server_credentials([pair], root_certificates=ca.cert_pem.bytes(), require_client_auth=True),
         "issued": issued,
     }
 
@@ -317,6 +322,25 @@ def test_grpc_reaches_servers_over_tls_with_their_certificates_verified(servers,
             status, _, data, _ = _h11Call(port, "/pkg.Echo/Unary", b"%d" % i)
             assert data[5:] == b"e1:%d" % i
         assert not txlb.events("connect_failed")
+
+
+def test_servers_that_require_a_client_certificate_get_the_pools(servers, certificates):
+    echo = [servers("e1", credentials=certificates["mutual"])]
+    d = certificates["dir"]
+    verified = f'ca = "{d / "ca.pem"}", server_name = "grpc.test"'
+    for tls, works in [(f'{verified}, cert = "{d / "lb.pem"}", key = "{d / "lb.key"}"', True), (verified, False)]:
+        port = freePort()
+        with Txlb(_tlsConfig(port, echo, tls)) as txlb:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                if works:
+                    assert _call(channel, "/pkg.Echo/Unary", b"m")[0] == b"e1:m"
+                else:
+                    with pytest.raises(grpc.RpcError) as caught:
+                        _call(channel, "/pkg.Echo/Unary", b"m")
+                    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                    [failed] = waitFor(lambda: txlb.events("connect_failed"), what="the connect_failed event")
+                    assert "e1 closed the connection right after the TLS handshake (does it want a client" \
+                           " certificate? the pool's tls.cert and tls.key)" in failed["why"]
 
 
 def test_a_server_certificate_from_another_ca_is_unavailable_and_says_why(servers, certificates):

@@ -544,6 +544,8 @@ class H2BackendConnection(Protocol):
     broken: Optional[str] = None
     _idle = None
     _first = True
+    #: The TLS handshake completed, with h2 agreed.
+    _handshaken = False
 
     def __init__(self, server, owner: "H2Backends", tls: bool) -> None:
         self.server = server
@@ -625,6 +627,8 @@ class H2BackendConnection(Protocol):
         if refusal is not None:
             self.fail(f"{self.server.name} {refusal}: a server that speaks HTTP/1.1 only needs its pool's "
                       'protocol = "http/1.1"')
+        else:
+            self._handshaken = True
 
     def flush(self) -> None:
         data = self.h2.data_to_send()
@@ -763,6 +767,11 @@ class H2BackendConnection(Protocol):
             if reason is not None and reason.check(SSL.Error):
                 # The handshake failed: say why (certificate verify failed, ...).
                 message = f"TLS with {self.server.name} failed: {errorText(reason.value)}"
+            elif self._handshaken and self._first:
+                # TLS 1.3 servers check a client certificate after the
+                # client's side of the handshake is done, and close.
+                message = (f"{self.server.name} closed the connection right after the TLS handshake (does it"
+                           " want a client certificate? the pool's tls.cert and tls.key)")
             else:
                 message = f"{self.server.name} closed the connection"
         if not self.ready:
