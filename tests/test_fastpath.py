@@ -7,17 +7,20 @@ copied.  C{run-tests} also runs the whole integration suite that way.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import socket
+from pathlib import Path
 
 import pytest
+import twisted
 from twisted.internet import abstract, tcp
+
+import txlb
 
 from tests.support import Backend, Txlb, freePort, httpAnswer, httpRequests, waitFor
 from tests.test_wire import pair  # noqa: F401 (a fixture)
-from txlb.net import fastpath
-from txlb.net import readloop
-from txlb.net import wire
+from txlb.net import fastpath, readloop, wire
 
 
 @pytest.fixture(autouse=True)
@@ -139,3 +142,65 @@ def _response(sock: socket.socket) -> tuple[int, int, bytes]:
         rest += chunk
     assert len(rest) == length, hashlib.sha256(rest).hexdigest()
     return status, length, rest
+
+
+def _privateNames(tree: ast.AST) -> set[str]:
+    """The C{_names} (not dunders) that C{tree} reads or defines as attributes, methods or classes."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            found.add(node.attr)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            found.add(node.name)
+    return {n for n in found if n.startswith("_") and not n.startswith("__")}
+
+
+def _twistedPrivateNames() -> set[str]:
+    names: set[str] = set()
+    for path in Path(twisted.__file__).parent.rglob("*.py"):
+        if "test" not in path.parts:
+            names |= _privateNames(ast.parse(path.read_text(encoding="utf-8", errors="replace")))
+    return names
+
+
+def test_no_twisted_private_name_outside_the_fenced_module():
+    """
+    Outside L{txlb.net.fastpath}, txlb neither imports a private Twisted
+    module or name, nor reaches for a private attribute that this Twisted
+    has and txlb does not define itself (by attribute, C{getattr} string or
+    C{hasattr}).  Names txlb defines on its own classes are its own
+    business, whatever Twisted calls something.
+    """
+    package = Path(txlb.__file__).parent
+    trees = {path: ast.parse(path.read_text()) for path in package.rglob("*.py")}
+    own: set[str] = set()
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                own.add(node.attr)
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                own.add(node.name)
+    twistedOnly = _twistedPrivateNames() - own
+    found = []
+    for path, tree in trees.items():
+        if path.name == "fastpath.py":
+            continue
+        for node in ast.walk(tree):
+            where = f"{path.relative_to(package.parent)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("twisted"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                if any(part.startswith("_") for part in node.module.split(".")) or private:
+                    found.append(f"{where}: from {node.module} import {', '.join(a.name for a in node.names)}")
+            elif isinstance(node, ast.Attribute) and node.attr in twistedOnly:
+                found.append(f"{where}: .{node.attr}")
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                  and node.func.id in ("getattr", "hasattr", "setattr") and len(node.args) > 1
+                  and isinstance(node.args[1], ast.Constant) and node.args[1].value in twistedOnly):
+                found.append(f"{where}: {node.func.id}(..., {node.args[1].value!r})")
+    assert found == []
+
+
+def test_the_private_name_check_sees_the_fenced_module():
+    """The check above is real: the fenced module does use names it would flag."""
+    tree = ast.parse(Path(fastpath.__file__).read_text())
+    assert {"_disconnectSelectable", "_tempDataBuffer"} <= _privateNames(tree) & _twistedPrivateNames()
