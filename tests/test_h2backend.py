@@ -79,18 +79,50 @@ def serve(h: Harness, index: int = -1, maxStreams: int = 100) -> H2Server:
     return H2Server(backend, transport, maxStreams)
 
 
+GET = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+def firstStream(h: Harness, request: bytes = GET):
+    """
+    A client sends C{request} through C{h}, and the server of the h2
+    connection made for it reads it: C{(frontend, client, server, the
+    request as the server got it)}.
+    """
+    frontend, client = h.accept()
+    frontend.dataReceived(request)
+    server = serve(h)
+    [received] = server.requests()
+    return frontend, client, server, received
+
+
+def connecting(request: bytes = GET):
+    """
+    A client sends C{request} to a one-server h2 pool that does not retry:
+    C{(client, the backend connection made for it, its transport)}, before
+    the server has said anything.
+    """
+    h = h2Harness(servers=1, retries=0)
+    frontend, client = h.accept()
+    frontend.dataReceived(request)
+    backend, transport = h.answer()
+    return client, backend, transport
+
+
+def connectFailed(client, events) -> str:
+    """The client got a 502: why the last connect failed, as logged."""
+    assert head(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+    return [e for e in events if e.get("event") == "connect_failed"][-1]["why"]
+
+
 def fields(request) -> dict:
     return {name: value for name, value in request.headers}
 
 
 def test_a_request_becomes_a_stream_and_its_answer_an_http11_response(events):
     h = h2Harness()
-    frontend, client = h.accept()
-    frontend.dataReceived(
+    frontend, client, server, request = firstStream(h, (
         b"GET /a?b=1 HTTP/1.1\r\nHost: shop.example\r\nConnection: keep-alive, X-Secret\r\n"
-        b"X-Secret: 1\r\nKeep-Alive: timeout=5\r\nAccept: */*\r\n\r\n")
-    server = serve(h)
-    [request] = server.requests()
+        b"X-Secret: 1\r\nKeep-Alive: timeout=5\r\nAccept: */*\r\n\r\n"))
     got = fields(request)
     assert (got[b":method"], got[b":path"], got[b":authority"], got[b":scheme"]) == (
         b"GET", b"/a?b=1", b"shop.example", b"http")
@@ -224,10 +256,7 @@ def test_refused_stream_is_retried():
 
 def test_response_trailers_reach_an_http11_client_that_asked_for_them():
     h = h2Harness()
-    frontend, client = h.accept()
-    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n")
-    server = serve(h)
-    [request] = server.requests()
+    frontend, client, server, request = firstStream(h, b"GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n")
     assert fields(request)[b"te"] == b"trailers"
     server.respond(request.stream_id, body=b"abc", trailers=[(b"grpc-status", b"0"), (b"x-sum", b"9")])
     assert client.value().endswith(b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\ngrpc-status: 0\r\n"
@@ -236,10 +265,7 @@ def test_response_trailers_reach_an_http11_client_that_asked_for_them():
 
 def test_response_trailers_are_dropped_for_a_client_that_did_not_ask():
     h = h2Harness()
-    frontend, client = h.accept()
-    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    server = serve(h)
-    [request] = server.requests()
+    frontend, client, server, request = firstStream(h)
     assert b"te" not in fields(request)
     server.respond(request.stream_id, body=b"abc", trailers=[(b"x-sum", b"9")])
     assert client.value().endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
@@ -247,10 +273,8 @@ def test_response_trailers_are_dropped_for_a_client_that_did_not_ask():
 
 def test_request_trailers_from_the_exchange_end_the_stream():
     h = h2Harness()
-    frontend, client = h.accept()
-    frontend.dataReceived(b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
-    server = serve(h)
-    [request] = server.requests()
+    frontend, client, server, request = firstStream(
+        h, b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
     frontend.exchanges[0].requestTrailers = [(b"X-Checksum", b"1")]  # as an HTTP/2 client side sets them
     frontend.dataReceived(b"0\r\n\r\n")
     server.pump()
@@ -328,10 +352,7 @@ def test_a_request_body_waits_for_the_servers_window_and_pauses_the_client():
 
 def test_a_backend_reset_mid_response_cuts_the_client_off():
     h = h2Harness()
-    frontend, client = h.accept()
-    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    server = serve(h)
-    [request] = server.requests()
+    frontend, client, server, request = firstStream(h)
     server.respond(request.stream_id, body=b"part", end=False)
     server.conn.reset_stream(request.stream_id, ErrorCodes.INTERNAL_ERROR)
     server.pump()
@@ -356,67 +377,45 @@ def test_the_connection_lost_before_an_answer_is_a_502_when_it_cannot_retry(even
 
 
 def test_a_server_that_does_not_speak_http2_fails_the_connect(events):
-    h = h2Harness(servers=1, retries=0)
-    frontend, client = h.accept()
-    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    backend, transport = h.answer()
+    client, backend, transport = connecting()
     backend.dataReceived(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
     assert transport.aborted
     backend.connectionLost(Failure(ConnectionDone()))
-    assert head(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
-    [failed] = [e for e in events if e.get("event") == "connect_failed"]
-    assert "does not speak HTTP/2" in failed["why"]
+    assert "does not speak HTTP/2" in connectFailed(client, events)
 
 
 def test_a_tls_server_that_does_not_choose_h2_in_alpn_fails_the_connect(events):
     # TLS itself is end to end in test_integration_grpc; here, what the
     # connection does once the handshake has ended without h2.
     for chosen, said in [(None, "it chose no protocol"), (b"http/1.1", "it chose http/1.1")]:
-        h = h2Harness(servers=1, retries=0)
-        frontend, client = h.accept()
-        frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        backend, transport = h.answer()
+        client, backend, transport = connecting()
         transport.negotiatedProtocol = chosen
         backend.handshakeCompleted()
         assert transport.aborted
         backend.connectionLost(Failure(ConnectionDone()))
-        assert head(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
-        failed = [e for e in events if e.get("event") == "connect_failed"][-1]
-        assert f"s0 did not agree to h2 in TLS's ALPN ({said})" in failed["why"]
-        assert 'protocol = "http/1.1"' in failed["why"]
+        why = connectFailed(client, events)
+        assert f"s0 did not agree to h2 in TLS's ALPN ({said})" in why and 'protocol = "http/1.1"' in why
 
 
 def test_a_tls_handshake_that_fails_says_why(events):
-    h = h2Harness(servers=1, retries=0)
-    frontend, client = h.accept()
-    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    backend, transport = h.answer()
+    client, backend, transport = connecting()
     backend.connectionLost(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
-    assert head(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
-    [failed] = [e for e in events if e.get("event") == "connect_failed"]
-    assert "TLS with s0 failed: certificate verify failed" in failed["why"]
+    assert "TLS with s0 failed: certificate verify failed" in connectFailed(client, events)
 
 
 def test_a_tls_server_that_closes_right_after_the_handshake_may_want_a_client_certificate(events):
-    h = h2Harness(servers=1, retries=0)
-    frontend, client = h.accept()
-    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    backend, transport = h.answer()
+    client, backend, transport = connecting()
     transport.negotiatedProtocol = b"h2"
     backend.handshakeCompleted()
     assert not transport.disconnecting
     backend.connectionLost(Failure(ConnectionLost()))
-    assert head(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
-    [failed] = [e for e in events if e.get("event") == "connect_failed"]
-    assert "s0 closed the connection right after the TLS handshake (does it want a client certificate?" in failed["why"]
+    assert ("s0 closed the connection right after the TLS handshake (does it want a client certificate?"
+            in connectFailed(client, events))
 
 
 def test_a_connection_without_streams_closes_after_the_idle_timeout():
     h = h2Harness()
-    frontend, client = h.accept()
-    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    server = serve(h)
-    [request] = server.requests()
+    frontend, client, server, request = firstStream(h)
     server.respond(request.stream_id, status=204)
     h.reactor.advance(29)
     assert not server.transport.disconnecting
@@ -426,10 +425,7 @@ def test_a_connection_without_streams_closes_after_the_idle_timeout():
 
 def test_the_backend_timeout_resets_only_that_stream():
     h = h2Harness(backendTimeout=5.0)
-    frontend, client = h.accept()
-    frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    server = serve(h)
-    [request] = server.requests()
+    frontend, client, server, request = firstStream(h)
     h.reactor.advance(6)
     assert head(client.value())[0] == b"HTTP/1.1 504 Gateway Timeout"
     server.pump()
