@@ -63,7 +63,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _lab import Lab as _Lab  # noqa: E402
-from _lab import cpuSeconds, freePort, median, rssMiB, twistd  # noqa: E402
+from _lab import cpuSeconds, median, rssMiB, twistd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 _FORK = multiprocessing.get_context("fork")
