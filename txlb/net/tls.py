@@ -31,12 +31,14 @@ import datetime
 import fnmatch
 import hashlib
 import os
+import weakref
 from typing import Any, Optional, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID, NameOID
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import ssl as tssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
@@ -197,12 +199,11 @@ _ASKED = b"SSLv3/TLS write certificate request"
 
 
 class _Handshake:
-    """A connection's client-certificate state, as its OpenSSL app data."""
+    """A connection's client-certificate state, while its handshake runs."""
 
-    __slots__ = ("protocol", "asked", "refused")
+    __slots__ = ("asked", "refused")
 
-    def __init__(self, protocol) -> None:
-        self.protocol = protocol
+    def __init__(self) -> None:
         self.asked = False
         self.refused = False
 
@@ -235,6 +236,25 @@ def alpnRefusal(transport, wanted: bytes) -> Optional[str]:
         return None
     chose = f"it chose {negotiated.decode('latin-1')}" if negotiated else "it chose no protocol"
     return f"did not agree to {wanted.decode('latin-1')} in TLS's ALPN ({chose})"
+
+
+def handshakeError(failure) -> Optional[str]:
+    """
+    What ended a TLS handshake, for an operator: OpenSSL's reasons, or the
+    name the server's certificate should have carried (service-identity's
+    check, which Twisted runs once the chain is verified); L{None} when
+    C{failure} (a L{twisted.python.failure.Failure}) is not about TLS.
+    """
+    if failure.check(SSL.Error):
+        return errorText(failure.value)
+    if failure.check(VerificationError):
+        names = []
+        for mismatch in failure.value.errors:
+            wanted = getattr(mismatch, "mismatched_id", None)
+            name = getattr(wanted, "hostname", None) or getattr(wanted, "ip", None)
+            names.append(name.decode("idna") if isinstance(name, bytes) else str(name or mismatch))
+        return f"the server's certificate is not for {' or '.join(names)}"
+    return None
 
 
 def _serverContext(certPath: str, keyPath: str, minVersion: str, alpn: Sequence[bytes], sessionId: bytes) -> SSL.Context:
@@ -283,6 +303,9 @@ class ServerTLS:
         entries = [_entry(c) for c in certificates]
         self.service = service
         self.metrics = metrics
+        #: Each connection's L{_Handshake}, by its C{SSL.Connection} (whose
+        #: app data Twisted keeps for its protocol).
+        self._handshakes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         #: Some certificate asks clients for theirs.
         self.clientCerts = any(ca for _, _, ca, _ in entries)
         sessionId = hashlib.sha256(repr(entries).encode()).digest()[:32]
@@ -338,7 +361,7 @@ class ServerTLS:
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         connection = SSL.Connection(self.default, None)
         if self.clientCerts:
-            connection.set_app_data(_Handshake(tlsProtocol))
+            self._handshakes[connection] = _Handshake()
         return connection
 
     # Refusals.
@@ -359,24 +382,24 @@ class ServerTLS:
         """
         if where & SSL.SSL_CB_LOOP:
             if connection.get_state_string() == _ASKED:
-                state = connection.get_app_data()
+                state = self._handshakes.get(connection)
                 if state is not None:
                     state.asked = True
         elif where & SSL.SSL_CB_WRITE_ALERT and ret >> 8 == 2:  # fatal
             alert = ret & 0xFF
-            state = connection.get_app_data()
+            state = self._handshakes.get(connection)
             if alert == _CERTIFICATE_REQUIRED or (alert == _HANDSHAKE_FAILURE and state is not None and state.asked):
                 self._refused(connection, "no client certificate", None)
 
     def _refused(self, connection: SSL.Connection, why: str, subject: Optional[str]) -> None:
-        state = connection.get_app_data()
+        state = self._handshakes.get(connection)
         if state is not None:
             if state.refused:
                 return
             state.refused = True
         if self.metrics is not None:
             self.metrics.refused(self.service, "client_cert")
-        protocol = getattr(state, "protocol", None)
+        protocol = connection.get_app_data()  # Twisted's TLS protocol, on a socket
         wrapped = getattr(protocol, "wrappedProtocol", None)
         client = getattr(wrapped, "client", None)
         if client is None and protocol is not None:

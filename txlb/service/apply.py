@@ -134,7 +134,7 @@ class Reloads:
         tls, schedulers, checks, pools = {}, {}, {}, {}
         for i, service in enumerate(new.services):
             try:
-                tls[service.name] = serverTLS(service)
+                tls[service.name] = serverTLS(service, tree.metrics)
             except Exception as e:
                 errors.append(f"services[{i}].tls: {e}")
         for p in diff.poolsChanged:

@@ -88,12 +88,20 @@ class Balancer:
     entry: Factory
 
 
-def serverTLS(service: ServiceConfig) -> Optional[ServerTLS]:
-    """A service's certificates, read from their files now, or L{None}."""
+def serverTLS(service: ServiceConfig, metrics=None) -> Optional[ServerTLS]:
+    """
+    A service's certificates (and client CAs), read from their files now,
+    or L{None}; refused client certificates are counted in C{metrics}.
+    """
     if service.tls is None:
         return None
     alpn = ([b"h2", b"http/1.1"] if service.http2 else [b"http/1.1"]) if service.protocol == "http" else []
-    return ServerTLS(service.tls.certificates, service.tls.min_version, alpn)
+    return ServerTLS(service.tls.certificates, service.tls.min_version, alpn, service=service.name, metrics=metrics)
+
+
+def _clientCerts(service: ServiceConfig) -> bool:
+    """The service's TLS asks clients for certificates (on some SNI name at least)."""
+    return service.tls is not None and service.tls.clientCerts
 
 
 class Factories:
@@ -116,7 +124,7 @@ class Factories:
         if service.tls is None:
             return factory
         if creator is None:
-            creator = serverTLS(service)
+            creator = serverTLS(service, self.tree.metrics)
         secured = TLSMemoryBIOFactory(creator, False, factory)
         secured.noisy = False
         secured.drain = factory.drain
@@ -149,7 +157,7 @@ class Factories:
                 metrics=tree.metrics,
             )
         if service.protocol == "tcp":
-            return TCPBalancerFactory(
+            tcp = TCPBalancerFactory(
                 service.name,
                 tree.pools[service.pool],
                 tree.endpoints,
@@ -160,6 +168,8 @@ class Factories:
                 sticky=self._sticky(service),
                 proxyProtocol=service.proxy_protocol,
             )
+            tcp.clientCerts = _clientCerts(service)
+            return tcp
         settings = self._httpSettings(service)
         factory = HTTPProxyFactory(
             HTTPService(service.name, tree.pools, settings.pop("router"), tree.connections, tree.reactor,
@@ -184,6 +194,7 @@ class Factories:
             factory.idleTimeout = service.timeouts.idle
             factory.accessLog = tree.config.log.access
             factory.proxyProtocol = service.proxy_protocol
+            factory.clientCerts = _clientCerts(service)
 
     def _sticky(self, service: ServiceConfig) -> Optional[Sticky]:
         if service.sticky is None:
@@ -222,4 +233,5 @@ class Factories:
             accessLog=self.tree.config.log.access,
             proto=b"https" if service.tls is not None else b"http",
             cacheConfig=service.cache,
+            clientCerts=_clientCerts(service),
         )
