@@ -15,6 +15,8 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 from hypothesis import given, settings, strategies as st
 from OpenSSL import SSL
+from service_identity.exceptions import DNSMismatch, VerificationError
+from service_identity.hazmat import DNS_ID
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -401,6 +403,13 @@ def test_a_tls_handshake_that_fails_says_why(events):
     client, backend, transport = connecting()
     backend.connectionLost(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
     assert "TLS with s0 failed: certificate verify failed" in connectFailed(client, events)
+
+
+def test_a_server_certificate_for_another_name_says_which_name_it_lacked(events):
+    client, backend, transport = connecting()
+    mismatch = VerificationError(errors=[DNSMismatch(mismatched_id=DNS_ID("grpc.internal"))])
+    backend.connectionLost(Failure(mismatch))
+    assert "TLS with s0 failed: the server's certificate is not for grpc.internal" in connectFailed(client, events)
 
 
 def test_a_tls_server_that_closes_right_after_the_handshake_may_want_a_client_certificate(events):

@@ -343,11 +343,14 @@ def test_servers_that_require_a_client_certificate_get_the_pools(servers, certif
                            " certificate? the pool's tls.cert and tls.key)" in failed["why"]
 
 
-def test_a_server_certificate_from_another_ca_is_unavailable_and_says_why(servers, certificates):
+@pytest.mark.parametrize("ca, name, why", [
+    ("other.pem", "grpc.test", "certificate verify failed"),
+    ("ca.pem", "other.test", "the server's certificate is not for other.test"),
+])
+def test_a_server_certificate_that_does_not_verify_is_unavailable_and_says_why(servers, certificates, ca, name, why):
     echo = [servers("e1", credentials=certificates["grpc"])]
     port = freePort()
-    other = certificates["dir"] / "other.pem"
-    with Txlb(_tlsConfig(port, echo, f'ca = "{other}", server_name = "grpc.test"')) as txlb:
+    with Txlb(_tlsConfig(port, echo, f'ca = "{certificates["dir"] / ca}", server_name = "{name}"')) as txlb:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             with pytest.raises(grpc.RpcError) as caught:
                 _call(channel, "/pkg.Echo/Unary", b"x")
@@ -357,7 +360,7 @@ def test_a_server_certificate_from_another_ca_is_unavailable_and_says_why(server
         assert _get(port).startswith(b"HTTP/1.1 502 ")
         failed = waitFor(lambda: (lambda found: found if len(found) >= 3 else None)(txlb.events("connect_failed")),
                          what="three connect_failed events")
-        assert all("TLS with e1 failed: certificate verify failed" in e["why"] for e in failed)
+        assert all(f"TLS with e1 failed: {why}" in e["why"] for e in failed)
         assert [e["status"] for e in _events(txlb, 3)] == [502, 502, 502]
 
 

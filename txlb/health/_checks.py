@@ -15,7 +15,6 @@ import re
 from typing import Any, Callable, Mapping, Optional
 
 import httptools
-from OpenSSL import SSL
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
@@ -28,7 +27,7 @@ from zope.interface import implementer
 from txlb.health._options import checkOptions, isHostName, option
 from txlb.health._tls import TLS_OPTIONS, TLSOptions, tlsOptions
 from txlb.interfaces import CheckResult, IHealthCheck, IHealthCheckFactory
-from txlb.net.tls import errorText
+from txlb.net.tls import handshakeError
 
 #: At most this much of a response body is read; a body that needs more
 #: fails a check that must look at it (C{expect_json}).
@@ -46,8 +45,9 @@ def describeFailure(failure: Failure) -> str:
     """
     if failure.check(error.ConnectionRefusedError):
         return "connection refused"
-    if failure.check(SSL.Error):
-        return f"TLS failed: {errorText(failure.value)}"
+    failedTLS = handshakeError(failure)
+    if failedTLS is not None:
+        return f"TLS failed: {failedTLS}"
     if failure.check(error.DNSLookupError):
         return f"DNS lookup failed: {failure.getErrorMessage()}"
     if failure.check(error.ConnectError):

@@ -55,7 +55,6 @@ from h2.events import (
 )
 from h2.exceptions import H2Error
 from h2.settings import Settings, SettingCodes
-from OpenSSL import SSL
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProducer
@@ -65,7 +64,7 @@ from zope.interface import implementer
 
 from txlb.http.grpc import wantsTrailers
 from txlb.net.endpoints import hostOf
-from txlb.net.tls import alpnRefusal, errorText
+from txlb.net.tls import alpnRefusal, handshakeError
 from txlb.net.wire import sendNow
 
 #: What a TLS connection to an h2 pool's servers offers in ALPN.
@@ -764,9 +763,9 @@ class H2BackendConnection(Protocol):
         self._stopIdle()
         message = self.broken
         if message is None:
-            if reason is not None and reason.check(SSL.Error):
-                # The handshake failed: say why (certificate verify failed, ...).
-                message = f"TLS with {self.server.name} failed: {errorText(reason.value)}"
+            failedTLS = handshakeError(reason) if reason is not None else None
+            if failedTLS is not None:
+                message = f"TLS with {self.server.name} failed: {failedTLS}"
             elif self._handshaken and self._first:
                 # TLS 1.3 servers check a client certificate after the
                 # client's side of the handshake is done, and close.
