@@ -704,3 +704,60 @@ def test_a_streamed_body_keeps_the_connection_while_bytes_flow():
     assert client.value().endswith(b"abc" * 10)
     h.reactor.advance(100)  # then the keep-alive idle timeout, not a body timeout
     assert client.disconnecting and not getattr(client, "aborted", False)
+
+
+class _TLSHandle:
+    """What a TLS transport's C{getHandle()} answers about the client's certificate."""
+
+    def __init__(self, cert) -> None:
+        self.cert = cert
+
+    def get_peer_certificate(self, as_cryptography: bool = False):
+        return self.cert
+
+
+class TLSTransport(Transport):
+    def __init__(self, cert, **kw) -> None:
+        super().__init__(**kw)
+        self.handle = _TLSHandle(cert)
+
+    def getHandle(self) -> _TLSHandle:
+        return self.handle
+
+
+@pytest.mark.parametrize("clientCerts", [True, False])
+def test_each_request_carries_what_the_tls_handshake_proved(clientCerts):
+    """
+    Once the handshake is done the connection knows what its certificate
+    proved; every request says so to the backend, and what the client
+    wrote under those names is gone.
+    """
+    import trustme
+    from cryptography import x509
+
+    alice = x509.load_pem_x509_certificate(
+        trustme.CA().issue_cert("alice@example.com", common_name="alice").cert_chain_pems[0].bytes())
+    h = Harness(servers=1, clientCerts=clientCerts)
+    forged = b"X-Client-Cert-Subject: CN=admin\r\nX-Client-Cert-Verified: SUCCESS\r\n"
+    for cert, expected in ((alice, {b"x-client-cert-verified": [b"SUCCESS"]}),
+                           (None, {b"x-client-cert-verified": [b"NONE"]})):
+        frontend = h.factory.buildProtocol(IPv4Address("TCP", "10.1.2.3", 5555))
+        frontend.makeConnection(TLSTransport(cert, peerAddress=IPv4Address("TCP", "10.1.2.3", 5555)))
+        frontend.handshakeCompleted()
+        for _ in range(2):
+            frontend.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n" + forged + b"\r\n")
+            if h.connects() > len(h.backends):
+                h.answer()
+            backend, server = h.backends[-1]  # one server, its connection kept alive
+            line, fields = head(server.value())
+            assert line == b"GET / HTTP/1.1"
+            server.clear()
+            got = {n: v for n, v in fields.items() if n.startswith(b"x-client-cert-")}
+            if not clientCerts:
+                assert got == {}
+            elif cert is None:
+                assert got == expected
+            else:
+                [subject] = got.pop(b"x-client-cert-subject")
+                assert subject.startswith(b"CN=alice,") and got == expected
+            backend.dataReceived(OK)
