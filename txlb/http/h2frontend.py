@@ -193,6 +193,13 @@ for _index, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, 1):
         _STATIC_FULL.setdefault((_name, _value), _index)
 
 
+#: The encoder keeps at most this many whole fields, of values at most this
+#: long, and none of the fields whose value differs in every response.
+_KEEP_FIELDS = 512
+_KEEP_VALUE = 128
+_UNIQUE = frozenset({b"x-request-id", b"set-cookie"})
+
+
 def _hpackInteger(value: int, bits: int, flags: int = 0) -> bytes:
     """An HPACK integer with a C{bits}-bit prefix (RFC 7541 5.1)."""
     top = (1 << bits) - 1
@@ -222,6 +229,9 @@ class StaticEncoder:
 
     def __init__(self) -> None:
         self._names: dict[bytes, bytes] = {}
+        #: Whole fields encoded before (a backend's C{server},
+        #: C{content-type}, ... come back in every response).
+        self._fields: dict[tuple, bytes] = {}
 
     @property
     def header_table_size(self) -> int:
@@ -236,22 +246,33 @@ class StaticEncoder:
         if self._sizeUpdate:
             self._sizeUpdate = False
             out.append(b"\x20")  # dynamic table size update: 0
-        names = self._names
-        full = _STATIC_FULL
-        for n, v in headers:
-            index = full.get((n, v))
-            if index is not None:
-                out.append(bytes((0x80 | index,)))
-                continue
-            prefix = names.get(n)
-            if prefix is None:
-                index = _STATIC_NAME.get(n)
-                prefix = _hpackInteger(index, 4) if index else b"\x00" + _hpackInteger(len(n), 7) + n
-                if len(names) < 1024:
-                    names[n] = prefix
-            size = len(v)
-            out.append(prefix + (bytes((size,)) if size < 127 else _hpackInteger(size, 7)) + v)
+        fields = self._fields
+        for field in headers:
+            encoded = fields.get(field)
+            if encoded is None:
+                encoded = self._field(field)
+                if len(field[1]) <= _KEEP_VALUE and field[0] not in _UNIQUE:
+                    if len(fields) >= _KEEP_FIELDS:
+                        fields.clear()
+                    fields[field] = encoded
+            out.append(encoded)
         return b"".join(out)
+
+    def _field(self, field: tuple) -> bytes:
+        """One field: the static table's entry, or a literal of its name's entry or the name."""
+        index = _STATIC_FULL.get(field)
+        if index is not None:
+            return bytes((0x80 | index,))
+        n, v = field
+        names = self._names
+        prefix = names.get(n)
+        if prefix is None:
+            index = _STATIC_NAME.get(n)
+            prefix = _hpackInteger(index, 4) if index else b"\x00" + _hpackInteger(len(n), 7) + n
+            if len(names) < 1024:
+                names[n] = prefix
+        size = len(v)
+        return prefix + (bytes((size,)) if size < 127 else _hpackInteger(size, 7)) + v
 
 
 def _noDelay(transport) -> None:
@@ -288,6 +309,7 @@ class H2Connection:
         self.service = service = frontend.service
         self.transport = frontend.transport
         self.streams: dict[int, H2Stream] = {}
+        self._spareTimers: list[_Alarm] = []
         self.maxStreams = service.maxStreams
         # Every stream may hold its whole window (64 KiB) unacknowledged, its
         # backend being slow, without holding up the others: the
@@ -377,8 +399,17 @@ class H2Connection:
         if self.closing:
             wire.reset(sid, h2wire.REFUSED_STREAM)
             return
+        limit = self.service.maxHeaderBytes
         try:
-            method, path, authority, headers = requestFields(fields, self.service.maxHeaderBytes)
+            if fields is self._lastFields and limit == self._lastLimit:
+                # The very list the codec decoded before (the same header
+                # block again): checked already.
+                method, path, authority, headers = self._lastRequest
+                headers = headers.copy()
+            else:
+                method, path, authority, headers = requestFields(fields, limit)
+                self._lastFields, self._lastLimit = fields, limit
+                self._lastRequest = method, path, authority, headers.copy()
         except Malformed as e:
             wire.reset(sid, h2wire.PROTOCOL_ERROR)
             _log.info("HTTP/2 stream refused: {why}", event="http2_malformed", service=self.service.name,
@@ -397,8 +428,14 @@ class H2Connection:
             headers.append((b"host", authority))
         stream = self.streams[sid] = H2Stream(self, sid, method == b"HEAD", state)
         if len(self.streams) == 1:
-            self.frontend._disarm()
+            self.frontend.disarm()
         stream.begin(method, path, headers, ended, refusal)
+
+    #: The last request's header list as decoded, the limit it was checked
+    #: against, and what L{requestFields} made of it.
+    _lastFields = None
+    _lastLimit = 0
+    _lastRequest: tuple = ()
 
     # Bytes out.
 
@@ -479,7 +516,7 @@ class H2Connection:
         if self.closing:
             self.goAway()
         else:
-            self.frontend._arm(self.service.idleTimeout, self._idle)
+            self.frontend.arm(self.service.idleTimeout, self._idle)
 
     def _idle(self) -> None:
         self.goAway()
@@ -524,7 +561,7 @@ class H2Connection:
                                             reason=why, error=detail))
         if data:
             sendNow(self.transport, data)
-        self.frontend._dead = True
+        self.frontend.dead = True
         self.transport.loseConnection()
         self._abandonAll("the connection ended")
 
@@ -532,10 +569,65 @@ class H2Connection:
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.abandon(why)
+        spares, self._spareTimers = self._spareTimers, []
+        for alarm in spares:
+            if alarm.call is not None and alarm.call.active():
+                alarm.call.cancel()
+
+    # Each stream has a timeout armed (L{HTTPFrontend.arm}); a timer set
+    # and cancelled for every stream would cost more than the rest of its
+    # bookkeeping, so a stream done hands its timer on to the next one.
+
+    def takeTimer(self, stream: "H2Stream", seconds: float):
+        """A timer calling C{stream._fire} in C{seconds}: a spare one, if any."""
+        spares = self._spareTimers
+        while spares:
+            alarm = spares.pop()
+            call = alarm.call
+            if call is not None and call.active():
+                alarm.stream = stream
+                call.reset(seconds)
+                return call
+        alarm = _Alarm(self, stream)
+        alarm.call = self.service.clock.callLater(seconds, alarm)
+        return alarm.call
+
+    def putTimer(self, call) -> None:
+        """A stream is done with its timer: kept for the next (a few are), or cancelled."""
+        alarm = call.func
+        if type(alarm) is _Alarm and alarm.call is call and call.active() and not self._gone \
+                and len(self._spareTimers) < _SPARE_TIMERS:
+            alarm.stream = None
+            self._spareTimers.append(alarm)
+        elif call.active():
+            call.cancel()
 
     def connectionLost(self, reason=None) -> None:
         self._gone = True
         self._abandonAll("client closed the connection")
+
+
+#: Timers a connection keeps for its next streams.
+_SPARE_TIMERS = 8
+
+
+class _Alarm:
+    """What a stream's timer calls: that stream's C{_fire}, or nothing while it is a spare."""
+
+    __slots__ = ("connection", "stream", "call")
+
+    def __init__(self, connection: H2Connection, stream: "H2Stream") -> None:
+        self.connection = connection
+        self.stream = stream
+        self.call = None
+
+    def __call__(self) -> None:
+        self.call = None
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream._fire()
+        elif self in self.connection._spareTimers:
+            self.connection._spareTimers.remove(self)
 
 
 @implementer(IPushProducer)
@@ -702,7 +794,7 @@ class H2Stream(HTTPFrontend):
         self.exchanges: deque[Exchange] = deque()
         self.reading = None
         self._timer = None
-        self._dead = False
+        self.dead = False
         self.transport = _StreamTransport(self)
         self.gate = ReadGate(self.transport)
         self.out = _Response(self, noBody)
@@ -880,7 +972,7 @@ class H2Stream(HTTPFrontend):
             self.connection.wire.reset(self.streamId, h2wire.NO_ERROR)
             self.connection.send()
         if self._timer is not None:
-            self._timer.cancel()
+            self.connection.putTimer(self._timer)
             self._timer = None
         self.connection.streamDone(self)
 
@@ -890,10 +982,10 @@ class H2Stream(HTTPFrontend):
         # The stream's window is shut, or the connection's socket is full.
         return bool(self.buffer) or self.connection.socketFull or backlogged(self.connection.transport)
 
-    def _exchangeDone(self, exchange: Exchange) -> None:
+    def exchangeDone(self, exchange: Exchange) -> None:
         self.exchanges.popleft()
         self._logRequest(exchange)
-        self._disarm()
+        self.disarm()
         self._closeIfDone()
 
     def cut(self, code: int) -> None:
@@ -915,27 +1007,32 @@ class H2Stream(HTTPFrontend):
             size, self.unacked = self.unacked, 0
             self.connection._ack(size, self.streamId)
         self.reading = None
-        self._disarm()
+        self.disarm()
         if self._timer is not None:
-            self._timer.cancel()
+            self.connection.putTimer(self._timer)
             self._timer = None
         exchanges, self.exchanges = self.exchanges, deque()
         for exchange in exchanges:
-            wasFinished, exchange.finished = exchange.finished, True
-            exchange._cancelTimer()
-            exchange._stopWaiting()
-            if exchange._connecting is not None:
-                exchange._connecting.cancel()
-            conn, exchange.conn = exchange.conn, None
-            if conn is not None and not conn.closed:
-                conn.exchange = None
-                conn.transport.abortConnection()
-            exchange._release()
-            if not wasFinished:
+            if not exchange.abort():
                 exchange.status = exchange.status or 499
                 exchange.error = exchange.error or why
                 self._logRequest(exchange)
         self.connection.streamDone(self)
+
+    def arm(self, seconds: float, what) -> None:
+        # As HTTPFrontend's, with a timer the connection's streams pass on.
+        if not seconds:
+            self._onTimeout = None
+            return
+        clock = self.service.clock
+        self._deadline = deadline = clock.seconds() + seconds
+        self._onTimeout = what
+        if self._timer is None:
+            self._timer = self.connection.takeTimer(self, seconds)
+            self._timerAt = deadline
+        elif self._timerAt > deadline:
+            self._timer.reset(seconds)
+            self._timerAt = deadline
 
     def connectionMade(self) -> None:  # pragma: no cover - never on a socket
         raise NotImplementedError
