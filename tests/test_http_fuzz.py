@@ -351,7 +351,7 @@ def run(pieces: list[bytes]) -> None:
     for piece in pieces:
         if client.disconnecting:
             break
-        if frontend.transport.producerState == "paused" and not frontend._dead:
+        if frontend.transport.producerState == "paused" and not frontend.dead:
             backends.pump()  # answers free the pipeline
         frontend.dataReceived(piece)
         backends.pump()

@@ -2,32 +2,87 @@
 """
 One request and its response, as the proxy carries it: the request side fed
 by the client connection's parser, the response side by the backend
-connection the exchange is attached to.  L{txlb.http.frontend} drives
-exchanges one at a time per client connection.
+connection the exchange is attached to.
+
+The seam: a frontend (L{txlb.http.frontend.HTTPFrontend}, or one HTTP/2
+stream, L{txlb.http.h2frontend.H2Stream}) owns the client's connection,
+its timers and the order of answers; it makes an L{Exchange} per request
+head and, once the request is routed and admitted, calls
+L{Exchange.dispatch}.  From then on the exchange owns the request's life:
+the server, the backend connection, the response; it calls back only the
+methods of L{ExchangeOwner}.  When the client goes, the frontend calls
+L{Exchange.abort}.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
 from twisted.internet.interfaces import IPullProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txlb.balance.hashkey import hashKeyOf
+from txlb.balance.pool import Pool
 from txlb.cache import storedResponse
 from txlb.http.backend import BackendConnection
 from txlb.http.bodysplice import SINK, SOURCE, BodySplice, spliceable
-from txlb.http.headers import requestId, responseHead
-from txlb.policy.headers import variables
-from txlb.balance.pool import Pool
+from txlb.http.headers import requestHead, requestId, responseHead
+from txlb.interfaces import PickContext
 from txlb.net.wire import buffered, noDelay, sendNow
+from txlb.policy.headers import variables
 
 if TYPE_CHECKING:  # pragma: no cover
-    from txlb.http.frontend import HTTPFrontend
+    from txlb.http.frontend import HTTPService, ReadGate
+
+_log = Logger(namespace="txlb.http")
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _CHUNK_END = b"0\r\n\r\n"
+
+
+class ExchangeOwner(Protocol):
+    """
+    What an exchange needs of the frontend it answers through: the client
+    connection's output and settings, and a handful of calls.  Everything
+    else of the frontend is its own.
+    """
+
+    #: The service's settings (timeouts, pools, connections, clock).
+    service: "HTTPService"
+    #: The client's address as the service sees it.
+    client: str
+    #: The client certificate's header lines for the backend (none without TLS).
+    clientCert: tuple[bytes, ...]
+    #: Pauses and resumes reading from the client, by reason.
+    gate: "ReadGate"
+    #: Where the response goes (a L{txlb.net.wire.Cork}, or a stream's).
+    out: object
+    #: The client's transport (producers, closing).
+    transport: object
+    #: The connection will close once the answers in hand are sent.
+    closing: bool
+
+    def arm(self, seconds: float, what: Callable[[], None]) -> None:
+        """Call C{what} after C{seconds} unless disarmed (the connection's one timer)."""
+
+    def disarm(self, what: Optional[Callable[[], None]] = None) -> None:
+        """Cancel the timer (only if it is set for C{what}, when given)."""
+
+    def backlogged(self) -> bool:
+        """Whether the client is slow to read what it was sent."""
+
+    def fail(self, exchange: "Exchange", status: int, message: str, extra: bytes = b"") -> None:
+        """Answer C{exchange} with txlb's own error response; the exchange is done."""
+
+    def exchangeDone(self, exchange: "Exchange") -> None:
+        """C{exchange} is answered in full: log it, go on with the next."""
+
+    def pipe(self, exchange: "Exchange", backendData: bytes) -> None:
+        """After a 101 answer, copy bytes both ways between client and backend."""
 
 
 class Exchange:
@@ -76,7 +131,7 @@ class Exchange:
     #: (C{deny}, C{rate_limit}), if they did.
     refused: Optional[str] = None
 
-    def __init__(self, frontend: "HTTPFrontend", method: bytes, target: bytes, headers: list,
+    def __init__(self, frontend: ExchangeOwner, method: bytes, target: bytes, headers: list,
                  keepAlive: bool, version: str) -> None:
         self.frontend = frontend
         self.method = method
@@ -163,7 +218,7 @@ class Exchange:
             head = responseHead(status, reason, headers, requestId=self.requestId, framing=None,
                                 close=False, upgrade=_headerValue(headers, b"upgrade") or self.upgrade,
                                 extra=extra, rules=rules, values=values)
-            self._write(head)
+            self.write(head)
             return
         if self.upgrade is not None:
             self.closeAfter = True  # the client's parser is past the upgrade request
@@ -198,13 +253,13 @@ class Exchange:
                             close=self.closeAfter or frontend.closing,
                             keepAliveHeader=self.version == "1.0" and not self.closeAfter, extra=extra,
                             rules=rules, values=values)
-        self._write(head)
+        self.write(head)
         if not conn.done:
             frontend.transport.registerProducer(conn.transport, True)
             self.producing = True
             service = frontend.service
             self.lastMoved = service.clock.seconds()
-            frontend._arm(_spliceTimeout(service), self._bodyStalled)
+            frontend.arm(_spliceTimeout(service), self._bodyStalled)
 
     producing = False
 
@@ -244,7 +299,7 @@ class Exchange:
                     requestId=self.requestId, close=self.closeAfter or frontend.closing,
                     keepAliveHeader=self.version == "1.0" and not self.closeAfter, result=self.cacheResult,
                     extra=extra, rules=rules, values=values)
-                self._write(data)
+                self.write(data)
                 return None, None
         elif status < 400 and self.method not in (b"GET", b"HEAD", b"OPTIONS", b"TRACE"):
             cache = frontend.service.cache
@@ -269,7 +324,7 @@ class Exchange:
             self.cacheFill = None
         if self.toClientChunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
-        self._write(data)
+        self.write(data)
 
     def responseRead(self) -> None:
         """
@@ -313,7 +368,7 @@ class Exchange:
             fill.end()
         conn, self.conn = self.conn, None
         if self.toClientChunked:
-            self._write(_CHUNK_END if self.trailers is None else _lastChunk(self.trailers))
+            self.write(_CHUNK_END if self.trailers is None else _lastChunk(self.trailers))
         if self.producing:
             self.producing = False
             self.frontend.transport.unregisterProducer()
@@ -324,13 +379,13 @@ class Exchange:
             conn.transport.loseConnection()
         # After the connection is idle, so that work queued for this server
         # (max_connections) can take it.
-        self._release()
+        self.release()
         self.finished = True
         if not self.requestDone:
             # The answer came before the whole request: nothing more can be
             # read reliably on this connection.
             self.closeAfter = True
-        self.frontend._exchangeDone(self)
+        self.frontend.exchangeDone(self)
 
     # The rest of a large body by splice(2) (txlb.http.bodysplice).
 
@@ -365,7 +420,7 @@ class Exchange:
                                  self._spliceMoved, self._spliceEnded)
         service = frontend.service
         self.lastMoved = service.clock.seconds()
-        frontend._arm(_spliceTimeout(service), self._bodyStalled)
+        frontend.arm(_spliceTimeout(service), self._bodyStalled)
         if buffered(client):
             # The head (or the start of the body) is still in Twisted's
             # buffer: splice once it is out, so that bytes keep their order.
@@ -401,7 +456,7 @@ class Exchange:
         timeout = service.clientTimeout if slow else service.backendTimeout
         quiet = service.clock.seconds() - self.lastMoved
         if not timeout or quiet < timeout:
-            frontend._arm(timeout - quiet if timeout else _spliceTimeout(service), self._bodyStalled)
+            frontend.arm(timeout - quiet if timeout else _spliceTimeout(service), self._bodyStalled)
             return
         if slow:
             error, side = f"the client read nothing for {timeout:g}s", SINK
@@ -416,7 +471,7 @@ class Exchange:
     def _spliceEnded(self, error: Optional[str], side: Optional[str]) -> None:
         """The splice is over and has given both sockets back."""
         frontend = self.frontend
-        frontend._disarm(self._bodyStalled)
+        frontend.disarm(self._bodyStalled)
         conn = self.conn
         conn.splice = None
         if error is None:
@@ -450,28 +505,28 @@ class Exchange:
             self.frontend.transport.unregisterProducer()
         if self.responseStarted:
             # Too late for an error response: cut the client off too.
-            self._release()
+            self.release()
             self.error = message
             self.frontend.transport.abortConnection()
             return
         server = self.server
-        self._release()
+        self.release()
         retry = not gotBytes and (unprocessed or self.method in IDEMPOTENT) and not self.bodySent
         if retry and conn is not None and (conn.reused or (unprocessed and not self.replayed)):
             # Most likely an idle connection the server had just closed, or
             # one it is closing: not the server's fault; replay on a new
             # connection (once, for a server that keeps refusing).
             self.replayed = self.replayed or unprocessed
-            self.frontend._dispatch(self, fresh=True)
+            self.dispatch(fresh=True)
         elif retry:
             self.tried.append(server)
-            self.frontend._dispatch(self)
+            self.dispatch()
         else:
-            self.frontend._fail(self, 502, message)
+            self.frontend.fail(self, 502, message)
 
     def upgraded(self, data: bytes) -> None:
         """The backend switched protocols: from now on, a byte pipe."""
-        self.frontend._pipe(self, data)
+        self.frontend.pipe(self, data)
 
     def pipeData(self, data: bytes) -> None:
         self.bytesSent += len(data)
@@ -481,13 +536,155 @@ class Exchange:
         self.frontend.out.flush()
         self.frontend.transport.loseConnection()
 
+    # Finding a server (the frontend calls dispatch once the request is routed).
+
+    def dispatch(self, fresh: bool = False) -> None:
+        """
+        Find this request a server: one scheduling decision (sticky
+        sessions first), a wait in the pool's queue when every server is at
+        C{max_connections}, then a connection to that server (an idle one
+        unless C{fresh}) and the request head sent on it.  Failures end in
+        the frontend's L{fail<ExchangeOwner.fail>}; a failed connect tries
+        another server up to the pool's C{retries}.
+        """
+        frontend = self.frontend
+        pool = self.pool
+        sticky = frontend.service.sticky
+        if sticky is not None:
+            affinity = self.affinity
+            if affinity is None:
+                affinity = self.affinity = sticky.affinity(frontend.client, self.headers)
+                if affinity.pending is not None:
+                    # The shared store is looking the key up (bounded by its
+                    # timeout): read no more of the request meanwhile.
+                    if not self.requestDone:
+                        frontend.gate.pause("connecting")
+                    affinity.pending.addCallback(self._stickyFound, fresh)
+                    return
+            decision = sticky.choose(pool, affinity, self.tried)
+            if decision is not None:
+                self._use(decision, fresh)
+                return
+        key = None if pool.hashKey == "client_ip" else hashKeyOf(pool.hashKey, self.target, self.headers)
+        context = PickContext(frontend.client, key)
+        decision = pool.pick(context, self.tried)
+        if decision is None and pool.saturated(self.tried):
+            # Every free server is at max_connections: wait for one.
+            if not self.requestDone:
+                frontend.gate.pause("connecting")
+            self._waiter = pool.enqueue(context, self.tried, lambda decision: self._dequeued(decision, fresh))
+            return
+        self._use(decision, fresh)
+
+    def _stickyFound(self, _, fresh: bool) -> None:
+        frontend = self.frontend
+        frontend.gate.resume("connecting")
+        if not self.finished:
+            self.dispatch(fresh)
+
+    def _dequeued(self, decision, fresh: bool) -> None:
+        frontend = self.frontend
+        self._waiter = None
+        if decision is None:
+            frontend.gate.resume("connecting")
+            frontend.fail(self, 503, f"every server of pool {self.pool.name} stayed at max_connections "
+                                     f"for {self.pool.queueTimeout:g}s")
+            return
+        self._use(decision, fresh)
+
+    def _use(self, decision, fresh: bool) -> None:
+        frontend = self.frontend
+        pool = self.pool
+        if decision is None:
+            if self.tried:
+                names = ", ".join(s.name for s in self.tried)
+                frontend.fail(self, 502, f"no server of pool {pool.name} could be reached (tried {names})")
+            else:
+                frontend.fail(self, 503, f"no server of pool {pool.name} is available")
+            return
+        server = self.server = decision.server
+        self.reason = decision.reason
+        self.released = False
+        connections = frontend.service.connections
+        if pool.protocol == "h2":
+            connections = connections.h2  # a stream on an HTTP/2 connection (txlb.http.h2backend)
+        if not fresh:
+            conn = connections.stream(server) if pool.protocol == "h2" else connections.takeIdle(server)
+            if conn is not None:
+                self._attach(conn)
+                return
+        if not self.requestDone:
+            frontend.gate.pause("connecting")
+        d = connections.connect(server, pool.connectTimeout, pool.tls)
+        self._connecting = d
+        d.addCallbacks(self._connected, self._connectFailed)
+
+    def _connected(self, conn: BackendConnection) -> None:
+        frontend = self.frontend
+        self._connecting = None
+        frontend.gate.resume("connecting")
+        if self.finished:
+            conn.transport.loseConnection()
+            return
+        self._attach(conn)
+
+    def _connectFailed(self, failure: Failure) -> None:
+        frontend = self.frontend
+        self._connecting = None
+        server = self.server
+        self.release()
+        if self.finished:
+            return  # the client left
+        self.pool.connectFailed(server)
+        self.tried.append(server)
+        _log.info("connect to {server} failed: {why}", event="connect_failed", service=frontend.service.name,
+                  pool=self.pool.name, server=server.name, why=failure.getErrorMessage())
+        if len(self.tried) <= self.pool.retries:
+            self.dispatch()
+        else:
+            frontend.fail(self, 502, f"could not connect to {', '.join(s.name for s in self.tried)}")
+
+    def _attach(self, conn: BackendConnection) -> None:
+        frontend = self.frontend
+        service = frontend.service
+        self.conn = conn
+        frontend.gate.resume("backend")
+        if self.chunked:
+            framing = b"Transfer-Encoding: chunked"
+        elif self.length:
+            framing = b"Content-Length: %d" % self.length
+        else:
+            framing = None
+        policy = self.rules
+        rules = None if policy is None else policy.request
+        head = requestHead(
+            self.method, self.target, self.headers, client=frontend.client,
+            host=self.host, proto=service.proto, requestId=self.requestId,
+            framing=framing, forwarded=service.forwarded, upgrade=self.upgrade,
+            rules=rules, values=() if rules is None or not rules.dynamic else variables(
+                frontend.client, self.requestId, service.name, self.server.name),
+            clientCert=frontend.clientCert,
+        )
+        self.dispatched = time.monotonic()
+        self.lastSent = service.clock.seconds()
+        conn.send(self, head, self.method == b"HEAD")
+        if self.pending:
+            self.bodySent = True
+            sendNow(conn.transport, b"".join(self.pending))
+            self.pending = []
+        if self.hasBody and not self.requestDone:
+            conn.transport.registerProducer(frontend.gate.producer("backend"), True)
+        frontend.arm(service.backendTimeout, self.backendTimedOut)
+
     # Helpers.
 
-    def _write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
+        """Write C{data} to the client, counted as sent."""
         self.bytesSent += len(data)
         self.frontend.out.write(data)
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Give the server's slot back to the pool, once."""
         if self.server is not None and not self.released:
             self.released = True
             self.pool.release(self.server)
@@ -507,9 +704,10 @@ class Exchange:
             self.pool.cancel(self._waiter)
             self._waiter = None
         if self.cacheResult is not None:
-            self._stopCaching()
+            self.stopCaching()
 
-    def _stopCaching(self) -> None:
+    def stopCaching(self) -> None:
+        """Leave the wait for another request's response, and stop filling the cache."""
         if self.cacheWait is not None:
             cache, key, waiter = self.cacheWait
             cache.cancel(key, waiter)
@@ -518,8 +716,31 @@ class Exchange:
             self.cacheFill.abandon()
             self.cacheFill = None
 
+    def abort(self, gently: bool = False) -> bool:
+        """
+        Let go of everything this exchange waits for or holds: the backend
+        timer, a place in the pool's queue or the cache, a connect under
+        way, the backend connection (aborted; closed after what it holds is
+        written when C{gently}, as a piped upgrade's is) and the server's
+        slot.  Marks it finished; returns whether it had finished before.
+        """
+        wasFinished, self.finished = self.finished, True
+        self._cancelTimer()
+        self._stopWaiting()
+        if self._connecting is not None:
+            self._connecting.cancel()
+        conn, self.conn = self.conn, None
+        if conn is not None and not conn.closed:
+            conn.exchange = None
+            if gently:
+                conn.transport.loseConnection()
+            else:
+                conn.transport.abortConnection()
+        self.release()
+        return wasFinished
+
     def _cancelTimer(self) -> None:
-        self.frontend._disarm(self.backendTimedOut)
+        self.frontend.disarm(self.backendTimedOut)
 
     lastSent = 0.0
 
@@ -532,7 +753,7 @@ class Exchange:
         quiet = clock.seconds() - self.lastSent
         timeout = self.frontend.service.backendTimeout
         if quiet < timeout:
-            self.frontend._arm(timeout - quiet, self.backendTimedOut)
+            self.frontend.arm(timeout - quiet, self.backendTimedOut)
             return
         conn, self.conn = self.conn, None
         if conn is not None:
@@ -541,8 +762,8 @@ class Exchange:
         if self.producing:
             self.producing = False
             self.frontend.transport.unregisterProducer()
-        self._release()
-        self.frontend._fail(self, 504, f"{self.server.name} did not answer within {self.frontend.service.backendTimeout:g}s")
+        self.release()
+        self.frontend.fail(self, 504, f"{self.server.name} did not answer within {self.frontend.service.backendTimeout:g}s")
 
 
 def _spliceTimeout(service) -> float:

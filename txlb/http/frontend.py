@@ -32,17 +32,13 @@ from zope.interface import implementer
 
 from txlb.cache import ResponseCache, storedResponse
 from txlb.net.drain import OpenConnections
-from txlb.http.backend import BackendConnection, BackendConnections
+from txlb.http.backend import BackendConnections
 from txlb.http.errors import errorResponse
 from txlb.http.exchange import Exchange, _headerValue, absoluteForm
 from txlb.http.grpc import grpcErrorResponse, isGrpc
-from txlb.http.headers import requestHead
 from txlb.http.routing import Router
-from txlb.balance.hashkey import hashKeyOf
-from txlb.interfaces import PickContext
 from txlb.observe.logs import emit
 from txlb.policy.admission import Refusal
-from txlb.policy.headers import variables
 from txlb.balance.pool import Pool
 from txlb.net.readloop import adopt
 from txlb.net.tls import clientCertificateLines
@@ -259,7 +255,7 @@ class HTTPFrontend(Protocol):
         self._rawHead = 0
         self._url = b""
         self._headers: list = []
-        self._dead = False
+        self.dead = False
         self._progress = False
         self._stalled = 0
 
@@ -273,7 +269,7 @@ class HTTPFrontend(Protocol):
         self.gate = ReadGate(self.transport)
         #: Everything written to the client goes through here, in order.
         self.out = Cork(self.transport)
-        self._arm(self.service.idleTimeout, self._idle)
+        self.arm(self.service.idleTimeout, self._idle)
         if self.service.http2 and self.factory.http2 is not None:
             self.dataReceived = self._sniff  # the first bytes say which HTTP
 
@@ -316,7 +312,7 @@ class HTTPFrontend(Protocol):
     #: C{Host} headers in the request head being read.
     _hosts = 0
 
-    def _arm(self, seconds: float, what) -> None:
+    def arm(self, seconds: float, what) -> None:
         """Call C{what} in C{seconds} (0: never), replacing what was armed."""
         if not seconds:
             self._onTimeout = None
@@ -331,7 +327,7 @@ class HTTPFrontend(Protocol):
             self._timer.reset(seconds)
             self._timerAt = deadline
 
-    def _disarm(self, what=None) -> None:
+    def disarm(self, what=None) -> None:
         """Forget the armed timeout (only if it is C{what}, when given)."""
         if what is None or self._onTimeout == what:
             self._onTimeout = None
@@ -363,7 +359,7 @@ class HTTPFrontend(Protocol):
         if self.piping:
             sendNow(self.pipeTo.transport, data)
             return
-        if self._dead:
+        if self.dead:
             if self.upgradeData is not None:
                 self.upgradeData += data  # for the tunnel, if there is one
             return
@@ -375,7 +371,7 @@ class HTTPFrontend(Protocol):
         except httptools.HttpParserUpgrade as e:
             # The rest belongs to the tunnel, if the backend agrees to one:
             # keep it, and read no more until the answer.
-            self._dead = True
+            self.dead = True
             self.gate.pause("upgrade")
             self.upgradeData = data[e.args[0]:]
             return
@@ -412,7 +408,7 @@ class HTTPFrontend(Protocol):
         self._headers = []
         self._hosts = 0
         if not self.exchanges:
-            self._arm(self.service.clientTimeout, self._headerTimeout)
+            self.arm(self.service.clientTimeout, self._headerTimeout)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -472,7 +468,7 @@ class HTTPFrontend(Protocol):
         self.reading = exchange
         self.exchanges.append(exchange)
         if len(self.exchanges) == 1:
-            self._disarm()
+            self.disarm()
             self._start(exchange)
         else:
             self.gate.pause("pipeline")
@@ -537,7 +533,7 @@ class HTTPFrontend(Protocol):
         exchange.refused = refusal.reason
         if self.service.metrics is not None:
             self.service.metrics.refused(self.service.name, refusal.reason)
-        self._fail(exchange, refusal.status, refusal.message, refusal.headers)
+        self.fail(exchange, refusal.status, refusal.message, refusal.headers)
 
     def _routed(self, exchange: Exchange, router: Router, route) -> None:
         """The request may go on: to its redirect, the cache or a backend."""
@@ -556,7 +552,7 @@ class HTTPFrontend(Protocol):
         exchange.pool = service.pools[poolName]
         if service.cache is not None and self._fromCache(exchange, service.cache):
             return
-        self._dispatch(exchange)
+        exchange.dispatch()
 
     def _redirect(self, exchange: Exchange, redirect) -> None:
         """Answer with a redirect route's L{txlb.policy.redirect.Redirect}: no backend is asked."""
@@ -569,8 +565,8 @@ class HTTPFrontend(Protocol):
                                keepAliveHeader=exchange.version == "1.0" and not exchange.closeAfter,
                                rules=rules, values=values)
         exchange.finished = True
-        exchange._write(data)
-        self._exchangeDone(exchange)
+        exchange.write(data)
+        self.exchangeDone(exchange)
 
     def _fromCache(self, exchange: Exchange, cache: ResponseCache, collapse: bool = True) -> bool:
         """
@@ -590,14 +586,14 @@ class HTTPFrontend(Protocol):
                 keepAliveHeader=exchange.version == "1.0" and not exchange.closeAfter, result=plan.result,
                 rules=rules, values=values)
             exchange.finished = True
-            exchange._write(data)
-            self._exchangeDone(exchange)
+            exchange.write(data)
+            self.exchangeDone(exchange)
             return True
         if plan.waiting is not None:
             exchange.cacheWait = cache, plan.key, plan.waiting
             return True
         if plan.onlyIfCached:
-            self._fail(exchange, 504, "only-if-cached: no stored response")
+            self.fail(exchange, 504, "only-if-cached: no stored response")
             return True
         exchange.cacheFill = plan.fill
         if plan.validators:
@@ -611,140 +607,12 @@ class HTTPFrontend(Protocol):
             return
         cache = self.service.cache  # a reload may have taken it away meanwhile
         if cache is None or not self._fromCache(exchange, cache, collapse=False):
-            self._dispatch(exchange)
+            exchange.dispatch()
 
-    def _dispatch(self, exchange: Exchange, fresh: bool = False) -> None:
-        """
-        One scheduling decision, then a connection to that server: an idle
-        one unless C{fresh}, else a new one.
-        """
-        pool = exchange.pool
-        sticky = self.service.sticky
-        if sticky is not None:
-            affinity = exchange.affinity
-            if affinity is None:
-                affinity = exchange.affinity = sticky.affinity(self.client, exchange.headers)
-                if affinity.pending is not None:
-                    # The shared store is looking the key up (bounded by its
-                    # timeout): read no more of the request meanwhile.
-                    if not exchange.requestDone:
-                        self.gate.pause("connecting")
-                    affinity.pending.addCallback(self._stickyFound, exchange, fresh)
-                    return
-            decision = sticky.choose(pool, affinity, exchange.tried)
-            if decision is not None:
-                self._use(exchange, decision, fresh)
-                return
-        key = None if pool.hashKey == "client_ip" else hashKeyOf(pool.hashKey, exchange.target, exchange.headers)
-        context = PickContext(self.client, key)
-        decision = pool.pick(context, exchange.tried)
-        if decision is None and pool.saturated(exchange.tried):
-            # Every free server is at max_connections: wait for one.
-            if not exchange.requestDone:
-                self.gate.pause("connecting")
-            exchange._waiter = pool.enqueue(context, exchange.tried,
-                                            lambda decision: self._dequeued(exchange, decision, fresh))
-            return
-        self._use(exchange, decision, fresh)
-
-    def _stickyFound(self, _, exchange: Exchange, fresh: bool) -> None:
-        self.gate.resume("connecting")
-        if not exchange.finished:
-            self._dispatch(exchange, fresh)
-
-    def _dequeued(self, exchange: Exchange, decision, fresh: bool) -> None:
-        exchange._waiter = None
-        if decision is None:
-            self.gate.resume("connecting")
-            self._fail(exchange, 503, f"every server of pool {exchange.pool.name} stayed at max_connections "
-                                      f"for {exchange.pool.queueTimeout:g}s")
-            return
-        self._use(exchange, decision, fresh)
-
-    def _use(self, exchange: Exchange, decision, fresh: bool) -> None:
-        pool = exchange.pool
-        if decision is None:
-            if exchange.tried:
-                names = ", ".join(s.name for s in exchange.tried)
-                self._fail(exchange, 502, f"no server of pool {pool.name} could be reached (tried {names})")
-            else:
-                self._fail(exchange, 503, f"no server of pool {pool.name} is available")
-            return
-        server = exchange.server = decision.server
-        exchange.reason = decision.reason
-        exchange.released = False
-        connections = self.service.connections
-        if pool.protocol == "h2":
-            connections = connections.h2  # a stream on an HTTP/2 connection (txlb.http.h2backend)
-        if not fresh:
-            conn = connections.stream(server) if pool.protocol == "h2" else connections.takeIdle(server)
-            if conn is not None:
-                self._attach(exchange, conn)
-                return
-        if not exchange.requestDone:
-            self.gate.pause("connecting")
-        d = connections.connect(server, pool.connectTimeout, pool.tls)
-        exchange._connecting = d
-        d.addCallbacks(self._connected, self._connectFailed, (exchange,), None, (exchange,), None)
-
-    def _connected(self, conn: BackendConnection, exchange: Exchange) -> None:
-        exchange._connecting = None
-        self.gate.resume("connecting")
-        if exchange.finished:
-            conn.transport.loseConnection()
-            return
-        self._attach(exchange, conn)
-
-    def _connectFailed(self, failure: Failure, exchange: Exchange) -> None:
-        exchange._connecting = None
-        server = exchange.server
-        exchange._release()
-        if exchange.finished:
-            return  # the client left
-        exchange.pool.connectFailed(server)
-        exchange.tried.append(server)
-        _log.info("connect to {server} failed: {why}", event="connect_failed", service=self.service.name,
-                  pool=exchange.pool.name, server=server.name, why=failure.getErrorMessage())
-        if len(exchange.tried) <= exchange.pool.retries:
-            self._dispatch(exchange)
-        else:
-            self._fail(exchange, 502, f"could not connect to {', '.join(s.name for s in exchange.tried)}")
-
-    def _attach(self, exchange: Exchange, conn: BackendConnection) -> None:
-        service = self.service
-        exchange.conn = conn
-        self.gate.resume("backend")
-        if exchange.chunked:
-            framing = b"Transfer-Encoding: chunked"
-        elif exchange.length:
-            framing = b"Content-Length: %d" % exchange.length
-        else:
-            framing = None
-        policy = exchange.rules
-        rules = None if policy is None else policy.request
-        head = requestHead(
-            exchange.method, exchange.target, exchange.headers, client=self.client,
-            host=exchange.host, proto=service.proto, requestId=exchange.requestId,
-            framing=framing, forwarded=service.forwarded, upgrade=exchange.upgrade,
-            rules=rules, values=() if rules is None or not rules.dynamic else variables(
-                self.client, exchange.requestId, service.name, exchange.server.name),
-            clientCert=self.clientCert,
-        )
-        exchange.dispatched = time.monotonic()
-        exchange.lastSent = service.clock.seconds()
-        conn.send(exchange, head, exchange.method == b"HEAD")
-        if exchange.pending:
-            exchange.bodySent = True
-            sendNow(conn.transport, b"".join(exchange.pending))
-            exchange.pending = []
-        if exchange.hasBody and not exchange.requestDone:
-            conn.transport.registerProducer(self.gate.producer("backend"), True)
-        self._arm(service.backendTimeout, exchange.backendTimedOut)
-
-    def _fail(self, exchange: Exchange, status: int, message: str, extra: bytes = b"") -> None:
+    def fail(self, exchange: Exchange, status: int, message: str, extra: bytes = b"") -> None:
         """Answer with txlb's own error response."""
         if exchange.cacheResult is not None:
-            exchange._stopCaching()
+            exchange.stopCaching()
         exchange.status = status
         exchange.error = message
         exchange.closeAfter = exchange.closeAfter or not exchange.requestDone
@@ -756,19 +624,19 @@ class HTTPFrontend(Protocol):
         else:
             exchange.bytesSent += self._writeError(status, message, exchange.requestId, exchange.closeAfter, extra)
         exchange.finished = True
-        self._exchangeDone(exchange)
+        self.exchangeDone(exchange)
 
     def _writeError(self, status: int, message: str, rid: str, close: bool, extra: bytes = b"") -> int:
         data = errorResponse(status, message, rid, close, extra)
         self.out.write(data)
         return len(data)
 
-    def _exchangeDone(self, exchange: Exchange) -> None:
+    def exchangeDone(self, exchange: Exchange) -> None:
         """The head exchange is answered: log it, then the next one."""
         self.exchanges.popleft()
         self._logRequest(exchange)
         if exchange.closeAfter or self.closing:
-            self._dead = True
+            self.dead = True
             self.out.flush()
             self.transport.loseConnection()
             return
@@ -777,16 +645,16 @@ class HTTPFrontend(Protocol):
         if self.exchanges:
             self._start(self.exchanges[0])
         elif self._inHead:
-            self._arm(self.service.clientTimeout, self._headerTimeout)
+            self.arm(self.service.clientTimeout, self._headerTimeout)
         else:
-            self._arm(self.service.idleTimeout, self._idle)
+            self.arm(self.service.idleTimeout, self._idle)
 
     def _refuse(self, status: int, message: str) -> None:
         """
         A request we will not forward: answer it in its turn, then close;
         read nothing more from this client.
         """
-        self._dead = True
+        self.dead = True
         self.gate.pause("refused")
         exchange, self.reading = self.reading, None
         if exchange is None:  # refused before its head was complete
@@ -802,22 +670,13 @@ class HTTPFrontend(Protocol):
         if exchange.responseStarted:
             self.transport.abortConnection()
             return
-        exchange._cancelTimer()
-        exchange.finished = True
-        exchange._stopWaiting()
-        if exchange._connecting is not None:
-            exchange._connecting.cancel()
-        conn, exchange.conn = exchange.conn, None
-        if conn is not None:
-            conn.exchange = None
-            conn.transport.abortConnection()
-        exchange._release()
-        self._fail(exchange, *exchange.refusal)
+        exchange.abort()
+        self.fail(exchange, *exchange.refusal)
 
-    def _pipe(self, exchange: Exchange, backendData: bytes) -> None:
+    def pipe(self, exchange: Exchange, backendData: bytes) -> None:
         """After a 101: copy bytes both ways, each side the other's producer."""
         conn = exchange.conn
-        self._disarm()
+        self.disarm()
         self.piping = True
         self.pipeTo = conn
         self.pipeExchange = exchange
@@ -836,26 +695,13 @@ class HTTPFrontend(Protocol):
         if self.h2 is not None:
             self.h2.connectionLost(reason)
         self.factory.open.remove(self)
-        self._disarm()
+        self.disarm()
         if self._timer is not None:
             self._timer.cancel()  # so that the closed connection can be collected
             self._timer = None
-        self._dead = True
+        self.dead = True
         for exchange in self.exchanges:
-            wasFinished, exchange.finished = exchange.finished, True
-            exchange._cancelTimer()
-            exchange._stopWaiting()
-            if exchange._connecting is not None:
-                exchange._connecting.cancel()
-            conn, exchange.conn = exchange.conn, None
-            if conn is not None and not conn.closed:
-                conn.exchange = None
-                if self.piping:
-                    conn.transport.loseConnection()
-                else:
-                    conn.transport.abortConnection()
-            exchange._release()
-            if not wasFinished:
+            if not exchange.abort(gently=self.piping):
                 if not self.piping:
                     exchange.status = exchange.status or 499
                     exchange.error = exchange.error or "client closed the connection"
