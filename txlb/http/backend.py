@@ -169,15 +169,16 @@ class BackendConnection(Protocol):
         except httptools.HttpParserCallbackError as e:
             if not isinstance(e.__context__, _Unsupported):
                 raise
-            self._fail(f"unsupported response from {self.server.name}: {e.__context__}")
+            self.fail(f"unsupported response from {self.server.name}: {e.__context__}")
             return
         except httptools.HttpParserError as e:
-            self._fail(f"invalid response from {self.server.name}: {e}")
+            self.fail(f"invalid response from {self.server.name}: {e}")
             return
         if self.done:
             self._complete()
 
-    def _fail(self, message: str) -> None:
+    def fail(self, message: str) -> None:
+        """Abort the connection; its exchange (if any) hears C{message} as the backend's failure."""
         exchange, self.exchange = self.exchange, None
         self.transport.abortConnection()
         if exchange is not None:

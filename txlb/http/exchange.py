@@ -485,7 +485,7 @@ class Exchange:
         if side == SOURCE:
             # As if the backend connection had broken under the parser.
             name = self.server.name
-            self.conn._fail(f"{name} {error}" if error[:1].islower() else f"{name}: {error}")
+            self.conn.fail(f"{name} {error}" if error[:1].islower() else f"{name}: {error}")
         else:
             # As the client's transport would have found it gone (or stalled).
             self.error = error if error.startswith("the client") else "client closed the connection"

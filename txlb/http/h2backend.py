@@ -431,9 +431,10 @@ class H2Stream:
         the middle of attaching to this stream, and cannot take an answer
         before that is over.
         """
-        self.connection.clock.callLater(0, self._fail, message, unprocessed, gotBytes)
+        self.connection.clock.callLater(0, self.fail, message, unprocessed, gotBytes)
 
-    def _fail(self, message: str, unprocessed: bool = False, gotBytes: Optional[bool] = None) -> None:
+    def fail(self, message: str, unprocessed: bool = False, gotBytes: Optional[bool] = None) -> None:
+        """End the stream; its exchange (if any) hears C{message} as the backend's failure."""
         exchange, self.exchange = self.exchange, None
         self._cancel()
         if exchange is None or exchange.finished:
@@ -510,10 +511,10 @@ class H2Stream:
 
     def _reset(self, code) -> None:
         if code == ErrorCodes.REFUSED_STREAM:
-            self._fail(f"{self.server.name} refused the stream", unprocessed=True)
+            self.fail(f"{self.server.name} refused the stream", unprocessed=True)
         else:
             name = getattr(code, "name", code)
-            self._fail(f"{self.server.name} reset the stream ({name})")
+            self.fail(f"{self.server.name} reset the stream ({name})")
 
 
 def _split(headers) -> tuple[int, list]:
@@ -721,7 +722,7 @@ class H2BackendConnection(Protocol):
             self.owner.forget(self)
         for sid, stream in list(self.streams.items()):
             if sid > lastStreamId:
-                stream._fail(f"{self.server.name} is going away (GOAWAY) and did not take the request",
+                stream.fail(f"{self.server.name} is going away (GOAWAY) and did not take the request",
                              unprocessed=True)
         if not self.streams and not self.reserved:
             self.close()
@@ -778,7 +779,7 @@ class H2BackendConnection(Protocol):
                 self.whenReady.errback(Failure(error.ConnectError(string=message)))
             return
         for stream in list(self.streams.values()):
-            stream._fail(message)
+            stream.fail(message)
 
 
 class _ConnectionFactory(Factory):
