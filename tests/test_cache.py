@@ -474,3 +474,50 @@ def test_a_waiter_goes_on_when_a_reload_removes_the_cache():
     other, _ = h.answer(1)
     other.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
     assert waiting.value().endswith(b"\r\n\r\nx") and cache.waiting() == 0
+
+
+def test_a_client_certificate_counts_as_an_authorization_for_storing():
+    certified = requestPolicy(b"GET", [], False, certified=True)
+    assert (certified.lookup, certified.store, certified.authorized) == (True, True, True)
+    vary = [(b"Vary", b"Accept-Encoding, X-Client-Cert-Subject")]
+    assert not storable(200, cacheControl([(b"Cache-Control", b"public, max-age=60")]), vary, {}, False, 0.0)
+
+
+def test_responses_to_a_certified_client_are_stored_only_when_shared():
+    """
+    A verified client certificate is an authorization: what the backend
+    answered that client is kept only when it says it may be shared, and
+    never when it varies on the certificate (which the client's request
+    does not carry).  Shared answers serve certified clients too.
+    """
+    import trustme
+    from cryptography import x509
+    from twisted.internet.address import IPv4Address
+
+    from tests.test_http_frontend import TLSTransport
+
+    alice = x509.load_pem_x509_certificate(
+        trustme.CA().issue_cert("alice@example.com", common_name="alice").cert_chain_pems[0].bytes())
+    h = cached(clientCerts=True)
+
+    def askAsAlice(path: bytes):
+        address = IPv4Address("TCP", "10.1.2.3", 5555)
+        frontend = h.factory.buildProtocol(address)
+        client = TLSTransport(alice, peerAddress=address)
+        frontend.makeConnection(client)
+        frontend.handshakeCompleted()
+        frontend.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+        return client
+
+    askAsAlice(b"/mine")
+    backend, _ = h.answer()
+    backend.dataReceived(FRESH)
+    askAsAlice(b"/varies")
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nCache-Control: public, max-age=60\r\nVary: X-Client-Cert-Subject\r\n"
+                         b"Content-Length: 1\r\n\r\nx")
+    assert len(h.service.cache) == 0
+    askAsAlice(b"/shared")
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nCache-Control: public, max-age=60\r\nContent-Length: 1\r\n\r\nx")
+    assert len(h.service.cache) == 1
+    assert b"X-Cache: HIT" in askAsAlice(b"/shared").value()
+    assert h.servers[0].total == 3

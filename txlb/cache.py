@@ -31,7 +31,7 @@ from collections import OrderedDict
 from email.utils import mktime_tz, parsedate_tz
 from typing import Callable, Iterable, Optional, Sequence
 
-from txlb.http.headers import HOP_BY_HOP, responseHead
+from txlb.http.headers import CLIENT_CERT, HOP_BY_HOP, responseHead
 
 Headers = Sequence[tuple[bytes, bytes]]
 Key = tuple[bytes, bytes]
@@ -177,8 +177,10 @@ def storable(status: int, cc: dict, headers: Headers, requestCC: dict, authorize
     May a shared cache store this response to a GET (RFC 9111 3, 3.5)?
     Only with a cacheable-by-default status, explicit freshness (or
     C{no-cache} and a validator to revalidate with), and none of
-    C{no-store}, C{private}, C{Set-Cookie} or C{Vary: *}; a request with
-    C{Authorization} only when the response says C{public}, C{s-maxage} or
+    C{no-store}, C{private}, C{Set-Cookie}, C{Vary: *} or a C{Vary} on
+    C{X-Client-Cert-*} (which txlb sets, so the client's request cannot
+    select by them); a request with C{Authorization} (or a client
+    certificate) only when the response says C{public}, C{s-maxage} or
     C{must-revalidate}.
     """
     if status not in CACHEABLE_STATUS:
@@ -194,7 +196,8 @@ def storable(status: int, cc: dict, headers: Headers, requestCC: dict, authorize
             return False
         if n == b"etag" or n == b"last-modified":
             validator = True
-    if varyNames(headers) is None:
+    vary = varyNames(headers)
+    if vary is None or not CLIENT_CERT.isdisjoint(vary):
         return False
     lifetime = freshnessLifetime(cc, headers, parseDate(firstValue(headers, b"date")), responseTime)
     if b"no-cache" in cc:
@@ -211,8 +214,9 @@ class RequestPolicy:
     @ivar lookup: it may be answered from the store.
     @ivar store: its response may be stored (not for C{no-store}, nor for
         methods other than GET).
-    @ivar authorized: it carries C{Authorization}: never answered from the
-        store, and its response stored only as L{storable} says.
+    @ivar authorized: it carries C{Authorization} (it is then never
+        answered from the store), or came with a verified TLS client
+        certificate: its response is stored only as L{storable} says.
     @ivar revalidate: C{no-cache} (or C{Pragma: no-cache}): go to the
         backend, with the stored validators.
     @ivar maxAge: the oldest stored response it accepts, or L{None}.
@@ -228,8 +232,21 @@ class RequestPolicy:
         self.cc: dict = {}
 
 
-def requestPolicy(method: bytes, headers: Headers, hasBody: bool) -> RequestPolicy:
-    """Read what C{method} and C{headers} allow (RFC 9111 5.2.1)."""
+def requestPolicy(method: bytes, headers: Headers, hasBody: bool, certified: bool = False) -> RequestPolicy:
+    """
+    Read what C{method} and C{headers} allow (RFC 9111 5.2.1).
+    C{certified}: the client proved who it is with a TLS certificate, so
+    that its response, like one to C{Authorization}, is stored only when
+    it says it may be shared (RFC 9111 3.5); what is stored (shared
+    answers) may answer it.
+    """
+    policy = _requestPolicy(method, headers, hasBody)
+    if certified:
+        policy.authorized = True
+    return policy
+
+
+def _requestPolicy(method: bytes, headers: Headers, hasBody: bool) -> RequestPolicy:
     policy = RequestPolicy()
     if method not in _LOOKUP or hasBody:
         return policy
@@ -483,15 +500,15 @@ class ResponseCache:
 
     def consult(self, method: bytes, host: Optional[bytes], target: bytes, headers: Headers, hasBody: bool,
                 *, collapse: bool = True, wake: Optional[Callable[[], None]] = None,
-                timeout: float = 30.0) -> Plan:
+                timeout: float = 30.0, certified: bool = False) -> Plan:
         """
         Decide how to answer one request.  A miss that may C{collapse}
         behind another request for the same key already at a backend
         waits for it: C{wake} is called when that one's response is in, or
         after C{timeout} seconds; the caller then consults again, with
-        C{collapse} false.
+        C{collapse} false.  C{certified}: see L{requestPolicy}.
         """
-        policy = requestPolicy(method, headers, hasBody)
+        policy = requestPolicy(method, headers, hasBody, certified)
         key = ((host or b"").lower(), target)
         now = self.clock.seconds()
         if not policy.lookup:

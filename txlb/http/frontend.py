@@ -576,7 +576,8 @@ class HTTPFrontend(Protocol):
         """
         plan = cache.consult(exchange.method, exchange.host, exchange.target, exchange.headers,
                              exchange.hasBody or exchange.upgrade is not None, collapse=collapse,
-                             wake=lambda: self._cacheWoken(exchange), timeout=self.service.backendTimeout or 30.0)
+                             wake=lambda: self._cacheWoken(exchange), timeout=self.service.backendTimeout or 30.0,
+                             certified=len(self.clientCert) == 2)  # a subject and SUCCESS: a verified certificate
         exchange.cacheResult = plan.result
         if plan.entry is not None:
             rules, values = exchange.responseRules()
