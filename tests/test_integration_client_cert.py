@@ -244,7 +244,8 @@ def test_a_tcp_service_reaches_no_backend_before_the_certificate_passed(env):
 @pytest.mark.parametrize("version, alert", [("-tls1_3", "certificate required"), ("-tls1_2", "handshake failure")])
 def test_openssl_s_client_sees_the_alert(env, version, alert):
     out = subprocess.run(
-        ["openssl", "s_client", version, "-connect", f"127.0.0.1:{env['ports']['required']}",
+        # -ign_eof: read until txlb closes (TLS 1.3's alert comes after the client's handshake ended)
+        ["openssl", "s_client", version, "-ign_eof", "-connect", f"127.0.0.1:{env['ports']['required']}",
          "-servername", "localhost", "-CAfile", str(env["dir"] / "ca.pem")],
         input="GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", capture_output=True, text=True, timeout=30,
     )
@@ -288,3 +289,23 @@ def test_check_names_the_key_of_a_client_auth_without_client_ca(cas, tmp_path):
                          timeout=60, cwd=tmp_path, env=sourceEnv())
     assert out.returncode == 0, out.stderr
     assert f"client certificates optional, signed by {tmp_path / 'ca.pem'}" in out.stdout
+
+
+def test_worker_processes_verify_and_the_master_counts_their_refusals(cas, tmp_path):
+    ca, other = cas
+    writeCerts(tmp_path, ca, other)
+    web = headersBackend("web-1")
+    port, admin = freePort(), freePort()
+    text = (f'[txlb]\nworkers = 2\nshutdown_timeout = "10s"\n[admin]\nlisten = "tcp:{admin}:interface=127.0.0.1"\n'
+            + poolToml("web", [web]) + service("mtls", port, f'{{ client_ca = "ca.pem", certificates = [{LOCALHOST}] }}'))
+    lb = Txlb(text, tmp_path).start()
+    env = {"ports": {"mtls": port, "admin": admin}, "dir": tmp_path}
+    try:
+        waitFor(lambda: len({e["worker"] for e in lb.events("worker_started")}) == 2, what="two workers")
+        for _ in range(4):  # the kernel spreads connections over both workers' sockets
+            refused(env, "mtls")
+            assert get(env, "mtls", person(ca, "alice"))["x-client-cert-subject"][0].startswith("CN=alice,")
+        waitFor(lambda: metric(env, "mtls") == 4, what="four refusals added up by the master")
+    finally:
+        lb.stop()
+        web.stop()
