@@ -12,7 +12,7 @@ from h2.errors import ErrorCodes
 from hpack import Decoder
 from hypothesis import given, settings, strategies as st
 from h2.frame_buffer import CONTINUATION_BACKLOG
-from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame
 
 from tests.h2support import H2Peer, h2Connection
 from tests.test_http_frontend import OK, Harness, head
@@ -671,3 +671,63 @@ def test_a_reload_turning_http2_off_applies_to_new_connections():
     h.service.update(http2=True)
     again = Client(h, "10.9.9.8")
     assert again.conn.remote_settings.max_concurrent_streams == 5
+
+
+def test_the_same_header_block_again_makes_a_request_of_its_own():
+    # The second block is all indexed, so the codec hands back the very
+    # list it decoded the first time: each exchange must still get its own.
+    h = Harness(servers=1)
+    c = Client(h)
+    first = c.request("/same", extra=[(b"cookie", b"a=1"), (b"cookie", b"b=2")])
+    backend, server = h.answer()
+    backend.dataReceived(OK)
+    second = c.request("/same", extra=[(b"cookie", b"a=1"), (b"cookie", b"b=2")])
+    assert h.connects() == 1
+    heads = server.value().split(b"\r\n\r\n")[:2]
+    for data in heads:
+        line, fields = head(data + b"\r\n\r\n")
+        assert line == b"GET /same HTTP/1.1"
+        assert fields[b"host"] == [b"shop.example"]
+        assert fields[b"cookie"] == [b"a=1; b=2"]
+    backend.dataReceived(OK)
+    c.read()
+    assert c.response(first)[1:] == c.response(second)[1:] == (b"hello", True)
+
+
+def test_streams_hand_their_timer_on_and_none_is_left_behind():
+    h = Harness(servers=1)
+    c = Client(h)
+    sid = c.request("/")
+    backend, _ = h.answer()
+    backend.dataReceived(OK)
+    for _ in range(50):
+        sid = c.request("/")
+        backend.dataReceived(OK)
+    c.read()
+    assert c.response(sid)[1:] == (b"hello", True)
+    # The connection's idle timer, the backend's, and a spare or two: not
+    # one per stream served.
+    assert len(h.reactor.getDelayedCalls()) <= 4
+    c.conn.close_connection()
+    c.flush()
+    assert c.transport.disconnecting
+    c.frontend.connectionLost(None)
+    assert not [call for call in h.reactor.getDelayedCalls() if "H2" in repr(call) or "_Alarm" in repr(call)]
+
+
+def test_a_client_goaway_lets_its_streams_in_flight_finish():
+    h = Harness()
+    c = Client(h)
+    sid = c.request("/")
+    backend, _ = h.answer()
+    # Sent by hand: the client's h2 would read nothing more after its own GOAWAY.
+    c.frontend.dataReceived(GoAwayFrame(0, last_stream_id=0).serialize())
+    c.read()
+    assert not c.transport.disconnecting
+    late = c.request("/late")
+    [refused] = c.of(h2.events.StreamReset, late)
+    assert refused.error_code == ErrorCodes.REFUSED_STREAM
+    backend.dataReceived(OK)
+    c.read()
+    assert c.response(sid)[1:] == (b"hello", True)
+    assert c.transport.disconnecting

@@ -5,7 +5,9 @@ HTTP/2 from clients.
 A client connection starts as an L{txlb.http.frontend.HTTPFrontend}; when
 TLS agreed on C{h2} by ALPN, or its first bytes are the HTTP/2 connection
 preface (prior knowledge, on plaintext), the frontend hands its bytes to an
-L{H2Connection}, which speaks HTTP/2 with the C{h2} library.
+L{H2Connection}, which speaks HTTP/2 through txlb's own frame codec
+(L{txlb.http.h2wire}): the C{h2} library's general state machine cost
+several times what the rest of a request costs, per request.
 
 Each stream is an L{H2Stream}: a frontend of its own for exactly one
 L{txlb.http.exchange.Exchange}, so that routing, the pool's pick, sticky
@@ -31,8 +33,8 @@ malformed request (pseudo-headers, connection-specific headers, C{TE}
 other than C{trailers}, characters HTTP/1.1 would read differently) gets
 a stream error and the other streams go on; too many streams reset in a
 short while (the "rapid reset" attack, CVE-2023-44487) or too many
-CONTINUATION frames (CVE-2024-27316, bounded by C{h2}) end the connection
-with GOAWAY.
+CONTINUATION frames (CVE-2024-27316, bounded by the codec) end the
+connection with GOAWAY.
 """
 
 from __future__ import annotations
