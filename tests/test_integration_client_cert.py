@@ -270,6 +270,12 @@ def test_a_reload_with_a_new_ca_applies_to_new_connections(cas, tmp_path):
         assert any("tls" in change for change in event["changes"]), event
         assert get(env, "mtls", person(other, "bob"))["x-client-cert-subject"][0].startswith("CN=bob,")
         refused(env, "mtls", person(ca, "alice"))
+        # The same file name with a new CA in it: a reload reads it again.
+        ca.cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
+        lb.process.send_signal(signal.SIGHUP)
+        waitFor(lambda: len(lb.events("config_reloaded")) == 2, what="the second reload")
+        assert get(env, "mtls", person(ca, "alice"))["x-client-cert-subject"][0].startswith("CN=alice,")
+        refused(env, "mtls", person(other, "bob"))
     finally:
         lb.stop()
         web.stop()
