@@ -257,6 +257,17 @@ def handshakeError(failure) -> Optional[str]:
     return None
 
 
+def closedAfterHandshake(server: str) -> str:
+    """
+    Why C{server} closed a TLS connection right after the handshake,
+    before answering anything: a TLS 1.3 server judges the client's
+    certificate only once the client's side of the handshake is done, and
+    one that wants a certificate it was not given may just close.
+    """
+    return (f"{server} closed the connection right after the TLS handshake (does it want a client certificate?"
+            " the pool's tls.cert and tls.key)")
+
+
 def _serverContext(certPath: str, keyPath: str, minVersion: str, alpn: Sequence[bytes], sessionId: bytes) -> SSL.Context:
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(_VERSIONS[minVersion])
@@ -411,7 +422,7 @@ class ServerTLS:
         _log.info(
             "service {service}: client certificate refused from {client}: {reason}",
             event="client_cert_refused", service=self.service, client=client, reason=why, subject=subject,
-            serverName=name.decode("idna") if name else None,
+            serverName=name.decode("ascii", "replace") if name else None,  # A-labels on the wire
         )
 
 
