@@ -411,3 +411,23 @@ def test_service_client_auth_is_fine_when_every_certificate_has_its_own_ca(files
         '{ client_auth = "optional", certificates = ['
         '{ cert = "shop.example.pem", key = "shop.example.key", client_ca = "ca.pem" }] }')))
     assert cfg.services[0].tls.certificates == (clientEntry(files, "shop.example", "ca", "optional"),)
+
+
+@VERSIONS
+def test_an_intermediate_client_ca_lets_in_only_what_it_signs(ca, files, tmp_path, maxVersion):
+    """
+    client_ca may name the intermediate CA that signs the client
+    certificates: it is trusted as it is, and its root's other children
+    are not.
+    """
+    team, elsewhere = ca.create_child_ca(), ca.create_child_ca()
+    team.cert_pem.write_to_path(str(tmp_path / "team.pem"))
+    server = ServerTLS([CertificateConfig(*files["shop.example"], client_ca=str(tmp_path / "team.pem"),
+                                          client_auth="required")])
+    member = team.issue_cert("ann@example.com", common_name="ann")
+    assert served(server, ca, b"shop.example", maxVersion, clientCert=member)[0].startswith(
+        b"X-Client-Cert-Subject: CN=ann,")
+    with pytest.raises(SSL.Error):
+        served(server, ca, b"shop.example", maxVersion, clientCert=elsewhere.issue_cert("eve@example.com"))
+    with pytest.raises(SSL.Error):
+        served(server, ca, b"shop.example", maxVersion, clientCert=ca.issue_cert("root-child@example.com"))

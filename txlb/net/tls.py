@@ -37,7 +37,7 @@ from typing import Any, Optional, Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID, NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from twisted.internet import ssl as tssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -342,8 +342,15 @@ class ServerTLS:
             context.set_tlsext_servername_callback(self._chooseBySni)
 
     def _askForCertificates(self, context: SSL.Context, clientCA: str, required: bool) -> None:
-        """Verify client certificates against C{clientCA} alone (not the system's roots)."""
+        """
+        Verify client certificates against C{clientCA} alone (not the
+        system's roots).  Each CA there is trusted as it is, an
+        intermediate too (OpenSSL's partial chains): naming the CA that
+        signs the client certificates lets in only what it signs, not all
+        that its root signs.
+        """
         context.load_verify_locations(clientCA)
+        context.get_cert_store().set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
         context.load_client_ca(os.fsencode(clientCA))  # the names sent in the certificate request
         mode = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if required else 0)
         context.set_verify(mode, self._verified)
