@@ -303,7 +303,8 @@ def test_worker_processes_verify_and_the_master_counts_their_refusals(cas, tmp_p
     web = headersBackend("web-1")
     port, admin = freePort(), freePort()
     text = (f'[txlb]\nworkers = 2\nshutdown_timeout = "10s"\n[admin]\nlisten = "tcp:{admin}:interface=127.0.0.1"\n'
-            + poolToml("web", [web]) + service("mtls", port, f'{{ client_ca = "ca.pem", certificates = [{LOCALHOST}] }}'))
+            + poolToml("web", [web])
+            + service("mtls", port, f'{{ client_ca = "ca.pem", certificates = [{LOCALHOST}] }}'))
     lb = Txlb(text, tmp_path).start()
     env = {"ports": {"mtls": port, "admin": admin}, "dir": tmp_path}
     try:

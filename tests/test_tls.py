@@ -294,7 +294,8 @@ def test_each_sni_name_asks_its_own_of_clients(files, ca, otherCA, maxVersion):
     alice = ca.issue_cert("alice@example", common_name="alice")
     bob = otherCA.issue_cert("bob@example", common_name="bob")
     assert served(server, ca, b"api.example", maxVersion) == (b"X-Client-Cert-Verified: NONE",)
-    assert served(server, ca, b"api.example", maxVersion, clientCert=bob)[0].startswith(b"X-Client-Cert-Subject: CN=bob,")
+    assert served(server, ca, b"api.example", maxVersion, clientCert=bob)[0].startswith(
+        b"X-Client-Cert-Subject: CN=bob,")
     assert served(server, ca, b"shop.example", maxVersion, clientCert=alice)[0].startswith(
         b"X-Client-Cert-Subject: CN=alice,")
     for sni, cert in ((b"shop.example", None), (b"shop.example", bob), (b"api.example", alice)):
@@ -375,7 +376,8 @@ def test_config_client_certificates_per_entry_and_for_the_service(files, tmp_pat
         '{ client_ca = "ca.pem", client_auth = "optional", '
         'certificates = [{ cert = "api.example.pem", key = "api.example.key" }] }')))
     assert f"  client certificates optional, signed by {files['ca']}" in summary(same)
-    plain = load(config(tmp_path, tlsService('{ certificates = [{ cert = "api.example.pem", key = "api.example.key" }] }')))
+    plain = load(config(tmp_path, tlsService(
+        '{ certificates = [{ cert = "api.example.pem", key = "api.example.key" }] }')))
     assert not plain.services[0].tls.clientCerts
 
 

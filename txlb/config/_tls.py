@@ -134,7 +134,8 @@ def describeTLS(service) -> list[str]:
             lines.append(f"client certificates {auth}, signed by {ca}")
         return lines
     for i, c in enumerate(tls.certificates):
-        what = f"client certificates {c.client_auth}, signed by {c.client_ca}" if c.client_ca else "no client certificates"
+        what = (f"client certificates {c.client_auth}, signed by {c.client_ca}" if c.client_ca
+                else "no client certificates")
         lines.append(f"certificates[{i}] ({os.path.basename(c.cert)}): {what}")
     lines.append("TLS sessions are not resumed: the certificates ask different things of clients")
     return lines
