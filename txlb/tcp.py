@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from txlb.net.connect import Deadlines, PendingConnect, connectSocket
 from txlb.net.drain import OpenConnections
-from txlb.net.endpoints import EndpointCache
+from txlb.net.endpoints import EndpointCache, connectFailure
 from txlb.interfaces import IEarlyBytes, PickContext
 from txlb.observe.logs import emit
 from txlb.policy.access import DENY
@@ -213,7 +213,7 @@ class _TwistedConnect:
         self.frontend._connected()
 
     def _failed(self, failure: Failure) -> None:
-        self.frontend._connectFailed(self.why or failure.getErrorMessage())
+        self.frontend._connectFailed(self.why or connectFailure(failure))
 
     def cancel(self, why: str = "connect cancelled") -> None:
         self.why = why

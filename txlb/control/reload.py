@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # records only: the config's readers are a layer above this o
 #: servers have their own entries in L{PoolDiff}).
 POOL_SETTINGS = (
     "connect_timeout", "retries", "hash_key", "passive", "max_connections",
-    "queue_timeout", "slow_start", "tls",
+    "queue_timeout", "slow_start", "tls", "protocol",
 )
 
 #: Service settings a reload applies to new requests and connections.

@@ -18,7 +18,7 @@ import httptools
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
@@ -27,6 +27,7 @@ from zope.interface import implementer
 from txlb.health._options import checkOptions, isHostName, option
 from txlb.health._tls import TLS_OPTIONS, TLSOptions, tlsOptions
 from txlb.interfaces import CheckResult, IHealthCheck, IHealthCheckFactory
+from txlb.net.endpoints import connectFailure
 from txlb.net.tls import handshakeError
 
 #: At most this much of a response body is read; a body that needs more
@@ -51,7 +52,7 @@ def describeFailure(failure: Failure) -> str:
     if failure.check(error.DNSLookupError):
         return f"DNS lookup failed: {failure.getErrorMessage()}"
     if failure.check(error.ConnectError):
-        return f"connect failed: {failure.getErrorMessage()}"
+        return f"connect failed: {connectFailure(failure)}"
     if failure.check(error.ConnectionDone, error.ConnectionLost):
         return "connection closed before a response"
     return failure.getErrorMessage() or failure.type.__name__
@@ -185,7 +186,9 @@ class _Connected(_CheckProtocol):
     def connectionMade(self) -> None:
         if self.aborted:
             self.transport.abortConnection()
-        elif not self.tls:
+        elif not self.tls and not ISSLTransport.providedBy(self.transport):
+            # Plaintext: connected is all there is to it.  Over TLS (the
+            # check's own or the pool's) the handshake must complete.
             self.conclude(CheckResult(True, "connected"))
 
     def handshakeCompleted(self) -> None:
@@ -203,8 +206,8 @@ class _Connected(_CheckProtocol):
 @implementer(IHealthCheck)
 class TCPCheck:
     """
-    Passes when a connection to the server is made (with C{tls}: when the
-    TLS handshake completes), then closes it.
+    Passes when a connection to the server is made (over TLS, the check's
+    own or its pool's: when the TLS handshake completes), then closes it.
     """
 
     def __init__(self, tls: Optional[TLSOptions] = None) -> None:

@@ -9,15 +9,24 @@ A connection reads responses with httptools and hands each event straight
 to the exchange that owns it, which streams the body to the client.  It is
 only offered for reuse when the response ended cleanly and the server did
 not ask to close.
+
+Over TLS a connection counts as made once its handshake is done, so that a
+certificate that does not verify, one for another name, or a server that
+refuses the handshake fails the connect, saying why (L{txlb.net.tls}), and
+another server is tried.  A reload that changes how a pool's servers are
+reached (its C{tls}, its C{protocol}, a server's address) retires the
+connections made before: L{BackendConnections.retire}.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol as TypingProtocol
+import weakref
+from typing import Iterable, Optional, Protocol as TypingProtocol
 
 import httptools
+from twisted.internet import error
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -28,6 +37,7 @@ from txlb.http.bodysplice import MIN_SPLICE
 from txlb.http.h2backend import H2Backends
 from txlb.balance.pool import Server
 from txlb.net.readloop import adopt
+from txlb.net.tls import closedAfterHandshake, handshakeError
 from txlb.net.wire import sendNow
 
 #: Bytes asked of one read while a large body streams through Python (one
@@ -59,10 +69,11 @@ class ResponseSink(TypingProtocol):
     def spliceBody(self, left: int) -> None: ...
     def upgraded(self, data: bytes) -> None: ...
     def pipeData(self, data: bytes) -> None: ...
-    def backendFailed(self, message: str, gotBytes: bool) -> None: ...
+    def backendFailed(self, message: str, gotBytes: bool, unprocessed: bool = False,
+                      refused: bool = False) -> None: ...
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class BackendConnection(Protocol):
     """
     One connection to a server.
@@ -71,6 +82,11 @@ class BackendConnection(Protocol):
     @ivar reused: this connection served an earlier exchange: a close
         before any byte of the answer may just be the server timing out
         an idle connection, so the request may be replayed on a fresh one.
+    @ivar whenReady: over TLS, fires with this connection once the
+        handshake is done, or fails with a C{ConnectError} saying why the
+        handshake failed; L{None} on plaintext.
+    @ivar generation: how the server was reached when this connection was
+        asked for (L{BackendConnections.retire}).
     """
 
     exchange: Optional[ResponseSink] = None
@@ -89,10 +105,16 @@ class BackendConnection(Protocol):
     bodyRead = 0
     #: Twisted's read size before this response raised it to LARGE_READ.
     _readSize = None
+    whenReady: Optional[Deferred] = None
+    #: The TLS handshake completed.
+    handshaken = False
 
-    def __init__(self, server: Server, owner: "BackendConnections") -> None:
+    def __init__(self, server: Server, owner: "BackendConnections", tls: bool = False, generation: int = 0) -> None:
         self.server = server
         self.owner = owner
+        self.generation = generation
+        if tls:
+            self.whenReady = Deferred(lambda _: self.transport.abortConnection())
         self.idleSince = 0.0
         self.parser = None
         #: The parser ended its last message where llhttp thinks it ended,
@@ -101,6 +123,12 @@ class BackendConnection(Protocol):
 
     def connectionMade(self) -> None:
         adopt(self.transport)
+
+    def handshakeCompleted(self) -> None:
+        self.handshaken = True
+        ready = self.whenReady
+        if ready is not None and not ready.called:
+            ready.callback(self)
 
     # Serving an exchange.
 
@@ -268,6 +296,12 @@ class BackendConnection(Protocol):
         if splice is not None:
             splice.stop()
         self.owner._forget(self)
+        ready = self.whenReady
+        if ready is not None and not ready.called:
+            failedTLS = handshakeError(reason) if reason is not None else None
+            name = self.server.name
+            ready.errback(Failure(error.ConnectError(string=f"TLS with {name} failed: {failedTLS}" if failedTLS
+                                                     else f"{name} closed the connection during the TLS handshake")))
         exchange, self.exchange = self.exchange, None
         if exchange is None:
             return
@@ -277,7 +311,22 @@ class BackendConnection(Protocol):
             # A body with neither length nor chunking ends when the server closes.
             exchange.responseEnd(False)
         else:
-            exchange.backendFailed(f"{self.server.name} closed the connection", self.gotBytes)
+            self._lost(exchange, reason)
+
+    def _lost(self, exchange: ResponseSink, reason: Optional[Failure]) -> None:
+        """The connection went away while C{exchange} waited for its answer: why, as best known."""
+        name = self.server.name
+        failedTLS = handshakeError(reason) if self.handshaken and reason is not None else None
+        first = self.handshaken and not self.reused and not self.gotBytes
+        if failedTLS is not None:
+            # On the first request, a TLS 1.3 server refusing the client's
+            # certificate (it judges it after the client's handshake is
+            # done): the server never took the request; a failed connect.
+            exchange.backendFailed(f"TLS with {name} failed: {failedTLS}", self.gotBytes, refused=first)
+        elif first:
+            exchange.backendFailed(closedAfterHandshake(name), False)
+        else:
+            exchange.backendFailed(f"{name} closed the connection", self.gotBytes)
 
     def readConnectionLost(self) -> None:
         # The server will send nothing more: treat as a full close.
@@ -290,12 +339,14 @@ class BackendConnection(Protocol):
 class _ConnectionFactory(Factory):
     noisy = False
 
-    def __init__(self, server: Server, owner: "BackendConnections") -> None:
+    def __init__(self, server: Server, owner: "BackendConnections", tls: bool, generation: int) -> None:
         self.server = server
         self.owner = owner
+        self.tls = tls
+        self.generation = generation
 
     def buildProtocol(self, addr) -> BackendConnection:
-        return BackendConnection(self.server, self.owner)
+        return BackendConnection(self.server, self.owner, self.tls, self.generation)
 
 
 class BackendConnections:
@@ -311,16 +362,38 @@ class BackendConnections:
         self.idleTimeout = idleTimeout
         self._idle: dict[Server, list[BackendConnection]] = {}
         self._sweeper: Optional[LoopingCall] = None
+        #: Servers that L{retire} was called for, and how many times: a
+        #: connection asked for at an older generation is not reused.
+        self._generations: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         #: The HTTP/2 connections, for pools with C{protocol = "h2"}.
         self.h2 = H2Backends(endpoints, clock)
 
     def connect(self, server: Server, timeout: float, tls=None) -> Deferred:
         """
         A new connection to C{server}, within C{timeout} seconds; over TLS
-        with C{tls} (the pool's L{txlb.config.BackendTLSConfig}).
+        with C{tls} (the pool's L{txlb.config.BackendTLSConfig}), once the
+        handshake is done.
         """
-        d = self.endpoints.get(server.address, tls).connect(_ConnectionFactory(server, self))
+        factory = _ConnectionFactory(server, self, tls is not None, self._generations.get(server, 0))
+        d = self.endpoints.get(server.address, tls).connect(factory)
+        if tls is not None:
+            d.addCallback(lambda conn: conn.whenReady)
         return d.addTimeout(timeout, self.clock)
+
+    def retire(self, servers: Iterable[Server]) -> None:
+        """
+        A reload changed how C{servers} are reached (their pool's C{tls}
+        or C{protocol}, or their address): no connection made before serves
+        a new request.  Idle ones close now, busy ones when their request
+        ends (L{putIdle}); HTTP/2 ones take no new stream and close when
+        their streams end (L{H2Backends.retire}).
+        """
+        servers = list(servers)
+        for server in servers:
+            self._generations[server] = self._generations.get(server, 0) + 1
+            for conn in self._idle.pop(server, ()):
+                conn.transport.loseConnection()
+        self.h2.retire(servers)
 
     def takeIdle(self, server: Server) -> Optional[BackendConnection]:
         """The most recently used idle connection to C{server}, if any."""
@@ -335,7 +408,9 @@ class BackendConnections:
     def putIdle(self, conn: BackendConnection) -> None:
         """Keep C{conn} for the next request to its server, or close it."""
         idle = self._idle.setdefault(conn.server, [])
-        if len(idle) >= self.maxIdle or conn.closed:
+        generations = self._generations
+        if (len(idle) >= self.maxIdle or conn.closed
+                or (generations and generations.get(conn.server, 0) != conn.generation)):
             conn.transport.loseConnection()
             return
         idle.append(conn)

@@ -20,6 +20,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IPullProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,6 +33,7 @@ from txlb.http.backend import BackendConnection
 from txlb.http.bodysplice import SINK, SOURCE, BodySplice, spliceable
 from txlb.http.headers import requestHead, requestId, responseHead
 from txlb.interfaces import PickContext
+from txlb.net.endpoints import connectFailure
 from txlb.net.wire import buffered, noDelay, sendNow
 from txlb.policy.headers import variables
 
@@ -491,12 +493,16 @@ class Exchange:
             self.error = error if error.startswith("the client") else "client closed the connection"
             self.frontend.transport.abortConnection()
 
-    def backendFailed(self, message: str, gotBytes: bool, unprocessed: bool = False) -> None:
+    def backendFailed(self, message: str, gotBytes: bool, unprocessed: bool = False,
+                      refused: bool = False) -> None:
         """
         The backend connection broke or sent garbage.  C{unprocessed}: the
         server said it never took the request (an HTTP/2 GOAWAY or
         REFUSED_STREAM), so any method may be retried if its body is not
-        gone.
+        gone.  C{refused}: the server refused the connection's TLS (a TLS
+        1.3 server judges a client certificate after the client's side of
+        the handshake is done): a failed connect, counted and logged as
+        one, and another server is tried if the body is not gone.
         """
         conn, self.conn = self.conn, None
         self._cancelTimer()
@@ -508,6 +514,9 @@ class Exchange:
             self.release()
             self.error = message
             self.frontend.transport.abortConnection()
+            return
+        if refused and not self.bodySent:
+            self._connectFailed(Failure(ConnectError(string=message)))
             return
         server = self.server
         self.release()
@@ -637,8 +646,9 @@ class Exchange:
             return  # the client left
         self.pool.connectFailed(server)
         self.tried.append(server)
+        why = connectFailure(failure, self.pool.connectTimeout)
         _log.info("connect to {server} failed: {why}", event="connect_failed", service=frontend.service.name,
-                  pool=self.pool.name, server=server.name, why=failure.getErrorMessage())
+                  pool=self.pool.name, server=server.name, why=why)
         if len(self.tried) <= self.pool.retries:
             self.dispatch()
         else:

@@ -64,7 +64,7 @@ from zope.interface import implementer
 
 from txlb.http.grpc import wantsTrailers
 from txlb.net.endpoints import hostOf
-from txlb.net.tls import alpnRefusal, handshakeError
+from txlb.net.tls import alpnRefusal, closedAfterHandshake, handshakeError
 from txlb.net.wire import sendNow
 
 #: What a TLS connection to an h2 pool's servers offers in ALPN.
@@ -535,7 +535,8 @@ class H2BackendConnection(Protocol):
     """One HTTP/2 connection to a server, carrying many L{H2Stream}s."""
 
     ready = False
-    #: The server sent GOAWAY: no new streams here.
+    #: No new streams here: the server sent GOAWAY, or a reload changed
+    #: how its server is reached (L{drain}).
     draining = False
     lost = False
     #: The socket's buffer is full: request bodies wait.
@@ -727,6 +728,16 @@ class H2BackendConnection(Protocol):
         if not self.streams and not self.reserved:
             self.close()
 
+    def drain(self) -> None:
+        """
+        Take no new stream (a reload changed the TLS or protocol its
+        server is reached with), and close once the streams in hand end.
+        """
+        self.draining = True
+        self.owner.forget(self)
+        if not self.streams and not self.reserved:
+            self.close()
+
     def close(self) -> None:
         """Close politely (our GOAWAY, then the connection)."""
         if self.lost:
@@ -770,8 +781,7 @@ class H2BackendConnection(Protocol):
             elif self._handshaken and self._first:
                 # TLS 1.3 servers check a client certificate after the
                 # client's side of the handshake is done, and close.
-                message = (f"{self.server.name} closed the connection right after the TLS handshake (does it"
-                           " want a client certificate? the pool's tls.cert and tls.key)")
+                message = closedAfterHandshake(self.server.name)
             else:
                 message = f"{self.server.name} closed the connection"
         if not self.ready:
@@ -803,6 +813,9 @@ class _Connecting:
         self.timeout = timeout
         self.tls = tls
         self.waiters: list[Deferred] = []
+        #: A reload retired the settings this connection is made with
+        #: (L{H2Backends.retire}): it serves its waiters, then drains.
+        self.retired = False
 
     def start(self) -> None:
         owner, server, tls = self.owner, self.server, self.tls
@@ -819,11 +832,14 @@ class _Connecting:
 
     def _ready(self, conn: H2BackendConnection) -> None:
         owner = self.owner
-        owner._connecting[self.server].remove(self)
+        connecting = owner._connecting.get(self.server, [])
+        if self in connecting:
+            connecting.remove(self)
         if not conn.usable:
             self._failed(Failure(error.ConnectError(string=conn.broken or "the connection went away")))
             return
-        owner._connections.setdefault(self.server, []).append(conn)
+        if not self.retired:
+            owner._connections.setdefault(self.server, []).append(conn)
         waiters, self.waiters = self.waiters, []
         for waiter in waiters:
             # This connection first: a waiter may be a replay that must not
@@ -833,7 +849,9 @@ class _Connecting:
                 waiter.callback(stream)
             else:
                 owner.connect(self.server, self.timeout, self.tls).chainDeferred(waiter)
-        if not conn.streams and not conn.reserved:
+        if self.retired:
+            conn.drain()
+        elif not conn.streams and not conn.reserved:
             conn.waitIdle()
 
     def _failed(self, failure: Failure) -> None:
@@ -885,6 +903,18 @@ class H2Backends:
         waiter = attempt.add()
         attempt.start()
         return waiter
+
+    def retire(self, servers) -> None:
+        """
+        A reload changed how C{servers} are reached: their connections
+        (and the ones being made) take no new stream and close when their
+        streams end; the next request makes a new one.
+        """
+        for server in servers:
+            for conn in self._connections.pop(server, ()):
+                conn.drain()
+            for attempt in self._connecting.pop(server, ()):
+                attempt.retired = True
 
     def roomOn(self, conn: H2BackendConnection) -> None:
         """C{conn} has room for streams again (nothing waits here: the pool's queue does)."""

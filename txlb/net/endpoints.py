@@ -15,6 +15,7 @@ import re
 import socket
 from typing import Optional
 
+from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -24,6 +25,7 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
+from twisted.python.failure import Failure
 
 
 class EndpointError(ValueError):
@@ -480,3 +482,28 @@ def hostOf(address: str) -> str:
     """The host of a C{tcp:host=H:port=P} address (for TLS names), else C{localhost}."""
     m = re.search(r"host=((?:[^:\\]|\\.)+)", address)
     return m.group(1).replace("\\:", ":") if m else "localhost"
+
+
+def connectFailure(failure: Failure, timeout: Optional[float] = None) -> str:
+    """
+    Why a connect to a server failed, as txlb's events and reasons say it:
+    what the error itself carries (C{Connection refused}, or txlb's own
+    C{TLS with s0 failed: certificate verify failed}), without the sentence
+    Twisted's connect errors start with (C{An error occurred while
+    connecting:}, C{Connection was refused by other side: 111:}) and their
+    final full stop, which say nothing an operator needs; C{timed out
+    after 2s} for a connect that did not finish within C{timeout} (a
+    connect cancelled for another reason, say the client left, is no
+    failure to report).
+    """
+    value = failure.value
+    if isinstance(value, error.ConnectError):
+        text = value.args[0] if value.args else ""
+        if text:
+            return str(text)
+        if value.osError:
+            return str(value.osError)
+        return (value.__doc__ or type(value).__name__).strip()
+    if isinstance(value, (defer.TimeoutError, defer.CancelledError, error.ConnectingCancelledError)):
+        return "timed out" if timeout is None else f"timed out after {timeout:g}s"
+    return failure.getErrorMessage() or failure.type.__name__

@@ -197,6 +197,9 @@ class Reloads:
         for p in diff.poolsChanged:
             pool, config = tree.pools[p.name], new.pools[p.name]
             pool.configure(**poolSettings(config))
+            if pool.tls != config.tls or pool.protocol != config.protocol:
+                # Connections made the old way serve no new request.
+                tree.connections.retire(pool)
             if pool.tls != config.tls:
                 pool.tls = config.tls
                 warnUnverified(config)
@@ -210,6 +213,8 @@ class Reloads:
         for name, config in new.pools.items():
             if name not in diff.poolsAdded:
                 changed = applyServers(tree.pools[name], config.servers)
+                if changed.moved:
+                    tree.connections.retire(tree.pools[name].server(c.name) for c in changed.moved)
                 if changed:
                     servers.append((name, changed))
         # Services.
