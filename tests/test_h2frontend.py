@@ -731,3 +731,16 @@ def test_a_client_goaway_lets_its_streams_in_flight_finish():
     c.read()
     assert c.response(sid)[1:] == (b"hello", True)
     assert c.transport.disconnecting
+
+
+def test_response_blocks_are_an_http11_heads_fields_for_http2():
+    encoder, decoder = StaticEncoder(), Decoder()
+    head = [(b"Server", b"nginx"), (b"Connection", b"keep-alive"), (b"Transfer-Encoding", b"chunked"),
+            (b"Keep-Alive", b"timeout=5"), (b"X-Request-ID", b"abc-1"), (b"Content-Length", b"12")]
+    for status in (200, 404, 200):
+        block, empty = encoder.responseBlock(status, head)
+        assert decoder.decode(block, raw=True) == [(b":status", b"%d" % status), (b"server", b"nginx"),
+                                                   (b"x-request-id", b"abc-1"), (b"content-length", b"12")]
+        assert not empty
+    block, empty = encoder.responseBlock(204, [(b"content-LENGTH", b"0")])
+    assert decoder.decode(block, raw=True) == [(b":status", b"204"), (b"content-length", b"0")] and empty

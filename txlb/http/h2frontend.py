@@ -234,6 +234,9 @@ class StaticEncoder:
         #: Whole fields encoded before (a backend's C{server},
         #: C{content-type}, ... come back in every response).
         self._fields: dict[tuple, bytes] = {}
+        #: The same for fields as an HTTP/1.1 head has them (b"" for those
+        #: left out).
+        self._raw: dict[tuple, bytes] = {}
 
     @property
     def header_table_size(self) -> int:
@@ -259,6 +262,36 @@ class StaticEncoder:
                     fields[field] = encoded
             out.append(encoded)
         return b"".join(out)
+
+    def responseBlock(self, status: int, headers: list) -> tuple[bytes, bool]:
+        """
+        The block of an HTTP/1.1 response head's fields as read (names in
+        any case): C{:status} first, names lower-cased, connection-specific
+        fields left out; and whether C{content-length} is 0.  Each field as
+        read is looked up once per connection, not lower-cased and sifted
+        for every response.
+        """
+        out = []
+        if self._sizeUpdate:
+            self._sizeUpdate = False
+            out.append(b"\x20")
+        out.append(b"\x88" if status == 200 else self._field((b":status", b"%d" % status)))
+        raw = self._raw
+        empty = False
+        for field in headers:
+            encoded = raw.get(field)
+            if encoded is None:
+                name = field[0].lower()
+                value = field[1]
+                encoded = b"" if name in _RESPONSE_DROP else self._field((name, value))
+                if len(value) <= _KEEP_VALUE and name not in _UNIQUE:
+                    if len(raw) >= _KEEP_FIELDS:
+                        raw.clear()
+                    raw[field] = encoded
+            out.append(encoded)
+            if field[1] == b"0" and field[0].lower() == b"content-length":
+                empty = True
+        return b"".join(out), empty
 
     def _field(self, field: tuple) -> bytes:
         """One field: the static table's entry, or a literal of its name's entry or the name."""
@@ -316,8 +349,9 @@ class H2Connection:
         # Every stream may hold its whole window (64 KiB) unacknowledged, its
         # backend being slow, without holding up the others: the
         # connection's window is theirs together.
+        self.encoder = StaticEncoder()
         self.wire = ServerConnection(
-            StaticEncoder(), self.maxStreams, service.maxHeaderBytes, service.maxHeaderBytes * _DECODER_FACTOR,
+            self.encoder, self.maxStreams, service.maxHeaderBytes, service.maxHeaderBytes * _DECODER_FACTOR,
             connectionWindow=h2wire.DEFAULT_WINDOW * max(1, self.maxStreams))
         self.resetBudget = max(2 * self.maxStreams, MIN_RESETS)
         self._resets = 0
@@ -739,17 +773,13 @@ class _Response:
             if status != 101:
                 self.stream.sendHead([(b":status", b"%d" % status)], False)
             return
-        block = [(b":status", b"%d" % status)]
-        end = self.noBody or status == 204 or status == 304
-        for n, v in headers:
-            n = n.lower()
-            if n not in _RESPONSE_DROP:
-                block.append((n, v))
-                if n == b"content-length" and v == b"0":
-                    end = True  # one HEADERS frame (a gRPC "trailers-only" answer, too)
+        stream = self.stream
+        block, empty = stream.connection.encoder.responseBlock(status, headers)
+        # No body: one HEADERS frame (a gRPC "trailers-only" answer, too).
+        end = empty or self.noBody or status == 204 or status == 304
         if end:
             self.done = True
-        self.stream.sendHead(block, end)
+        stream.sendBlock(block, end)
 
     def on_body(self, data: bytes) -> None:
         self.stream.sendBody(data)
@@ -880,6 +910,14 @@ class H2Stream(HTTPFrontend):
         if self.finished:
             return
         self.connection.wire.sendHeaders(self.state, headers, end)
+        if end:
+            self._sent()
+
+    def sendBlock(self, block: bytes, end: bool) -> None:
+        """L{sendHead} of a block already encoded."""
+        if self.finished:
+            return
+        self.connection.wire.sendBlock(self.state, block, end)
         if end:
             self._sent()
 

@@ -521,7 +521,12 @@ class ServerConnection:
         """A HEADERS frame (and CONTINUATIONs, for a large block) on C{stream}."""
         if not stream.localOpen or self.closed:
             raise StreamClosed(stream.sid)
-        block = self.encoder.encode(headers)
+        self.sendBlock(stream, self.encoder.encode(headers), end)
+
+    def sendBlock(self, stream: Stream, block: bytes, end: bool) -> None:
+        """L{sendHeaders} of a block the encoder made already."""
+        if not stream.localOpen or self.closed:
+            raise StreamClosed(stream.sid)
         sid = stream.sid
         flags = END_STREAM if end else 0
         limit = self.maxFrame
