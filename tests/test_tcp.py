@@ -342,6 +342,20 @@ def test_queue_timeout_closes_the_client(events):
     assert "max_connections" in event["error"]
 
 
+def test_a_client_in_the_queue_is_bounded_by_queue_timeout_not_the_idle_check():
+    h = Harness(servers=1, idle=60.0)
+    h.pool.maxConnections = 1
+    h.pool.queueTimeout = 30.0
+    h.accept()
+    h.answer()
+    waiting, client = h.accept()
+    h.reactor.advance(7.5)  # the first idle check: no bytes yet, but none expected
+    assert not client.disconnecting
+    h.reactor.advance(22.5)
+    assert client.disconnecting
+    assert "max_connections" in waiting.error
+
+
 def test_client_leaving_the_queue_is_forgotten():
     h = Harness(servers=1)
     h.pool.maxConnections = 1

@@ -160,7 +160,12 @@ class TCPBalancerFactory(Factory):
         self._idleCall = None
         limit = self.idleTimeout
         now = time.monotonic()
-        for frontend in [f for f in self.open.open if f.connected and now - f._lastActivity >= limit]:
+        # A client waiting in the pool's queue or for a connect is bounded
+        # by queue_timeout and connect_timeout instead; one still in its TLS
+        # handshake (client certificates) by this.
+        idle = [f for f in self.open.open
+                if (f.serverConnected or f._awaitingHandshake) and now - f._lastActivity >= limit]
+        for frontend in idle:
             frontend.abort("idle timeout")
         if self.open.open:
             self._idleCall = self.clock.callLater(limit / IDLE_CHECKS, self._checkIdle)
@@ -239,8 +244,9 @@ class Frontend(_Side):
     reason = ""
     clientEOF = False
     serverEOF = False
-    #: A server is connected (and counted active until the end).
-    connected = False
+    #: A server is connected (and counted active until the end).  Not
+    #: Twisted's C{connected}, which every protocol has set from its start.
+    serverConnected = False
     gotFirstByte = False
     closed = False
     #: The kernel moves the bytes (L{txlb.net.splice}).
@@ -422,7 +428,7 @@ class Frontend(_Side):
         """A server accepted the connection: it is ours until the end."""
         self._connecting = None
         self.factory.connecting.discard(self)
-        self.connected = True
+        self.serverConnected = True
         self.factory.pool.reportResult(self.server, True)
         if self.affinity is not None:
             self.factory.sticky.answered(self.affinity, self.server, self.client)
@@ -568,7 +574,7 @@ class Frontend(_Side):
         factory.open.remove(self)
         if self.counted is not None:
             factory._uncount(self.counted)
-        server = self.server if self.connected else None
+        server = self.server if self.serverConnected else None
         if factory.metrics is not None:
             retried = min(len(self.tried), factory.pool.retries)
             factory.metrics.request(
