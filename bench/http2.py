@@ -21,6 +21,8 @@ Workloads:
     h2-100      HTTP/2, 4 connections, 100 concurrent streams on each
     h1          HTTP/1.1 keep-alive (h2load --h1), 50 connections: txlb's
                 HTTP/1.1 path, the yardstick for what HTTP/2 costs
+    h1-4        the same over 4 connections, as h2-1 has: each request then
+                costs a turn of the reactor of its own, as in h2-1
 
 CPU time per request is user+system of the balancer's process tree (from
 C{/proc/PID/stat}, before and after each run) over the requests that
@@ -62,6 +64,7 @@ WORKLOADS = {
     "h2-1": ["-c", "4", "-m", "1"],
     "h2-100": ["-c", "4", "-m", "100"],
     "h1": ["--h1", "-c", "50", "-m", "1"],
+    "h1-4": ["--h1", "-c", "4", "-m", "1"],
 }
 
 
@@ -178,6 +181,9 @@ def report(results: dict) -> str:
         if tcpu and h1:
             lines.append(f"{workload}: txlb HTTP/2 / HTTP/1.1 keep-alive CPU per request = {tcpu / h1:.2f}"
                          " (target <= 1.30)")
+        h1few = value("txlb", "h1-4", "cpuUsPerRequest")
+        if workload == "h2-1" and tcpu and h1few:
+            lines.append(f"{workload}: txlb HTTP/2 / HTTP/1.1 over 4 connections CPU per request = {tcpu / h1few:.2f}")
     return "\n".join(lines)
 
 
@@ -186,7 +192,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per target and workload (median shown)")
     ap.add_argument("--targets", default="txlb,haproxy,direct")
-    ap.add_argument("--workloads", default="h2-1,h2-100,h1")
+    ap.add_argument("--workloads", default="h2-1,h2-100,h1,h1-4")
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--keep", action="store_true", help="keep the lab directory (configs, logs)")
     opts = ap.parse_args(argv)
@@ -213,7 +219,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for _ in range(max(1, opts.repeat)):
             for workload in workloads:
                 for target in targets:
-                    if workload == "h1" and target != "txlb":
+                    if workload.startswith("h1") and target != "txlb":
                         continue  # the yardstick is txlb's own HTTP/1.1 path
                     proc, port = started[target]
                     result = runH2load(port, workload, opts.duration, proc.pid if proc else None)
