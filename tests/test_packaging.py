@@ -32,6 +32,10 @@ def test_wheel_contents(wheel):
     assert "twisted/plugins/txlb_plugin.py" in names
     assert "twisted/plugins/txlb_schedulers.py" in names
     assert "txlb/tcp.py" in names
+    # Every layer's package, and the status page beside the admin API that serves it.
+    for package in ("net", "balance", "observe", "control", "service", "http", "config", "health", "policy"):
+        assert f"txlb/{package}/__init__.py" in names
+    assert "txlb/control/status.html" in names
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
     assert not [n for n in names if n.startswith("tests/")]
