@@ -142,6 +142,18 @@ def test_a_server_that_wants_a_client_certificate_it_was_not_given(files, events
     assert why.startswith("TLS with s0 failed: ") and alert in why
 
 
+@pytest.mark.parametrize("version", [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION])
+def test_a_client_certificate_the_server_does_not_trust(ca, files, events, version):
+    stranger = trustme.CA().issue_cert("txlb-client")
+    stranger.private_key_pem.write_to_path(str(files / "stranger.key"))
+    stranger.cert_chain_pems[0].write_to_path(str(files / "stranger.pem"))
+    h = tlsHarness(files, cert=str(files / "stranger.pem"), key=str(files / "stranger.key"))
+    frontend, client = h.accept()
+    frontend.dataReceived(GET)
+    handshake(h, tlsServer(h, files, clientCerts=True, maxVersion=version))
+    assert failed(client, events) == "TLS with s0 failed: tlsv1 alert unknown ca"
+
+
 def test_the_client_certificate_is_given_when_the_pool_has_one(files):
     h = tlsHarness(files, cert=str(files / "client.pem"), key=str(files / "client.key"))
     frontend, client = h.accept()
