@@ -629,10 +629,10 @@ class H2Connection:
         return alarm.call
 
     def putTimer(self, call) -> None:
-        """A stream is done with its timer: kept for the next (a few are), or cancelled."""
+        """A stream is done with its timer: kept for the next (as many as may be open), or cancelled."""
         alarm = call.func
         if type(alarm) is _Alarm and alarm.call is call and call.active() and not self._gone \
-                and len(self._spareTimers) < _SPARE_TIMERS:
+                and len(self._spareTimers) < self.maxStreams:
             alarm.stream = None
             self._spareTimers.append(alarm)
         elif call.active():
@@ -641,10 +641,6 @@ class H2Connection:
     def connectionLost(self, reason=None) -> None:
         self._gone = True
         self._abandonAll("client closed the connection")
-
-
-#: Timers a connection keeps for its next streams.
-_SPARE_TIMERS = 8
 
 
 class _Alarm:
