@@ -364,7 +364,9 @@ class BackendConnections:
         self._sweeper: Optional[LoopingCall] = None
         #: Servers that L{retire} was called for, and how many times: a
         #: connection asked for at an older generation is not reused.
+        #: Looked at only once some server was retired (C{_retired}).
         self._generations: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._retired = False
         #: The HTTP/2 connections, for pools with C{protocol = "h2"}.
         self.h2 = H2Backends(endpoints, clock)
 
@@ -374,7 +376,8 @@ class BackendConnections:
         with C{tls} (the pool's L{txlb.config.BackendTLSConfig}), once the
         handshake is done.
         """
-        factory = _ConnectionFactory(server, self, tls is not None, self._generations.get(server, 0))
+        generation = self._generations.get(server, 0) if self._retired else 0
+        factory = _ConnectionFactory(server, self, tls is not None, generation)
         d = self.endpoints.get(server.address, tls).connect(factory)
         if tls is not None:
             d.addCallback(lambda conn: conn.whenReady)
@@ -389,6 +392,7 @@ class BackendConnections:
         their streams end (L{H2Backends.retire}).
         """
         servers = list(servers)
+        self._retired = True
         for server in servers:
             self._generations[server] = self._generations.get(server, 0) + 1
             for conn in self._idle.pop(server, ()):
@@ -408,9 +412,8 @@ class BackendConnections:
     def putIdle(self, conn: BackendConnection) -> None:
         """Keep C{conn} for the next request to its server, or close it."""
         idle = self._idle.setdefault(conn.server, [])
-        generations = self._generations
         if (len(idle) >= self.maxIdle or conn.closed
-                or (generations and generations.get(conn.server, 0) != conn.generation)):
+                or (self._retired and self._generations.get(conn.server, 0) != conn.generation)):
             conn.transport.loseConnection()
             return
         idle.append(conn)
