@@ -364,3 +364,20 @@ def test_a_reload_that_changes_nothing_of_the_kind_keeps_them(tmp_path):
         assert not idle.disconnecting
     finally:
         running.service.stopService()
+
+
+def test_a_tcp_check_over_the_pools_tls_passes_only_once_the_handshake_is_done():
+    from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import ISSLTransport
+    from zope.interface import directlyProvides
+
+    from txlb.health._checks import _Connected
+
+    done: Deferred = Deferred()
+    check = _Connected(done, tls=False)  # the check has no TLS options: the pool's TLS wraps it
+    transport = StringTransport()
+    directlyProvides(transport, ISSLTransport)
+    check.makeConnection(transport)
+    assert not done.called
+    check.handshakeCompleted()
+    assert done.result.ok and done.result.detail == "TLS handshake completed"
