@@ -381,3 +381,25 @@ def test_a_tcp_check_over_the_pools_tls_passes_only_once_the_handshake_is_done()
     assert not done.called
     check.handshakeCompleted()
     assert done.result.ok and done.result.detail == "TLS handshake completed"
+
+
+
+class Closing(Protocol):
+    """A backend that hangs up on the first request without a word (no TLS close_notify either)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.abortConnection()
+
+
+def test_a_server_that_hangs_up_right_after_the_handshake_may_want_a_client_certificate(files, events):
+    h = tlsHarness(files)
+    server = tlsServer(h, files)
+    server.wrappedFactory = Factory.forProtocol(Closing)
+    frontend, client = h.accept()
+    frontend.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+    handshake(h, server)
+    assert head(client.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+    assert not [e for e in events if e.get("event") == "connect_failed"]  # it may have read the POST
+    [request] = [e for e in events if e.get("event") == "request"]
+    assert "s0 closed the connection right after the TLS handshake (does it want a client certificate?" in str(
+        request)

@@ -318,13 +318,16 @@ class BackendConnection(Protocol):
         name = self.server.name
         failedTLS = handshakeError(reason) if self.handshaken and reason is not None else None
         first = self.handshaken and not self.reused and not self.gotBytes
-        if failedTLS is not None:
-            # On the first request, a TLS 1.3 server refusing the client's
-            # certificate (it judges it after the client's handshake is
-            # done): the server never took the request; a failed connect.
+        if failedTLS is not None and "alert" in failedTLS:
+            # The server's TLS said no (OpenSSL: "tlsv13 alert certificate
+            # required"): on the first request, a TLS 1.3 server refusing
+            # the client's certificate, which it judges after the client's
+            # handshake is done.  It never read the request: a failed connect.
             exchange.backendFailed(f"TLS with {name} failed: {failedTLS}", self.gotBytes, refused=first)
         elif first:
             exchange.backendFailed(closedAfterHandshake(name), False)
+        elif failedTLS is not None:
+            exchange.backendFailed(f"TLS with {name} failed: {failedTLS}", self.gotBytes)
         else:
             exchange.backendFailed(f"{name} closed the connection", self.gotBytes)
 
