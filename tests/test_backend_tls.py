@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import trustme
+from h2.events import RequestReceived
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
@@ -248,15 +249,16 @@ def test_other_servers_keep_their_connections():
 
 
 class H2Server(H2Peer):
+    """The server of one h2 connection, answering 200 to each request once told to."""
+
     def __init__(self, backend, transport) -> None:
         conn = h2Connection(client=False)
         conn.initiate_connection()
         super().__init__(backend, transport, conn)
+        self.answered: set[int] = set()
         self.flush()
 
     def answer(self) -> None:
-        from h2.events import RequestReceived
-
         self.flush()
         for event in self.of(RequestReceived):
             if event.stream_id not in self.answered:
@@ -265,14 +267,10 @@ class H2Server(H2Peer):
                                        end_stream=True)
         self.flush()
 
-    answered: set
 
-
-def h2Served(h: Harness, frontend, index: int = -1) -> H2Server:
+def h2Served(h: Harness, index: int = -1) -> H2Server:
     backend, transport = h.answer(index)
-    server = H2Server(backend, transport)
-    server.answered = set()
-    return server
+    return H2Server(backend, transport)
 
 
 def test_an_http2_connection_drains_at_a_reload_and_closes_when_its_streams_end():
@@ -280,7 +278,7 @@ def test_an_http2_connection_drains_at_a_reload_and_closes_when_its_streams_end(
     h.pool.protocol = "h2"
     first, firstClient = h.accept()
     first.dataReceived(GET)
-    old = h2Served(h, first)
+    old = h2Served(h)
     old.flush()
     [conn] = h.connections.h2.connections(h.servers[0])
     h.connections.retire(h.pool)
@@ -293,7 +291,7 @@ def test_an_http2_connection_drains_at_a_reload_and_closes_when_its_streams_end(
     old.answer()
     assert firstClient.value().startswith(b"HTTP/1.1 200 OK")
     assert conn.transport.disconnecting
-    new = h2Served(h, second)
+    new = h2Served(h)
     new.answer()
     assert secondClient.value().startswith(b"HTTP/1.1 200 OK")
 
@@ -303,7 +301,7 @@ def test_an_idle_http2_connection_closes_at_once():
     h.pool.protocol = "h2"
     frontend, client = h.accept()
     frontend.dataReceived(GET)
-    server = h2Served(h, frontend)
+    server = h2Served(h)
     server.answer()
     [conn] = h.connections.h2.connections(h.servers[0])
     assert not conn.streams and not conn.transport.disconnecting
@@ -317,7 +315,7 @@ def test_an_http2_connection_being_made_at_the_reload_serves_its_waiters_then_dr
     frontend, client = h.accept()
     frontend.dataReceived(GET)
     h.connections.retire(h.pool)
-    server = h2Served(h, frontend)
+    server = h2Served(h)
     server.answer()
     assert client.value().startswith(b"HTTP/1.1 200 OK")
     assert h.connections.h2.connections(h.servers[0]) == []
