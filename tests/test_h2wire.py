@@ -277,7 +277,8 @@ def test_send_windows_follow_window_updates_and_settings():
     c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1000})
     events, _ = talk(s, c)
     assert events == [(WINDOW, 0)] and s.window(stream) == 950
-    assert s.receive(frame(h2wire.WINDOW_UPDATE, 0, sid, b"\x7f\xff\xff\xff")) == [(RESET, sid, h2wire.FLOW_CONTROL_ERROR)]
+    overflow = frame(h2wire.WINDOW_UPDATE, 0, sid, b"\x7f\xff\xff\xff")
+    assert s.receive(overflow) == [(RESET, sid, h2wire.FLOW_CONTROL_ERROR)]
     assert s.sendWindow == 65535 - 100
 
 
@@ -338,3 +339,42 @@ def test_decoded_blocks_kept_always_mean_what_the_client_meant(lists, tableSize)
                                  encoder.encode(headers)))
         assert events == [(REQUEST, 2 * i + 1, headers, True)]
         s.sendHeaders(s.stream(2 * i + 1), [(b":status", b"204")], True)
+
+
+_frames = st.lists(st.tuples(st.integers(min_value=0, max_value=12), st.integers(min_value=0, max_value=255),
+                             st.sampled_from([0, 1, 2, 3, 5, 7, 0x7FFFFFFF]), st.binary(max_size=40)),
+                   max_size=12)
+
+
+def _frames_out(data: bytes) -> list:
+    """The frames in C{data}, which must be whole frames."""
+    out, pos = [], 0
+    while pos < len(data):
+        size = int.from_bytes(data[pos:pos + 3], "big")
+        out.append((data[pos + 3], data[pos + 9:pos + 9 + size]))
+        pos += 9 + size
+    assert pos == len(data)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(_frames, st.integers(min_value=1, max_value=64))
+def test_any_frames_end_in_events_or_a_goaway_and_nothing_else(frames, cut):
+    s, _ = opened()
+    encoder = Encoder()
+    data = frame(h2wire.HEADERS, h2wire.END_HEADERS, 1, encoder.encode(GET))
+    for kind, flags, sid, payload in frames:
+        data += frame(kind, flags, sid, payload)
+    try:
+        for i in range(0, len(data), cut):
+            events = s.receive(data[i:i + cut])
+            for event in events:
+                assert event[0] in (REQUEST, BODY, TRAILERS, RESET, WINDOW, GONE)
+    except h2wire.ConnectionError as e:
+        assert s.closed
+        assert _frames_out(s.dataToSend())[-1][0] == h2wire.GOAWAY
+        assert e.code in (h2wire.PROTOCOL_ERROR, h2wire.FRAME_SIZE_ERROR, h2wire.FLOW_CONTROL_ERROR,
+                          h2wire.COMPRESSION_ERROR, h2wire.ENHANCE_YOUR_CALM)
+    else:
+        _frames_out(s.dataToSend())
+        assert len(s.streams) <= s.maxStreams
