@@ -29,6 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
+from service_identity import VerificationError
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -318,11 +319,13 @@ class BackendConnection(Protocol):
         name = self.server.name
         failedTLS = handshakeError(reason) if self.handshaken and reason is not None else None
         first = self.handshaken and not self.reused and not self.gotBytes
-        if failedTLS is not None and "alert" in failedTLS:
+        if failedTLS is not None and ("alert" in failedTLS or reason.check(VerificationError)):
             # The server's TLS said no (OpenSSL: "tlsv13 alert certificate
             # required"): on the first request, a TLS 1.3 server refusing
             # the client's certificate, which it judges after the client's
-            # handshake is done.  It never read the request: a failed connect.
+            # handshake is done.  Or txlb said no to the server's name, which
+            # older Twisted checks only once the handshake is reported done.
+            # The server never read the request: a failed connect.
             exchange.backendFailed(f"TLS with {name} failed: {failedTLS}", self.gotBytes, refused=first)
         elif first:
             exchange.backendFailed(closedAfterHandshake(name), False)
