@@ -378,3 +378,19 @@ def test_any_frames_end_in_events_or_a_goaway_and_nothing_else(frames, cut):
     else:
         _frames_out(s.dataToSend())
         assert len(s.streams) <= s.maxStreams
+
+
+def test_what_a_connection_keeps_of_decoded_blocks_stays_small():
+    s, _ = opened(server(maxStreams=200))
+    # Static-table fields only: nothing changes the table, every block is
+    # one to keep.
+    sid = 1
+    for i in range(40):
+        block = b"".join(bytes((0x80 | index,)) for index in (2, 6, 4)) + bytes((0x80 | (16 + i % 40),))
+        s.receive(frame(h2wire.HEADERS, h2wire.END_HEADERS | h2wire.END_STREAM, sid, block))
+        sid += 2
+    assert len(s._decoded) <= h2wire._KEEP_BLOCKS
+    many = bytes((0x82,)) * (h2wire._KEEP_HEADERS + 1)  # 33 times :method GET
+    s._decoded.clear()
+    s.receive(frame(h2wire.HEADERS, h2wire.END_HEADERS | h2wire.END_STREAM, sid, many))
+    assert s._decoded == {}

@@ -197,7 +197,7 @@ for _index, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, 1):
 
 #: The encoder keeps at most this many whole fields, of values at most this
 #: long, and none of the fields whose value differs in every response.
-_KEEP_FIELDS = 512
+_KEEP_FIELDS = 64
 _KEEP_VALUE = 128
 _UNIQUE = frozenset({b"x-request-id", b"set-cookie"})
 

@@ -89,8 +89,11 @@ MAX_INBOUND_FRAME = 16384
 CONTINUATION_LIMIT = 64
 
 #: Decoded header blocks a connection keeps, and the largest kept.
-_KEEP_BLOCKS = 64
-_KEEP_BLOCK = 1024
+_KEEP_BLOCKS = 16
+_KEEP_BLOCK = 256
+#: ... and the most fields a kept block may decode to: what a connection
+#: holds this way stays a few KiB, whatever its client sends.
+_KEEP_HEADERS = 32
 
 _HEAD = struct.Struct(">BHBBL")
 _U32 = struct.Struct(">L")
@@ -400,7 +403,7 @@ class ServerConnection:
         headers = self.decoder.decode(block, raw=True)
         kept = self._decoded
         if len(entries) == count and (entries[0] if entries else None) is first and table.maxsize == size:
-            if len(block) <= _KEEP_BLOCK:
+            if len(block) <= _KEEP_BLOCK and len(headers) <= _KEEP_HEADERS:
                 if len(kept) >= _KEEP_BLOCKS:
                     kept.clear()
                 kept[block] = headers
