@@ -98,7 +98,7 @@ def readTLS(t: Optional[_Table]) -> Optional[TLSConfig]:
 
 def readBackendTLS(t: Optional[_Table]) -> Optional[BackendTLSConfig]:
     """A pool's C{tls}: verify its servers, and present a client certificate to them."""
-    from txlb.net.tls import CertificateError, checkCertificate
+    from txlb.net.tls import CertificateError, backendCA, checkCertificate
 
     if t is None:
         return None
@@ -109,6 +109,11 @@ def readBackendTLS(t: Optional[_Table]) -> Optional[BackendTLSConfig]:
         cert=_file(t, "cert"),
         key=_file(t, "key"),
     )
+    if tls.ca is not None and not _hasProblems(t, "ca"):
+        try:
+            backendCA(tls.ca)
+        except CertificateError as e:
+            t.error("ca", str(e))
     if (tls.cert is None) != (tls.key is None):
         t.error("cert" if tls.cert is None else "key", "cert and key go together (mutual TLS)")
     elif tls.cert and tls.key and not _hasProblems(t):

@@ -451,6 +451,15 @@ class EndpointCache:
             self._endpoints[key] = endpoint
         return endpoint
 
+    def forget(self, tls) -> None:
+        """
+        Drop the endpoints made with C{tls} (a pool's
+        L{txlb.config.BackendTLSConfig}): the files it names were renewed
+        in place, and the next connect must read them again.
+        """
+        for key in [k for k in self._endpoints if len(k) > 1 and k[1] == tls]:
+            del self._endpoints[key]
+
     def plainTCP(self, address: str, tls=None) -> Optional[tuple[int, tuple, float]]:
         """
         C{(family, sockaddr, timeout)} for a plaintext C{tcp:} address with

@@ -433,6 +433,45 @@ class ServerTLS:
         )
 
 
+def backendCA(path: str) -> list[x509.Certificate]:
+    """
+    The certificates of a pool's C{tls.ca} file, every one trusted: while
+    a CA is replaced, the file holds the old and the new one.
+
+    @raise CertificateError: unreadable, or no PEM certificate in it.
+    """
+    pem = _readPem(path, "CA certificate")
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise CertificateError(f"{path} is not a PEM certificate (the CA that signs the servers' certificates)")
+
+
+def filesDigest(tls) -> Optional[bytes]:
+    """
+    A digest of what the files a pool's C{tls} names (C{ca}, C{cert},
+    C{key}) hold now, or L{None} without C{tls}.  Certificates are renewed
+    in place, under the same path, so the config alone cannot tell that a
+    pool's TLS settings are stale: a reload compares this with the digest
+    taken when they were made.  A file that cannot be read counts by its
+    error (the config's check says which file).
+    """
+    if tls is None:
+        return None
+    digest = hashlib.sha256()
+    for path in (tls.ca, tls.cert, tls.key):
+        if path is None:
+            data = b"none"
+        else:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                data = f"unreadable: {e.errno}".encode()
+        digest.update(len(data).to_bytes(8, "big") + data)
+    return digest.digest()
+
+
 def clientTLS(serverName: str, *, verify: bool = True, ca: Optional[str] = None,
               cert: Optional[str] = None, key: Optional[str] = None, alpn: Sequence[bytes] = ()):
     """
@@ -456,7 +495,9 @@ def clientTLS(serverName: str, *, verify: bool = True, ca: Optional[str] = None,
             options.update(privateKey=clientCertificate.privateKey.original,
                            certificate=clientCertificate.original)
         return tssl.CertificateOptions(**options)
-    trustRoot = tssl.Certificate.loadPEM(_readPem(ca, "CA certificate")) if ca else tssl.platformTrust()
+    trustRoot = tssl.trustRootFromCertificates(
+        [tssl.Certificate(crypto.X509.from_cryptography(c)) for c in backendCA(ca)]
+    ) if ca else tssl.platformTrust()
     return tssl.optionsForClientTLS(
         serverName,
         trustRoot=trustRoot,

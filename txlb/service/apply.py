@@ -28,6 +28,7 @@ from txlb.control.admin import readToken
 from txlb.control.reload import ConfigDiff, ServerDiff, describe, diffConfigs, diffServers, serversOnly
 from txlb.http.frontend import HTTPProxyFactory
 from txlb.net.endpoints import sameSocket
+from txlb.net.tls import filesDigest
 from txlb.service.build import buildPool, poolSettings, serverTLS, warnUnverified
 from txlb.service.ports import ListenError, listenNow, newEntry, stopListening
 from txlb.udp import UDPBalancer
@@ -65,6 +66,12 @@ class Reloads:
     def __init__(self, tree) -> None:
         self.tree = tree
         self._lock = DeferredLock()
+        #: What the files each pool's C{tls} names held at the last reload
+        #: (L{filesDigest}): certificates renewed in place, under the same
+        #: path, leave the config as it was, and only this tells.
+        self.tlsFiles: dict[str, bytes] = _tlsFiles(tree.config)
+        #: The pools whose TLS files the last L{apply} found renewed.
+        self.renewed: tuple[str, ...] = ()
 
     def reload(self) -> Deferred:
         """
@@ -108,10 +115,11 @@ class Reloads:
             path=path, errors=[], changes=changes, count=len(changes),
         )
         if tree.workers is not None:
-            # Servers only (and no certificates to read again) are sent to
-            # the workers as state; anything else starts new workers, which
-            # read the file again, and stops the old ones once the new accept.
-            if serversOnly(old, new) and not any(s.tls is not None for s in new.services):
+            # Servers only (and no certificates to read again, nor pool TLS
+            # files renewed) are sent to the workers as state; anything else
+            # starts new workers, which read the file again, and stops the
+            # old ones once the new accept.
+            if serversOnly(old, new) and not any(s.tls is not None for s in new.services) and not self.renewed:
                 tree.workers.changed()
             else:
                 tree.workers.restartAll()
@@ -126,7 +134,8 @@ class Reloads:
         diff = diffConfigs(self.tree.config, new)
         prepared = self._prepare(new, diff)
         servers = self._commit(new, diff, prepared)
-        return describe(diff, servers)
+        self.renewed = prepared["renewed"]
+        return describe(diff, servers) + [f"pool {name}: tls files changed" for name in self.renewed]
 
     def _prepare(self, new: Config, diff: ConfigDiff) -> dict:
         tree = self.tree
@@ -182,8 +191,12 @@ class Reloads:
             for address in opened:
                 tree.entries.pop(address, None)
             raise Refused(e.errors if isinstance(e, Refused) else [str(e.code).removeprefix("txlb: ")])
+        tlsFiles = _tlsFiles(new)
+        renewed = tuple(name for name, digest in tlsFiles.items()
+                        if name in tree.pools and name not in pools and tree.pools[name].tls == new.pools[name].tls
+                        and self.tlsFiles.get(name) != digest)
         return dict(tls=tls, schedulers=schedulers, checks=checks, pools=pools, token=token,
-                    opened=opened, adminPort=adminPort, adminSite=site)
+                    opened=opened, adminPort=adminPort, adminSite=site, tlsFiles=tlsFiles, renewed=renewed)
 
     def _commit(self, new: Config, diff: ConfigDiff, prepared: dict) -> list[tuple[str, ServerDiff]]:
         tree = self.tree
@@ -206,6 +219,13 @@ class Reloads:
             pool.protocol = config.protocol
             if p.scheduler:
                 pool.setScheduler(config.algorithm, prepared["schedulers"][p.name])
+        for name in prepared["renewed"]:
+            # The same tls table, new files under its paths: the settings
+            # made from the old ones are dropped, and connections made with
+            # them serve no new request, as for a changed table.
+            tree.endpoints.forget(new.pools[name].tls)
+            tree.connections.retire(tree.pools[name])
+        self.tlsFiles = prepared["tlsFiles"]
         for name, checks in prepared["checks"].items():
             tree.stopHealth(name)
             tree.startHealth(checks)
@@ -297,6 +317,11 @@ def applyServers(pool: Pool, wanted) -> ServerDiff:
     for config in diff.added:
         pool.add(Server(config.name, config.address, config.weight))
     return diff
+
+
+def _tlsFiles(config: Config) -> dict[str, bytes]:
+    """L{filesDigest} of each pool's C{tls} that has one, by pool name."""
+    return {name: filesDigest(p.tls) for name, p in config.pools.items() if p.tls is not None}
 
 
 def _rejected(path: str, errors: list[str]) -> Reloaded:
