@@ -10,6 +10,12 @@ here: a pick from the pool per connection, a different server tried when a
 connect fails, half-close passed through both ways, an idle timeout, and
 exact accounting (active connections, bytes, time to first byte).
 
+To a pool with C{tls}, a server is connected once the TLS handshake is
+done: a handshake that fails (the server's certificate, or its TLS
+refusing ours) is a failed connect like a refused one, named as HTTP
+pools name it (L{txlb.net.tls.handshakeError}), and the next server is
+tried.  Those connections are never spliced: the bytes are encrypted here.
+
 Plaintext connections to a server with a literal IP address take a shorter
 road: the backend socket is connected directly (L{txlb.net.connect}) and both
 sockets are handed to the kernel (L{txlb.net.splice}) without a Twisted
@@ -33,6 +39,7 @@ from zope.interface import implementer
 from txlb.net.connect import Deadlines, PendingConnect, connectSocket
 from txlb.net.drain import OpenConnections
 from txlb.net.endpoints import EndpointCache, connectFailure
+from txlb.net.tls import handshakeError
 from txlb.interfaces import IEarlyBytes, PickContext
 from txlb.observe.logs import emit
 from txlb.policy.access import DENY
@@ -174,11 +181,12 @@ class TCPBalancerFactory(Factory):
 class _BackendFactory(Factory):
     noisy = False
 
-    def __init__(self, frontend: "Frontend") -> None:
+    def __init__(self, frontend: "Frontend", tls: bool = False) -> None:
         self.frontend = frontend
+        self.tls = tls
 
     def buildProtocol(self, addr) -> "Backend":
-        return Backend(self.frontend)
+        return Backend(self.frontend, self.tls)
 
 
 class _Side(Protocol):
@@ -203,26 +211,37 @@ class _Side(Protocol):
 class _TwistedConnect:
     """
     A connect through a Twisted endpoint, cancellable with a reason like a
-    L{PendingConnect}.
+    L{PendingConnect}.  Over TLS it lasts until the handshake is done
+    (L{Backend.handshakeCompleted}) or has failed (L{Backend.connectionLost}).
     """
 
-    def __init__(self, frontend: "Frontend", d: Deferred) -> None:
+    #: Over TLS, the backend whose handshake runs (TCP is connected).
+    backend: Optional["Backend"] = None
+
+    def __init__(self, frontend: "Frontend", d: Deferred, tls: bool = False) -> None:
         self.frontend = frontend
         self.why: Optional[str] = None
         self.d = d
+        self.tls = tls
 
     def start(self) -> None:
         self.d.addCallbacks(self._connected, self._failed)
 
     def _connected(self, backend: "Backend") -> None:
-        self.frontend._connected()
+        if self.tls:
+            self.backend = backend
+        else:
+            self.frontend._connected()
 
     def _failed(self, failure: Failure) -> None:
         self.frontend._connectFailed(self.why or connectFailure(failure))
 
     def cancel(self, why: str = "connect cancelled") -> None:
         self.why = why
-        self.d.cancel()
+        if self.backend is not None:
+            self.backend.transport.abortConnection()  # its connectionLost says why
+        else:
+            self.d.cancel()
 
 
 @implementer(IHalfCloseableProtocol, IEarlyBytes, IHandshakeListener)
@@ -386,8 +405,9 @@ class Frontend(_Side):
             self._connectSocket(*plain)
             return
         self._pause()
-        d = factory.endpoints.get(server.address, pool.tls).connect(_BackendFactory(self))
-        connecting = self._connecting = _TwistedConnect(self, d)
+        tls = pool.tls is not None
+        d = factory.endpoints.get(server.address, pool.tls).connect(_BackendFactory(self, tls))
+        connecting = self._connecting = _TwistedConnect(self, d, tls)
         connecting.start()
         if self._connecting is connecting:  # not over already
             self._connectTimeout = pool.connectTimeout
@@ -600,18 +620,51 @@ class Frontend(_Side):
         emit(_log, "connection", fields)
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class Backend(_Side):
-    """The server's side of one connection made through a Twisted endpoint."""
+    """
+    The server's side of one connection made through a Twisted endpoint.
+    Over TLS (C{tls}), it starts once the handshake is done.
+    """
 
-    def __init__(self, frontend: Frontend) -> None:
+    #: The TLS handshake is done.
+    handshaken = False
+
+    def __init__(self, frontend: Frontend, tls: bool = False) -> None:
         self.frontend = frontend
         self.server = frontend.server
         self.pool = frontend.factory.pool
         self.closed = False
+        self.tls = tls
 
     def connectionMade(self) -> None:
-        self.frontend.backendConnected(self)
+        if not self.tls:
+            self.frontend.backendConnected(self)
+
+    def handshakeCompleted(self) -> None:
+        """The server's certificate verified (and ours taken): now it is connected."""
+        frontend = self.frontend
+        if getattr(self.transport, "disconnecting", False):
+            # Refused as it was reported done: older Twisted checks the
+            # server's name only then.  Its connectionLost says why.
+            return
+        if frontend.closed:  # the client left meanwhile: a connect called off
+            self.transport.abortConnection()
+            return
+        self.handshaken = True
+        frontend._connected()
+        frontend.backendConnected(self)
+
+    def _handshakeFailed(self, reason: Optional[Failure]) -> None:
+        """The connection ended before its TLS handshake did: a failed connect."""
+        frontend = self.frontend
+        connecting = frontend._connecting
+        why = connecting.why if connecting is not None else None
+        if why is None:
+            failedTLS = handshakeError(reason) if reason is not None else None
+            why = (f"TLS with {self.server.name} failed: {failedTLS}" if failedTLS
+                   else f"{self.server.name} closed the connection during the TLS handshake")
+        frontend._connectFailed(why)
 
     def dataReceived(self, data: bytes) -> None:
         frontend = self.frontend
@@ -637,6 +690,17 @@ class Backend(_Side):
     def connectionLost(self, reason: Failure = None) -> None:
         self.closed = True
         frontend = self.frontend
+        if self.tls:
+            if not self.handshaken:
+                self._handshakeFailed(reason)
+                return
+            failedTLS = handshakeError(reason) if reason is not None else None
+            if failedTLS is not None and not frontend.error:
+                # After the handshake: a TLS 1.3 server judges the client's
+                # certificate only once the client's side is done.
+                frontend.error = f"TLS with {self.server.name} failed: {failedTLS}"
+                if not frontend.gotFirstByte:
+                    self.pool.connectFailed(self.server)  # it never served: passive detection counts it
         frontend._released()
         if frontend.closed:
             frontend._finished()
