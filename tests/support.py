@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import socketserver
@@ -20,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -415,3 +418,46 @@ def tcpPair() -> tuple[socket.socket, socket.socket]:
     for s in (outer, inner):
         s.setblocking(False)
     return outer, inner
+
+
+HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+needsHAProxy = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (run-tests installs it)")
+
+
+class HAProxy:
+    """
+    C{haproxy -f cfg -db} in a subprocess, loopback only: a real peer
+    (PROXY protocol sender and receiver, HTTP/2 client and server).
+    C{sections} follow a C{defaults} of C{mode tcp}; a section may say
+    C{mode http}.
+    """
+
+    def __init__(self, directory: Path, sections: str, ports: list[int]) -> None:
+        self.cfg = directory / "haproxy.cfg"
+        self.cfg.write_text(
+            "global\n  maxconn 200\n"
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n"
+            + sections
+        )
+        self.log = open(directory / "haproxy.log", "wb")
+        self.process = subprocess.Popen([HAPROXY, "-f", str(self.cfg), "-db"], stdout=self.log,
+                                        stderr=subprocess.STDOUT)
+        for port in ports:
+            waitFor(lambda: self.process.poll() is not None or accepts(port), what=f"haproxy on {port}")
+        if self.process.poll() is not None:
+            raise AssertionError(f"haproxy exited: {(directory / 'haproxy.log').read_text()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self.log.close()
+
+
+def accepts(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:C{port}."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False

@@ -8,22 +8,17 @@ HAProxy (C{accept-proxy}) behind txlb reading txlb's own headers.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import ssl
 import struct
-import subprocess
 import threading
 import urllib.request
-from pathlib import Path
 
 import pytest
 import trustme
 
-from tests.support import Backend, Txlb, freePort, httpRequests, recvAll, waitFor
+from tests.support import HAPROXY, Backend, HAProxy, Txlb, freePort, httpRequests, needsHAProxy, recvAll, waitFor
 
-HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
-needsHAProxy = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (run-tests installs it)")
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -68,39 +63,6 @@ class Capture:
 
     def stop(self) -> None:
         self.backend.stop()
-
-
-class HAProxy:
-    """C{haproxy -f cfg -db} in a subprocess, loopback only."""
-
-    def __init__(self, directory: Path, sections: str, ports: list[int]) -> None:
-        self.cfg = directory / "haproxy.cfg"
-        self.cfg.write_text(
-            "global\n  maxconn 200\n"
-            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n"
-            + sections
-        )
-        self.log = open(directory / "haproxy.log", "wb")
-        self.process = subprocess.Popen([HAPROXY, "-f", str(self.cfg), "-db"], stdout=self.log,
-                                        stderr=subprocess.STDOUT)
-        for port in ports:
-            waitFor(lambda: self.process.poll() is not None or _accepts(port), what=f"haproxy on {port}")
-        if self.process.poll() is not None:
-            raise AssertionError(f"haproxy exited: {(directory / 'haproxy.log').read_text()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
-        self.log.close()
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
