@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from twisted.names import dns
@@ -368,3 +370,59 @@ def test_a_reload_adds_and_removes_udp_services(backends):
                 ask(c, first, b"3")
             c.settimeout(ANSWER_TIMEOUT)
             assert ask(c, second, b"4")[0] == "b0"
+
+
+def _nginxStream() -> tuple[str | None, str]:
+    """nginx and the C{load_module} line its stream module needs (C{""} when built in), or L{None}."""
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        return None, ""
+    built = subprocess.run([nginx, "-V"], capture_output=True, text=True).stderr
+    if "--with-stream " in built + " ":
+        return nginx, ""
+    module = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+    return (nginx, f"load_module {module};") if module.exists() else (None, "")
+
+
+NGINX, _LOAD_STREAM = _nginxStream()
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx with its stream module is not installed (libnginx-mod-stream)")
+def test_nginx_stream_in_front_of_txlb_gets_every_answer(backends, tmp_path):
+    """
+    nginx's UDP proxy (a real peer) talks to txlb from connected sockets,
+    which drop any answer not from the address they sent to: every answer
+    arriving proves txlb answers each flow from the service's address.
+    Each nginx session is a flow of txlb's, spread over both servers.
+    """
+    port, front = freeUDPPort(), freeUDPPort()
+    (tmp_path / "nginx.conf").write_text(
+        f"{_LOAD_STREAM}\nworker_processes 1;\ndaemon off;\npid {tmp_path}/nginx.pid;\n"
+        f"error_log {tmp_path}/error.log info;\nevents {{ worker_connections 64; }}\n"
+        f"stream {{\n  server {{\n    listen 127.0.0.1:{front} udp;\n    proxy_pass 127.0.0.1:{port};\n"
+        f"    proxy_responses 1;\n    proxy_timeout 5s;\n  }}\n}}\n"
+    )
+    with Txlb(config(port, backends)) as txlb:
+        nginx = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            names = []
+            for i in range(8):
+                sock = client()
+                deadline = time.monotonic() + 15
+                while True:  # until nginx listens: a datagram to a closed port is lost, not refused
+                    sock.sendto(b"q%d" % i, ("127.0.0.1", front))
+                    ready, _, _ = select.select([sock], [], [], 0.5)
+                    if ready or time.monotonic() > deadline:
+                        break
+                answer, source = sock.recvfrom(65535)
+                assert source == ("127.0.0.1", front)
+                name, _, echoed = answer.partition(b":")
+                assert echoed == b"q%d" % i
+                names.append(name.decode())
+                sock.close()
+            assert sorted(set(names)) == ["b0", "b1"]
+        finally:
+            nginx.terminate()
+            nginx.wait(10)
+        assert txlb.process.poll() is None
