@@ -694,13 +694,14 @@ class Backend(_Side):
             if not self.handshaken:
                 self._handshakeFailed(reason)
                 return
-            failedTLS = handshakeError(reason) if reason is not None else None
+            failedTLS = handshakeError(reason) if reason is not None and not frontend.gotFirstByte else None
             if failedTLS is not None and not frontend.error:
-                # After the handshake: a TLS 1.3 server judges the client's
-                # certificate only once the client's side is done.
+                # Right after the handshake, before the server said a word:
+                # a TLS 1.3 server judges the client's certificate only once
+                # the client's side is done.  It never served: passive
+                # detection counts it.
                 frontend.error = f"TLS with {self.server.name} failed: {failedTLS}"
-                if not frontend.gotFirstByte:
-                    self.pool.connectFailed(self.server)  # it never served: passive detection counts it
+                self.pool.connectFailed(self.server)
         frontend._released()
         if frontend.closed:
             frontend._finished()
