@@ -17,7 +17,7 @@ import time
 from typing import Callable, Optional
 
 import pytest
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
@@ -423,3 +423,17 @@ def test_standalone_status():
     status = Standalone(ClusterConfig(node="solo", address="127.0.0.9"), clock).status()
     assert (status["mode"], status["node"], status["active"]) == ("standalone", "solo", True)
     assert [n["address"] for n in status["nodes"]] == ["127.0.0.9"]
+
+
+class Refusing:
+    """A store whose Redis refuses connections, as Twisted reports it."""
+
+    def __getattr__(self, name):
+        return lambda *args: defer.fail(error.getConnectError((111, "Connection refused")))
+
+
+def test_an_unreachable_redis_is_named_without_twisteds_preamble(events):
+    node = makeNode(None, "a", Clock(), mode="active-active", store=Refusing())
+    node._tick()
+    [event] = [e for e in events if e.get("event") == "cluster_redis"]
+    assert event["error"] == "Connection refused"  # not "An error occurred while connecting: ..."

@@ -257,3 +257,23 @@ def test_a_connection_dead_under_our_feet_falls_back(events):
     store.set("k", "s2")
     assert store.get("k") == "s2"
     assert len(kinds(events, "sessions_degraded")) == 1
+
+
+def test_a_connect_failure_says_only_why(events):
+    from twisted.internet import defer, error
+    from twisted.internet.protocol import Factory
+
+    from txlb.balance.sessions import _WatchedEndpoint
+
+    class Refusing:
+        def connect(self, factory):
+            return defer.fail(error.getConnectError((111, "Connection refused")))
+
+    clock = Clock()
+    store = RedisStore(clock, "tcp:host=127.0.0.1:port=6379", MemoryStore(clock, 60))
+    store.running = True
+    failed = []
+    _WatchedEndpoint(Refusing(), store).connect(Factory()).addErrback(failed.append)
+    assert failed  # the reconnecting service retries
+    [degraded] = kinds(events, "sessions_degraded")
+    assert degraded["reason"] == "cannot connect: Connection refused"  # not Twisted's "An error occurred..."

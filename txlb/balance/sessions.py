@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txlb.interfaces import ISessionStore
+from txlb.net.endpoints import connectFailure
 
 if TYPE_CHECKING:  # records only: the config's readers are a layer above this one
     from txlb.config import SessionsConfig
@@ -100,7 +101,7 @@ class _WatchedEndpoint:
 
     def connect(self, factory) -> Deferred:
         def failed(failure: Failure) -> Failure:
-            self.store._failed(f"cannot connect: {failure.getErrorMessage()}")
+            self.store._failed(f"cannot connect: {connectFailure(failure)}")
             return failure  # the reconnecting service retries
 
         return self.endpoint.connect(factory).addErrback(failed)

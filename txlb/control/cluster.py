@@ -53,6 +53,7 @@ from zope.interface import Interface, implementer
 
 from txlb import __version__
 from txlb.balance.pool import Pool, Server
+from txlb.net.endpoints import connectFailure
 
 if TYPE_CHECKING:  # records only: the config's readers are a layer above this one
     from txlb.config import ClusterConfig
@@ -456,7 +457,7 @@ class Cluster(Service):
             _log.warn(
                 "cannot reach Redis at {redis}: {error}",
                 event="cluster_redis", reachable=False, redis=self.config.redis,
-                error=failure.getErrorMessage() or failure.type.__name__,
+                error=connectFailure(failure),  # without Twisted's "An error occurred while connecting:"
             )
 
     def _gotMembers(self, records: list[str]) -> None:
@@ -642,7 +643,7 @@ class Cluster(Service):
         def lost(f: Failure) -> None:
             _log.warn(
                 "admin change not shared with the other nodes: {error}",
-                event="cluster_change_lost", change=dict(change), error=f.getErrorMessage() or f.type.__name__,
+                event="cluster_change_lost", change=dict(change), error=connectFailure(f),
             )
 
         self.store.publish(message).addErrback(lost)
