@@ -255,3 +255,16 @@ def test_a_services_certificate_and_client_ca_renewed_in_place_are_used_after_th
         assert clientHandshake(r, renewedCA, "www.site.test", renewedClients.issue_cert("bob"))
     finally:
         r.service.stopService()
+
+
+def test_a_file_broken_before_a_servers_first_connect_fails_that_connect_saying_so(running, files, events):
+    # The settings for a server are made at its first connect: a file
+    # replaced by something unreadable since the config was checked.
+    (files / "ca.pem").write_text("renewal half written")
+    protocol, transport = running.connect(8080)
+    protocol.dataReceived(GET)
+    assert head(transport.value())[0] == b"HTTP/1.1 502 Bad Gateway"
+    assert running.reactor.tcpClients == []  # nothing to connect with
+    [why] = [e["why"] for e in events if e.get("event") == "connect_failed"]
+    assert why == (f"the pool's tls: {files / 'ca.pem'} is not a PEM certificate "
+                   "(the CA that signs the servers' certificates)")

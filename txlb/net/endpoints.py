@@ -26,6 +26,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 
 class EndpointError(ValueError):
@@ -416,6 +417,17 @@ def sameSocket(a: str, b: str) -> bool:
     return True
 
 
+@implementer(IStreamClientEndpoint)
+class _Failing:
+    """An endpoint whose every connect fails, saying why."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def connect(self, factory) -> defer.Deferred:
+        return defer.fail(error.ConnectError(string=self.why))
+
+
 class EndpointCache:
     """
     Client endpoints by address string (and backend TLS settings), parsed
@@ -443,10 +455,16 @@ class EndpointCache:
             if tls is not None:
                 from txlb.net.tls import clientTLS
 
-                creator = clientTLS(
-                    tls.server_name or hostOf(address), verify=tls.verify, ca=tls.ca, cert=tls.cert, key=tls.key,
-                    alpn=alpn,
-                )
+                try:
+                    creator = clientTLS(
+                        tls.server_name or hostOf(address), verify=tls.verify, ca=tls.ca, cert=tls.cert,
+                        key=tls.key, alpn=alpn,
+                    )
+                except Exception as e:
+                    # The files were checked with the config; one replaced
+                    # since by something unreadable fails this connect, and
+                    # the next one reads them again.
+                    return _Failing(f"the pool's tls: {e}")
                 endpoint = wrapClientTLS(creator, endpoint)
             self._endpoints[key] = endpoint
         return endpoint
