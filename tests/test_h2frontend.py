@@ -744,3 +744,48 @@ def test_response_blocks_are_an_http11_heads_fields_for_http2():
         assert not empty
     block, empty = encoder.responseBlock(204, [(b"content-LENGTH", b"0")])
     assert decoder.decode(block, raw=True) == [(b":status", b"204"), (b"content-length", b"0")] and empty
+
+
+def test_response_lines_encode_as_http2_fields():
+    encoder, decoder = StaticEncoder(), Decoder()
+    lines = [b"Server: nginx", b"Connection: keep-alive", b"X-Request-ID: abc-1", b"X-Cache: MISS",
+             b"Set-Cookie: s=1", b"Content-Length: 12", b"Upgrade: h2c", b"X-Empty: "]
+    for status in (200, 503, 200):
+        block = encoder.responseLines(status, lines)
+        assert decoder.decode(block, raw=True) == [
+            (b":status", b"%d" % status), (b"server", b"nginx"), (b"x-request-id", b"abc-1"),
+            (b"x-cache", b"MISS"), (b"set-cookie", b"s=1"), (b"content-length", b"12"), (b"x-empty", b"")]
+    assert b"X-Request-ID: abc-1" not in encoder._lines and b"Server: nginx" in encoder._lines
+
+
+def test_a_backends_response_is_framed_without_being_read_back():
+    h = Harness()
+    c = Client(h)
+    sid = c.request("/")
+    backend, _ = h.answer()
+    stream = c.frontend.h2.streams[sid]
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nServer: app\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello")
+    c.read()
+    headers, body, ended = c.response(sid)
+    assert (headers[b"server"], headers[b"content-length"], body, ended) == (b"app", b"5", b"hello", True)
+    assert b"connection" not in headers
+    # One read of the backend: one DATA frame, carrying END_STREAM; no
+    # HTTP/1.1 head written and parsed again.
+    [data] = c.of(h2.events.DataReceived, sid)
+    assert data.stream_ended is not None
+    assert stream.out.parser is None and stream.out.direct
+
+
+def test_a_head_request_and_a_304_are_one_headers_frame():
+    h = Harness()
+    c = Client(h)
+    for method, answer in ((b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"),
+                           (b"GET", b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n")):
+        sid = c.request("/", method=method.decode())
+        backend, _ = h.answer()
+        backend.dataReceived(answer)
+        c.read()
+        [response] = c.of(h2.events.ResponseReceived, sid)
+        assert response.stream_ended is not None and not c.of(h2.events.DataReceived, sid)
+        if method == b"HEAD":
+            assert dict(response.headers)[b"content-length"] == b"99"

@@ -31,7 +31,7 @@ from txlb.balance.pool import Pool
 from txlb.cache import storedResponse
 from txlb.http.backend import BackendConnection
 from txlb.http.bodysplice import SINK, SOURCE, BodySplice, spliceable
-from txlb.http.headers import requestHead, requestId, responseHead
+from txlb.http.headers import requestHead, requestId, responseHead, responseLines
 from txlb.interfaces import PickContext
 from txlb.net.endpoints import connectFailure
 from txlb.net.wire import buffered, noDelay, sendNow
@@ -67,6 +67,25 @@ class ExchangeOwner(Protocol):
     transport: object
     #: The connection will close once the answers in hand are sent.
     closing: bool
+    #: The owner frames responses itself (an HTTP/2 stream): a response
+    #: from a backend reaches it through L{respond}, its body bytes
+    #: unframed through C{out} and its end through L{respondEnd}, never
+    #: as an HTTP/1.1 head that the owner would have to read back.  txlb's
+    #: own answers (errors, redirects, the cache's) still come as HTTP/1.1
+    #: bytes on C{out}.
+    framesResponses: bool
+
+    def respond(self, status: int, lines: list[bytes], end: bool) -> None:
+        """
+        (When C{framesResponses}.)  A response head: its status (below 200:
+        an interim one, more follows) and C{b"Name: value"} lines as the
+        client gets them (L{txlb.http.headers.responseLines}, with
+        C{Content-Length} when the length is known); C{end}: no body
+        follows.
+        """
+
+    def respondEnd(self, trailers: Optional[list]) -> None:
+        """(When C{framesResponses}.)  The body is over; C{trailers}: its trailer fields, if any."""
 
     def arm(self, seconds: float, what: Callable[[], None]) -> None:
         """Call C{what} after C{seconds} unless disarmed (the connection's one timer)."""
@@ -198,7 +217,9 @@ class Exchange:
     # The response side (called by the backend connection).
 
     def interimResponse(self, status: int, reason: bytes, headers: list) -> None:
-        if self.version == "1.1":
+        if self.frontend.framesResponses:
+            self.frontend.respond(status, [], False)
+        elif self.version == "1.1":
             self.frontend.out.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason))
 
     def responseHead(self, status: int, reason: bytes, headers: list, keepAlive: bool) -> None:
@@ -232,12 +253,16 @@ class Exchange:
             if headers is None:
                 self.encoder = None
                 return
+        framed = frontend.framesResponses  # the owner frames the body itself (HTTP/2)
+        end = conn.done
         if conn.done:  # no body: HEAD, 204, 304
             framing = _lengthLine(headers) if status != 204 else None
         elif self.encoder is not None:
             self.encoding = self.encoder.encoding
             noDelay(frontend.transport)  # the body leaves in a piece per read (txlb.net.wire.noDelay)
-            if self.version == "1.1":
+            if framed:
+                framing = None
+            elif self.version == "1.1":
                 framing = b"Transfer-Encoding: chunked"
                 self.toClientChunked = True
             else:
@@ -245,17 +270,26 @@ class Exchange:
                 self.closeAfter = True
         elif not conn.closeDelimited and not conn.chunked:
             framing = b"Content-Length: " + conn.lengthValue
+            end = not conn.lengthValue.strip(b"0")  # an empty body: the head says it all
+        elif framed:
+            framing = None
         elif self.version == "1.1":
             framing = b"Transfer-Encoding: chunked"
             self.toClientChunked = True
         else:
             framing = None
             self.closeAfter = True
-        head = responseHead(status, reason, headers, requestId=self.requestId, framing=framing,
-                            close=self.closeAfter or frontend.closing,
-                            keepAliveHeader=self.version == "1.0" and not self.closeAfter, extra=extra,
-                            rules=rules, values=values)
-        self.write(head)
+        if framed:
+            lines = responseLines(headers, requestId=self.requestId, extra=extra, rules=rules, values=values)
+            if framing is not None:
+                lines.append(framing)
+            frontend.respond(status, lines, end)
+        else:
+            head = responseHead(status, reason, headers, requestId=self.requestId, framing=framing,
+                                close=self.closeAfter or frontend.closing,
+                                keepAliveHeader=self.version == "1.0" and not self.closeAfter, extra=extra,
+                                rules=rules, values=values)
+            self.write(head)
         if not conn.done:
             frontend.transport.registerProducer(conn.transport, True)
             self.producing = True
@@ -356,7 +390,7 @@ class Exchange:
         stream's trailing HEADERS (L{txlb.http.h2frontend}).  They are
         dropped otherwise.
         """
-        if self.toClientChunked and _acceptsTrailers(self.headers):
+        if (self.toClientChunked or self.frontend.framesResponses) and _acceptsTrailers(self.headers):
             self.trailers = headers
 
     def responseEnd(self, reusable: bool) -> None:
@@ -371,6 +405,8 @@ class Exchange:
         conn, self.conn = self.conn, None
         if self.toClientChunked:
             self.write(_CHUNK_END if self.trailers is None else _lastChunk(self.trailers))
+        elif self.frontend.framesResponses and self.responseStarted:
+            self.frontend.respondEnd(None if self.trailers is None else trailerFields(self.trailers))
         if self.producing:
             self.producing = False
             self.frontend.transport.unregisterProducer()
@@ -829,12 +865,17 @@ def _acceptsTrailers(headers: list) -> bool:
     return value is not None and b"trailers" in value.lower()
 
 
+def trailerFields(trailers: list) -> list:
+    """C{trailers} bar what may not be a trailer (nor be written as one)."""
+    return [(name, value) for name, value in trailers
+            if name.lower() not in _NOT_TRAILERS and b"\r" not in value and b"\n" not in value]
+
+
 def _lastChunk(trailers: list) -> bytes:
     """The last chunk with C{trailers}, bar what may not be a trailer."""
     lines = [b"0"]
-    for name, value in trailers:
-        if name.lower() not in _NOT_TRAILERS and b"\r" not in value and b"\n" not in value:
-            lines.append(name + b": " + value)
+    for name, value in trailerFields(trailers):
+        lines.append(name + b": " + value)
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 

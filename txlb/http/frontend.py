@@ -241,6 +241,9 @@ class HTTPFrontend(Protocol):
     upgradeData: Optional[bytes] = None
     #: The HTTP/2 connection this one turned out to be, if it did.
     h2 = None
+    #: Responses go out as the HTTP/1.1 bytes an exchange writes to L{out}
+    #: (L{txlb.http.exchange.ExchangeOwner.framesResponses}).
+    framesResponses = False
 
     def __init__(self, factory: HTTPProxyFactory, client: str) -> None:
         self.factory = factory

@@ -13,9 +13,13 @@ Each stream is an L{H2Stream}: a frontend of its own for exactly one
 L{txlb.http.exchange.Exchange}, so that routing, the pool's pick, sticky
 sessions, the cache, header rules, retries, error answers, the access
 event and metrics are the very code HTTP/1.1 requests go through, and the
-streams of one connection are balanced independently.  The exchange writes
-its response as it would for an HTTP/1.1 client; the stream's
-L{_Response} reads that back (llhttp, in C) into HEADERS and DATA frames.
+streams of one connection are balanced independently.  A backend's
+response reaches the stream as the fields an HTTP/1.1 client would get
+(the same header rules, C{X-Request-ID}, cookies: see
+L{txlb.http.exchange.ExchangeOwner.respond}) and unframed body bytes,
+encoded straight into HEADERS and DATA frames; only txlb's own answers
+(errors, redirects, the cache's) are HTTP/1.1 bytes, read back (llhttp, in
+C) by a parser made for them alone.
 Backends are reached over HTTP/1.1: the request's pseudo-headers become a
 request line and C{Host}, and a body of unknown length goes chunked.
 
@@ -237,6 +241,8 @@ class StaticEncoder:
         #: The same for fields as an HTTP/1.1 head has them (b"" for those
         #: left out).
         self._raw: dict[tuple, bytes] = {}
+        #: The same for C{b"Name: value"} lines.
+        self._lines: dict[bytes, bytes] = {}
 
     @property
     def header_table_size(self) -> int:
@@ -292,6 +298,34 @@ class StaticEncoder:
             if field[1] == b"0" and field[0].lower() == b"content-length":
                 empty = True
         return b"".join(out), empty
+
+    def responseLines(self, status: int, lines: list) -> bytes:
+        """
+        The block of a response head given as C{b"Name: value"} lines
+        (L{txlb.http.headers.responseLines}): C{:status} first, names
+        lower-cased, connection-specific fields left out.  Each line is
+        encoded once per connection, not split and lower-cased for every
+        response.
+        """
+        out = []
+        if self._sizeUpdate:
+            self._sizeUpdate = False
+            out.append(b"\x20")
+        out.append(b"\x88" if status == 200 else self._field((b":status", b"%d" % status)))
+        known = self._lines
+        for line in lines:
+            encoded = known.get(line)
+            if encoded is None:
+                name, _, value = line.partition(b":")
+                name = name.lower()
+                value = value.lstrip(b" \t")
+                encoded = b"" if name in _RESPONSE_DROP else self._field((name, value))
+                if len(value) <= _KEEP_VALUE and name not in _UNIQUE:
+                    if len(known) >= _KEEP_FIELDS:
+                        known.clear()
+                    known[line] = encoded
+            out.append(encoded)
+        return b"".join(out)
 
     def _field(self, field: tuple) -> bytes:
         """One field: the static table's entry, or a literal of its name's entry or the name."""
@@ -719,42 +753,71 @@ class _StreamTransport:
 
 class _Response:
     """
-    The stream's C{out}: reads the HTTP/1.1 response an exchange writes
-    (head, body framed by length or chunks) and sends it as HEADERS and
+    The stream's C{out}.  A backend's response reaches the stream as
+    fields (L{H2Stream.respond}); its body bytes are written here as they
+    are and leave as DATA frames, those of one backend read together
+    (L{hold}, L{flush}).  txlb's own answers (errors, redirects, the
+    cache's stored responses) are written as HTTP/1.1 bytes, which a
+    parser made for them alone (llhttp, in C) reads back into HEADERS and
     DATA frames.
     """
 
     #: Not L{None}: an exchange then never splices a body to this "socket".
     out = ()
+    #: The head went out by L{H2Stream.respond}: what is written is body.
+    direct = False
+    #: Within a backend read: DATA frames wait for its end (L{flush}).
+    holding = False
+    _held = False
+    interim = False
+    done = False
+    parser = None
 
     def __init__(self, stream: "H2Stream", noBody: bool) -> None:
         self.stream = stream
         self.noBody = noBody
-        self.parser = httptools.HttpResponseParser(self)
-        self.headers: list = []
-        self.interim = False
-        self.done = False
 
     def write(self, data: bytes) -> None:
         if self.done:
             return
+        stream = self.stream
+        if self.direct:
+            if data and not stream.finished:
+                stream.buffer.append(data)
+                stream.buffered += len(data)
+            if not self.holding:
+                stream.push()
+            return
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpResponseParser(self)
+            self.headers: list = []
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserError as e:  # pragma: no cover - txlb wrote it
             _log.error("HTTP/2 stream {sid}: unreadable response: {e}", sid=self.stream.streamId, e=str(e))
             self.done = True
             self.stream.cut(h2wire.INTERNAL_ERROR)
             return
-        stream = self.stream
         if stream.buffer or stream.ending:
             stream.push()  # once per write: the last DATA frame carries END_STREAM
         stream.connection.send()
 
     def hold(self) -> bool:
-        return self.stream.connection.hold()
+        self.holding = True
+        self._held = self.stream.connection.hold()
+        return True
 
     def flush(self) -> None:
-        self.stream.connection.flush()
+        self.holding = False
+        stream = self.stream
+        if self.direct and (stream.buffer or stream.ending):
+            stream.push()  # the read's body in as few frames as the window allows; END_STREAM on the last
+        if self._held:
+            self._held = False
+            stream.connection.flush()
+        else:
+            stream.connection.send()
 
     # httptools callbacks.
 
@@ -801,6 +864,8 @@ class H2Stream(HTTPFrontend):
     """
 
     protocol = "HTTP/2"
+    #: Responses reach the stream as fields (L{respond}), not as HTTP/1.1.
+    framesResponses = True
     #: The backend connection is paused by this stream.
     producerPaused = False
     #: The response's END_STREAM went out (or the stream was cut).
@@ -900,7 +965,39 @@ class H2Stream(HTTPFrontend):
         if exchange is not None:
             exchange.requestTrailers = [(n, v) for n, v in headers if n[:1] != b":"]
 
-    # The response (from L{_Response}).
+    # The response: from the exchange (ExchangeOwner's respond, respondEnd).
+
+    def respond(self, status: int, lines: list, end: bool) -> None:
+        """A backend's response head, its lines as the client gets them: one HEADERS frame."""
+        out = self.out
+        if out.done or self.finished:
+            return
+        if status < 200:
+            if status != 101:
+                self.sendHead([(b":status", b"%d" % status)], False)
+                self.connection.send()
+            return
+        out.direct = True
+        # No body: one HEADERS frame (a gRPC "trailers-only" answer, too).
+        end = end or out.noBody or status == 204 or status == 304
+        if end:
+            out.done = True
+        self.sendBlock(self.connection.encoder.responseLines(status, lines), end)
+        self.connection.send()
+
+    def respondEnd(self, trailers: Optional[list]) -> None:
+        """The body is over: END_STREAM on its last DATA frame, or a trailing HEADERS frame."""
+        out = self.out
+        if not out.direct or out.done:
+            return  # the head said there is no body, or txlb's own answer is read back
+        out.done = True
+        if trailers:
+            self.trailers = [(n.lower(), v) for n, v in trailers if n.lower() not in _RESPONSE_DROP]
+        self.sendEnd()
+        if not out.holding:
+            self.push()
+
+    # The response (from L{_Response}, reading txlb's own answers).
 
     def sendHead(self, headers: list, end: bool) -> None:
         if self.finished:

@@ -210,18 +210,7 @@ def responseHead(
         variables.
     """
     lines = [b"HTTP/1.1 %d %s" % (status, reason or REASONS.get(status, b"Unknown"))]
-    if rules is None:
-        lines += _sift(headers, _RESPONSE_DROP)[0]
-        lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
-        lines.extend(extra)
-    else:
-        drop, own = rules.plan(_RESPONSE_DROP, _RESPONSE_OWN)
-        lines += _sift(headers, drop)[0]
-        if not own:
-            lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
-        if extra:
-            lines.extend(_without(extra, rules.drop) if rules.drop else extra)
-        lines += rules.lines(values)
+    lines += responseLines(headers, requestId=requestId, extra=extra, rules=rules, values=values)
     if upgrade is not None:
         lines.append(b"Connection: upgrade")
         lines.append(b"Upgrade: " + upgrade)
@@ -233,6 +222,37 @@ def responseHead(
         lines.append(framing)
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
+
+
+def responseLines(
+    headers: Sequence[tuple[bytes, bytes]],
+    *,
+    requestId: str,
+    extra: Sequence[bytes] = (),
+    rules=None,
+    values: Sequence[bytes] = (),
+) -> list[bytes]:
+    """
+    The C{b"Name: value"} lines of a response head to the client, whatever
+    protocol carries them: the backend's fields without hop-by-hop and
+    framing ones, C{X-Request-ID}, C{extra}, then the operator's header
+    rules.  L{responseHead} frames them as HTTP/1.1; an HTTP/2 stream
+    encodes them as they are (L{txlb.http.h2frontend}), so both get the
+    same fields.
+    """
+    if rules is None:
+        lines = _sift(headers, _RESPONSE_DROP)[0]
+        lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
+        lines.extend(extra)
+        return lines
+    drop, own = rules.plan(_RESPONSE_DROP, _RESPONSE_OWN)
+    lines = _sift(headers, drop)[0]
+    if not own:
+        lines.append(b"X-Request-ID: " + requestId.encode("ascii"))
+    if extra:
+        lines.extend(_without(extra, rules.drop) if rules.drop else extra)
+    lines += rules.lines(values)
+    return lines
 
 
 def firstValue(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> Optional[bytes]:
