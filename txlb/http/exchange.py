@@ -813,8 +813,16 @@ class Exchange:
 
 
 def _spliceTimeout(service) -> float:
-    """The first check of a splice's progress: after the shorter timeout."""
-    return min(t for t in (service.backendTimeout, service.clientTimeout, 3600.0) if t)
+    """The first check of a splice's progress: after the shorter timeout (0: none), an hour at most."""
+    # Once per response with a body: plain comparisons, no generator.
+    timeout = 3600.0
+    backend = service.backendTimeout
+    if backend and backend < timeout:
+        timeout = backend
+    client = service.clientTimeout
+    if client and client < timeout:
+        timeout = client
+    return timeout
 
 
 @implementer(IPullProducer)
