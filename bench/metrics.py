@@ -23,10 +23,10 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from prometheus_client import CollectorRegistry, Counter, Histogram  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 
-from txlb.interfaces import PickContext  # noqa: E402
-from txlb.observe.metrics import HISTORY, Metrics  # noqa: E402
 from txlb.balance.pool import Pool, Server  # noqa: E402
 from txlb.balance.schedulers.least import LeastConnections  # noqa: E402
+from txlb.interfaces import PickContext  # noqa: E402
+from txlb.observe.metrics import HISTORY, Metrics  # noqa: E402
 
 
 def perCall(fn, n: int) -> float:

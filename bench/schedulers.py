@@ -34,9 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet.task import Clock  # noqa: E402
 
-from txlb.interfaces import PickContext  # noqa: E402
 from txlb.balance.pool import Pool, Server  # noqa: E402
 from txlb.balance.schedulers import schedulerFactories  # noqa: E402
+from txlb.interfaces import PickContext  # noqa: E402
 
 GOAL_US = 5.0
 

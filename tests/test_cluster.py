@@ -21,12 +21,12 @@ from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
+from txlb.balance.pool import Pool, Server, ServerState
+from txlb.balance.schedulers.rotation import RoundRobin
+from txlb.config import ClusterConfig
 from txlb.control.cluster import (
     Cluster, IClusterStore, RedisConnection, RedisStore, Standalone, applyChange, spawnCommand,
 )
-from txlb.config import ClusterConfig
-from txlb.balance.pool import Pool, Server, ServerState
-from txlb.balance.schedulers.rotation import RoundRobin
 from tests.support import RedisServer
 
 pytest.importorskip("txredisapi")

@@ -18,6 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from txlb.balance.schedulers import DEFAULT_ALGORITHM, schedulerFactories
+from txlb.balance.schedulers.rotation import roundRobin
 from txlb.config import (
     PLANNED,
     CacheConfig,
@@ -37,8 +39,6 @@ from txlb.config import (
     parseSize,
 )
 from txlb.interfaces import SchedulerOptionsError
-from txlb.balance.schedulers import DEFAULT_ALGORITHM, schedulerFactories
-from txlb.balance.schedulers.rotation import roundRobin
 
 
 def toml(text: str) -> str:

@@ -26,12 +26,12 @@ from zope.interface.verify import verifyObject
 
 from tests.h2support import H2Peer, h2Connection
 from tests.test_http_frontend import Harness, Transport, head
+from txlb.balance.pool import ServerState
 from txlb.health import GRPCCheck, grpcCheck, healthCheckFactories
 from txlb.health._grpc import checkRequest, servingStatus
 from txlb.http.grpc import grpcErrorHeaders, isGrpc
 from txlb.http.h2backend import MAX_BUFFERED, H2Stream, _Dechunk, _FrameSplitter
 from txlb.interfaces import IHealthCheck
-from txlb.balance.pool import ServerState
 
 
 class H2Server(H2Peer):

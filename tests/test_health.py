@@ -21,8 +21,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from txlb.balance.pool import Pool, Server, ServerState
+from txlb.balance.schedulers.rotation import RoundRobin
 from txlb.config import HealthConfig
-from txlb.net.endpoints import EndpointCache
 from txlb.health import (
     BUILTINS,
     JITTER,
@@ -41,8 +42,7 @@ from txlb.interfaces import (
     IHealthCheck,
     IHealthCheckFactory,
 )
-from txlb.balance.pool import Pool, Server, ServerState
-from txlb.balance.schedulers.rotation import RoundRobin
+from txlb.net.endpoints import EndpointCache
 
 UP, DOWN, CHECKING = ServerState.UP, ServerState.DOWN, ServerState.CHECKING
 

@@ -14,12 +14,12 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from txlb.net.endpoints import EndpointCache
+from txlb.balance.pool import Pool, Server
+from txlb.balance.schedulers.rotation import RoundRobin
 from txlb.http.backend import BackendConnections
 from txlb.http.frontend import HTTPProxyFactory, HTTPService
 from txlb.http.routing import Route, Router
-from txlb.balance.pool import Pool, Server
-from txlb.balance.schedulers.rotation import RoundRobin
+from txlb.net.endpoints import EndpointCache
 
 
 class Transport(StringTransport):

@@ -23,11 +23,11 @@ import pytest
 
 from tests.support import Backend, Txlb, connect, freePort, httpRequests, tcpPair, waitFor
 from tests.test_http_frontend import OK, Harness, head
-from txlb.net import splice
 from txlb.http import bodysplice
 from txlb.http.backend import LARGE_READ
 from txlb.http.bodysplice import CLOSED, MIN_SPLICE, SINK, SOURCE, BodySplice
 from txlb.http.exchange import Exchange, _WhenDrained
+from txlb.net import splice
 
 MiB = 1 << 20
 

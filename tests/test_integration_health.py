@@ -37,11 +37,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 
-from txlb.config import HealthConfig
-from txlb.net.endpoints import EndpointCache, serverAddress
-from txlb.health import HealthChecks, healthCheckFactories
 from txlb.balance.pool import Pool, Server
 from txlb.balance.schedulers.rotation import RoundRobin
+from txlb.config import HealthConfig
+from txlb.health import HealthChecks, healthCheckFactories
+from txlb.net.endpoints import EndpointCache, serverAddress
 
 spec = json.loads(sys.argv[1])
 
@@ -357,11 +357,11 @@ THOUSAND = r'''
 import json, statistics, sys, time
 from twisted.internet import protocol, reactor
 from twisted.internet.task import LoopingCall
-from txlb.config import HealthConfig
-from txlb.net.endpoints import EndpointCache
-from txlb.health import HealthChecks, healthCheckFactories
 from txlb.balance.pool import Pool, Server
 from txlb.balance.schedulers.rotation import RoundRobin
+from txlb.config import HealthConfig
+from txlb.health import HealthChecks, healthCheckFactories
+from txlb.net.endpoints import EndpointCache
 
 n, interval, seconds = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 

@@ -12,10 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
-from txlb.interfaces import PickContext
-from txlb.observe.metrics import Metrics
 from txlb.balance.pool import Pool, Server, ServerState
 from txlb.balance.schedulers.least import LeastConnections
+from txlb.interfaces import PickContext
+from txlb.observe.metrics import Metrics
 from txlb.observe.stats import DecisionLog, Window, bucketSeconds, latencyBucket
 
 

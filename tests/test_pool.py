@@ -10,9 +10,9 @@ import math
 import pytest
 from twisted.internet.task import Clock
 
-from txlb.interfaces import PickContext
 from txlb.balance.pool import BANDWIDTH_TAU, Pool, Server, ServerState
 from txlb.balance.schedulers.rotation import RoundRobin
+from txlb.interfaces import PickContext
 
 
 def makePool(n: int = 3):

@@ -22,11 +22,12 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tests.support import tcpPair
-from txlb.net import splice
-from txlb.config import ConfigError, parse
-from txlb.net.endpoints import EndpointCache
-from txlb.interfaces import IEarlyBytes
 from txlb.balance.pool import Pool, Server
+from txlb.balance.schedulers.rotation import RoundRobin
+from txlb.config import ConfigError, parse
+from txlb.interfaces import IEarlyBytes
+from txlb.net import splice
+from txlb.net.endpoints import EndpointCache
 from txlb.net.proxyproto import (
     V1_MAX,
     V2_MAX_BLOCK,
@@ -42,7 +43,6 @@ from txlb.net.proxyproto import (
     parseV1,
     trusts,
 )
-from txlb.balance.schedulers.rotation import RoundRobin
 from txlb.tap import summary
 from txlb.tcp import TCPBalancerFactory
 

@@ -13,12 +13,12 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 
+from txlb.balance.pool import ServerState
+from txlb.balance.schedulers import schedulerFactories
 from txlb.config import ServerConfig, parse
+from txlb.control.reload import ConfigDiff, PoolDiff, ServerDiff, describe, diffConfigs, diffServers
 from txlb.health import healthCheckFactories
 from txlb.http.frontend import HTTPProxyFactory
-from txlb.balance.pool import ServerState
-from txlb.control.reload import ConfigDiff, PoolDiff, ServerDiff, describe, diffConfigs, diffServers
-from txlb.balance.schedulers import schedulerFactories
 from txlb.service import TxlbService
 from txlb.tcp import TCPBalancerFactory
 

@@ -13,8 +13,8 @@ import pytest
 from zope.interface.verify import verifyObject
 
 from tests.support import ROOT, sourceEnv
-from txlb.interfaces import IScheduler, ISchedulerFactory, SchedulerOptionsError
 from txlb.balance.schedulers import BUILTINS, DEFAULT_ALGORITHM, schedulerFactories
+from txlb.interfaces import IScheduler, ISchedulerFactory, SchedulerOptionsError
 from txlb.testing import verifySchedulerFactory
 
 SPEC_ALGORITHMS = {

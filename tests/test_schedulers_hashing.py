@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support import ROOT
-from txlb.interfaces import SchedulerOptionsError
 from txlb.balance.schedulers.hashing import ConsistentHash, IPHash, stableHash
+from txlb.interfaces import SchedulerOptionsError
 from txlb.testing import FakePool
 
 KEYS = [f"10.{i // 256 % 256}.{i % 256}.{i // 65536 + 1}" for i in range(10_000)]

@@ -9,9 +9,9 @@ from typing import Collection, Optional
 
 import pytest
 
-from txlb.interfaces import Decision, PickContext
 from txlb.balance.schedulers import SchedulerBase, SchedulerFactory
 from txlb.balance.schedulers.least import LeastConnections
+from txlb.interfaces import Decision, PickContext
 from txlb.testing import FakePool, verifySchedulerFactory
 
 

@@ -11,9 +11,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
+from txlb.balance.sessions import MemoryStore, RedisStore, makeStore
 from txlb.config import SessionsConfig
 from txlb.interfaces import ISessionStore
-from txlb.balance.sessions import MemoryStore, RedisStore, makeStore
 
 
 def kinds(events, kind):

@@ -10,12 +10,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from txlb.config import StickyConfig
-from txlb.interfaces import ISessionStore
 from txlb.balance.pool import Pool, Server, ServerState
 from txlb.balance.schedulers.rotation import RoundRobin
 from txlb.balance.sessions import MemoryStore
 from txlb.balance.sticky import CONNECT_FAILED, FULL, NOT_IN_POOL, Sticky, storeKey, usable
+from txlb.config import StickyConfig
+from txlb.interfaces import ISessionStore
 
 from tests import test_http_frontend as httpHarness
 from tests import test_tcp as tcpHarness

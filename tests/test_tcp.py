@@ -19,10 +19,10 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from txlb.net import splice
-from txlb.net.endpoints import EndpointCache
 from txlb.balance.pool import Pool, Server
 from txlb.balance.schedulers.rotation import RoundRobin
+from txlb.net import splice
+from txlb.net.endpoints import EndpointCache
 from txlb.tcp import TCPBalancerFactory
 
 

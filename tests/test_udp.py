@@ -14,13 +14,13 @@ import pytest
 from twisted.internet.task import Clock
 
 from txlb import udp
-from txlb.observe.aggregate import MergedMetrics, statsPart
-from txlb.observe.metrics import Metrics
 from txlb.balance.pool import Pool, Server, ServerState
 from txlb.balance.schedulers.hashing import IPHash
 from txlb.balance.schedulers.least import LeastConnections
 from txlb.balance.schedulers.rotation import RoundRobin
 from txlb.net.splice import SpliceLoop
+from txlb.observe.aggregate import MergedMetrics, statsPart
+from txlb.observe.metrics import Metrics
 from txlb.udp import IDLE_CHECKS, ServerSocket, UDPBalancer, UDPListener, openServerSocket
 
 

@@ -15,13 +15,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
 from tests.support import freePort
-from txlb.observe.aggregate import applyServerFigures, mergeDecisions, mergeExpositions, serverFigures
+from txlb.balance.pool import Pool, Server, ServerState
+from txlb.balance.schedulers.rotation import RoundRobin
 from txlb.config import parse
 from txlb.control.channel import ChannelClosed, ControlChannel, RemoteError
-from txlb.observe.metrics import Metrics
-from txlb.balance.pool import Pool, Server, ServerState
 from txlb.control.reload import serversOnly
-from txlb.balance.schedulers.rotation import RoundRobin
+from txlb.observe.aggregate import applyServerFigures, mergeDecisions, mergeExpositions, serverFigures
+from txlb.observe.metrics import Metrics
 from txlb.observe.stats import Window, latencyBucket
 from txlb.service.worker import Worker, applyState
 from txlb.service.workers import bindShared, poolState

@@ -125,8 +125,8 @@ def readConfig(path: str, factories, healthFactories, err: TextIO) -> Config:
 def makeService(options: Options, out: TextIO = None, err: TextIO = None):
     out = out or sys.stdout
     err = err or sys.stderr
-    from txlb.health import healthCheckFactories
     from txlb.balance.schedulers import schedulerFactories
+    from txlb.health import healthCheckFactories
 
     factories = schedulerFactories()
     healthFactories = healthCheckFactories()

@@ -36,16 +36,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txlb.balance.pool import Pool, Server
+from txlb.interfaces import IEarlyBytes, PickContext
 from txlb.net.connect import Deadlines, PendingConnect, connectSocket
 from txlb.net.drain import OpenConnections
 from txlb.net.endpoints import EndpointCache, connectFailure
-from txlb.net.tls import handshakeError
-from txlb.interfaces import IEarlyBytes, PickContext
-from txlb.observe.logs import emit
-from txlb.policy.access import DENY
-from txlb.balance.pool import Pool, Server
 from txlb.net.proxyproto import WRITERS
 from txlb.net.splice import SplicePair, loopFor, spliceable
+from txlb.net.tls import handshakeError
+from txlb.observe.logs import emit
+from txlb.policy.access import DENY
 
 _log = Logger(namespace="txlb.tcp")
 

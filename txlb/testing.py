@@ -25,8 +25,8 @@ from typing import Collection, Iterable, Mapping, Optional, Sequence, Union
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from txlb.interfaces import Decision, IScheduler, ISchedulerFactory, PickContext
 from txlb.balance.pool import Pool, Server, ServerState
+from txlb.interfaces import Decision, IScheduler, ISchedulerFactory, PickContext
 
 __all__ = ["FakePool", "verifySchedulerFactory"]
 

@@ -43,12 +43,12 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from txlb.net.endpoints import EndpointError, udpTarget
+from txlb.balance.pool import Pool, Server, ServerState
 from txlb.interfaces import PickContext
+from txlb.net.endpoints import EndpointError, udpTarget
+from txlb.net.splice import available as _epoll, loopFor
 from txlb.observe.logs import emit
 from txlb.policy.access import DENY
-from txlb.balance.pool import Pool, Server, ServerState
-from txlb.net.splice import available as _epoll, loopFor
 
 _log = Logger(namespace="txlb.udp")
 

@@ -28,8 +28,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from txlb.balance.hashkey import hashKeyOf
-from txlb.interfaces import Decision, ISessionStore
 from txlb.balance.pool import Pool, Server, ServerState
+from txlb.interfaces import Decision, ISessionStore
 
 if TYPE_CHECKING:  # records only: the config's readers are a layer above this one
     from txlb.config import StickyConfig

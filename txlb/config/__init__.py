@@ -37,10 +37,10 @@ from txlb.config._model import (
 )
 from txlb.config._proxy import describeProxy
 from txlb.config._read import load, parse
-from txlb.config._tls import describeTLS
 from txlb.config._rules import CompressConfig, HeaderOps, HeaderRules, RedirectConfig
-from txlb.config._transform import describeTransforms
 from txlb.config._table import PLANNED, parseDuration, parseSize
+from txlb.config._tls import describeTLS
+from txlb.config._transform import describeTransforms
 
 __all__ = [
     "AcceptProxyConfig", "AdminConfig", "Algorithms", "BackendTLSConfig", "CacheConfig", "CertificateConfig",

@@ -24,7 +24,6 @@ from typing import Any, Collection, Mapping, Optional
 
 import attrs
 
-from txlb.config._tomlpos import keyLines
 from txlb.config._model import (
     AdminConfig,
     Algorithms,
@@ -67,14 +66,15 @@ from txlb.config._table import (
     parseDuration,
     parseSize,
 )
+from txlb.config._tomlpos import keyLines
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 
+from txlb.config._admission import checkRedis, rate, readAccess, readRateLimit
 from txlb.config._proxy import readProxy
 from txlb.config._tls import readBackendTLS, readTLS
 from txlb.config._transform import readCompress, readHeaderRules, readRedirect, routeHeaders
-from txlb.config._admission import checkRedis, rate, readAccess, readRateLimit
-from txlb.net.endpoints import EndpointError, checkServer, isUDP, listenParts, parseUDPListen, sameSocket, udpTarget
 from txlb.interfaces import SchedulerOptionsError
+from txlb.net.endpoints import EndpointError, checkServer, isUDP, listenParts, parseUDPListen, sameSocket, udpTarget
 
 # The sections.
 

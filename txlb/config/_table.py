@@ -11,8 +11,8 @@ import re
 from types import MappingProxyType
 from typing import Any, Callable, Collection, Mapping, Optional, Sequence, TypeVar
 
-from txlb.config._tomlpos import lineOf
 from txlb.config._model import Problem
+from txlb.config._tomlpos import lineOf
 from txlb.net.endpoints import EndpointError, checkClient, checkServer, serverAddress
 
 T = TypeVar("T")

@@ -27,8 +27,8 @@ from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from txlb.net.endpoints import EndpointError, serverAddress
 from txlb.balance.pool import Pool, Server
+from txlb.net.endpoints import EndpointError, serverAddress
 
 from txlb.observe.metrics import CONTENT_TYPE_LATEST, OPENMETRICS_CONTENT_TYPE, Metrics, wantsOpenMetrics
 

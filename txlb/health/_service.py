@@ -22,10 +22,10 @@ from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txlb.interfaces import CheckResult, IHealthCheck, IHealthCheckFactory
+from txlb.balance.pool import Server, ServerState
 from txlb.health._checks import describeFailure
 from txlb.health._machine import RiseFall
-from txlb.balance.pool import Server, ServerState
+from txlb.interfaces import CheckResult, IHealthCheck, IHealthCheckFactory
 
 _log = Logger(namespace="txlb.health")
 

@@ -27,9 +27,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
+from txlb.balance.pool import Server
 from txlb.config import HealthConfig
 from txlb.interfaces import CheckResult, IHealthCheck, IHealthCheckFactory
-from txlb.balance.pool import Server
 
 __all__ = ["CheckHarness", "verifyHealthCheckFactory"]
 

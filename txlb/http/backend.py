@@ -33,10 +33,10 @@ from service_identity import VerificationError
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txlb.net.endpoints import EndpointCache
+from txlb.balance.pool import Server
 from txlb.http.bodysplice import MIN_SPLICE
 from txlb.http.h2backend import H2Backends
-from txlb.balance.pool import Server
+from txlb.net.endpoints import EndpointCache
 from txlb.net.readloop import adopt
 from txlb.net.tls import closedAfterHandshake, handshakeError
 from txlb.net.wire import sendNow

@@ -30,19 +30,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txlb.balance.pool import Pool
 from txlb.cache import ResponseCache, storedResponse
-from txlb.net.drain import OpenConnections
 from txlb.http.backend import BackendConnections
 from txlb.http.errors import errorResponse
 from txlb.http.exchange import Exchange, _headerValue, absoluteForm
 from txlb.http.grpc import grpcErrorResponse, isGrpc
 from txlb.http.routing import Router
-from txlb.observe.logs import emit
-from txlb.policy.admission import Refusal
-from txlb.balance.pool import Pool
+from txlb.net.drain import OpenConnections
 from txlb.net.readloop import adopt
 from txlb.net.tls import clientCertificateLines
 from txlb.net.wire import Cork, backlogged, sendNow
+from txlb.observe.logs import emit
+from txlb.policy.admission import Refusal
 
 _log = Logger(namespace="txlb.http")
 

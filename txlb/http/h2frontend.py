@@ -53,12 +53,12 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from txlb.http import h2wire
 from txlb.http.exchange import Exchange
 from txlb.http.frontend import HTTPFrontend, ReadGate
-from txlb.http import h2wire
 from txlb.http.h2wire import BODY, GONE, REQUEST, RESET, TRAILERS, WINDOW, ServerConnection, StreamClosed
-from txlb.observe.logs import emit
 from txlb.net.wire import backlogged, sendNow
+from txlb.observe.logs import emit
 
 _log = Logger(namespace="txlb.http2")
 

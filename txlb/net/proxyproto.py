@@ -44,8 +44,8 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from txlb.net.connect import Deadlines
 from txlb.interfaces import IEarlyBytes
+from txlb.net.connect import Deadlines
 
 _log = Logger(namespace="txlb.net.proxyproto")
 

@@ -25,8 +25,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generateOpenMetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from txlb.observe.metrics import HISTORY, Metrics
 from txlb.balance.pool import Pool
+from txlb.observe.metrics import HISTORY, Metrics
 from txlb.observe.stats import Window
 
 #: Families the master alone knows: its version (one, however many

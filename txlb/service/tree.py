@@ -43,7 +43,7 @@ from txlb.net.endpoints import EndpointCache, isUDP
 from txlb.observe.logs import LogFile, accessTo, makeObserver, reopenOnSignal
 from txlb.observe.metrics import Metrics
 from txlb.policy.build import Policies
-from txlb.service.apply import Reloaded, Reloads
+from txlb.service.apply import Reloads
 from txlb.service.build import Balancer, Factories, buildPool
 from txlb.service.ports import ListenError, listenNow, newEntry, stopListening
 from txlb.udp import MAX_DATAGRAM
@@ -388,7 +388,7 @@ class TxlbService(MultiService):
     def reload(self) -> Deferred:
         """
         Read the config file again and apply what changed in place, or keep
-        the running config: a L{Deferred} firing with a L{Reloaded}, never
+        the running config: a L{Deferred} firing with a L{Reloaded<txlb.service.apply.Reloaded>}, never
         failing.  Reloads are applied one at a time.
         """
         return self.reloads.reload()

@@ -39,10 +39,10 @@ import attrs
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, globalLogBeginner
 
-from txlb.observe.aggregate import serverFigures, statsPart
-from txlb.control.channel import CONTROL_FD, POOL_EVENTS, ControlChannel
-from txlb.observe.logs import LogFile, TxlbLogObserver, accessTo, jsonLine, textLine
 from txlb.balance.pool import Pool, Server, ServerState
+from txlb.control.channel import CONTROL_FD, POOL_EVENTS, ControlChannel
+from txlb.observe.aggregate import serverFigures, statsPart
+from txlb.observe.logs import LogFile, TxlbLogObserver, accessTo, jsonLine, textLine
 
 _log = Logger(namespace="txlb.service.worker")
 
@@ -267,9 +267,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     from twisted.internet import reactor
     from twisted.internet.stdio import StandardIO
 
+    from txlb.balance.schedulers import schedulerFactories
     from txlb.config import ConfigError, load
     from txlb.health import healthCheckFactories
-    from txlb.balance.schedulers import schedulerFactories
     from txlb.service import TxlbService
 
     factories = schedulerFactories()

@@ -58,10 +58,10 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogPublisher
 
-from txlb.observe.aggregate import MergedMetrics, applyServerFigures, mergeDecisions, mergeExpositions
+from txlb.balance.pool import Pool
 from txlb.control.channel import CONTROL_FD, POOL_EVENTS, ControlChannel
 from txlb.net.endpoints import isUDP, listenParts, parseUDPListen
-from txlb.balance.pool import Pool
+from txlb.observe.aggregate import MergedMetrics, applyServerFigures, mergeDecisions, mergeExpositions
 
 _log = Logger(namespace="txlb.service.workers")
 

@@ -22,12 +22,12 @@ from typing import Mapping
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 
-from txlb.interfaces import ISchedulerFactory
 from txlb.balance.schedulers._base import SchedulerBase, SchedulerFactory, noOptions
 from txlb.balance.schedulers.hashing import consistentHash, ipHash
 from txlb.balance.schedulers.least import leastBandwidth, leastConnections, leastResponseTime
 from txlb.balance.schedulers.randomized import powerOfTwo, randomPick
 from txlb.balance.schedulers.rotation import roundRobin, weightedRoundRobin
+from txlb.interfaces import ISchedulerFactory
 
 __all__ = [
     "BUILTINS",

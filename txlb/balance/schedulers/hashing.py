@@ -22,8 +22,8 @@ from bisect import bisect_left
 from hashlib import blake2b
 from typing import Collection, Mapping, Optional, Sequence
 
-from txlb.interfaces import Decision, PickContext
 from txlb.balance.schedulers._base import SchedulerBase, SchedulerFactory, intOption
+from txlb.interfaces import Decision, PickContext
 
 #: Points on the ring per unit of weight, unless C{options.replicas} says.
 DEFAULT_REPLICAS = 100

@@ -17,8 +17,8 @@ from heapq import heapify, heappop, heappush, heapreplace
 from itertools import count
 from typing import Callable, Collection, Hashable, Mapping, Optional, Sequence
 
-from txlb.interfaces import Decision, PickContext
 from txlb.balance.schedulers._base import SchedulerBase, SchedulerFactory, noOptions
+from txlb.interfaces import Decision, PickContext
 
 
 class LeastConnections(SchedulerBase):

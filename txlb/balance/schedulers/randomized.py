@@ -17,8 +17,8 @@ from bisect import bisect_right
 from itertools import accumulate
 from typing import Collection, Mapping, Optional, Sequence
 
-from txlb.interfaces import Decision, PickContext
 from txlb.balance.schedulers._base import SchedulerBase, SchedulerFactory, noOptions
+from txlb.interfaces import Decision, PickContext
 
 #: Draws tried before a randomised scheduler that is retrying a connection
 #: falls back to listing the servers not yet tried.

@@ -9,8 +9,8 @@ from __future__ import annotations
 from heapq import heapify, heappop, heappush, heapreplace
 from typing import Collection, Mapping, Optional, Sequence
 
-from txlb.interfaces import Decision, PickContext
 from txlb.balance.schedulers._base import SchedulerBase, SchedulerFactory, noOptions
+from txlb.interfaces import Decision, PickContext
 
 
 class RoundRobin(SchedulerBase):
