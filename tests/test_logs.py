@@ -90,6 +90,35 @@ def test_events_are_flushed_in_batches_but_warnings_at_once():
     assert out.flushes == 2
 
 
+def test_access_events_become_lines_a_bounded_batch_at_a_time_flushed_by_the_clock():
+    """
+    Access events wait as fields for at most BATCH_LINES of them (formatted
+    while still in the caches), then become lines; the stream is flushed by
+    the clock as before.
+    """
+    from twisted.internet.task import Clock
+
+    from txlb.observe.logs import BATCH_LINES, accessTo, emit as emitEvent
+
+    clock = Clock()
+    clock.running = True
+    out = CountingStream()
+    observer = makeObserver(LogConfig(), stdout=out, clock=clock)
+    accessTo(observer)
+    try:
+        for i in range(BATCH_LINES - 1):
+            emitEvent(Logger(), "request", {"n": i})
+        assert out.getvalue() == ""
+        emitEvent(Logger(), "request", {"n": BATCH_LINES - 1})
+        emitEvent(Logger(), "request", {"n": BATCH_LINES})
+        assert [json.loads(line)["n"] for line in out.getvalue().splitlines()] == list(range(BATCH_LINES))
+        assert out.flushes == 0
+        clock.advance(0.05)
+        assert out.flushes == 1 and out.getvalue().count("\n") == BATCH_LINES + 1
+    finally:
+        accessTo(None)
+
+
 def test_timestamps_keep_milliseconds_across_seconds():
     from txlb.observe.logs import _timestamp
 

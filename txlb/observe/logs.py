@@ -211,6 +211,12 @@ _URGENT = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
 _SHOWN = frozenset({LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical})
 
 
+#: Access events made into lines together at most: a batch formatted while
+#: its events are still in the processor's caches costs less than the
+#: hundreds a 50 ms flush would otherwise gather under load.
+BATCH_LINES = 64
+
+
 @implementer(ILogObserver)
 class _BufferedWriter:
     """
@@ -240,7 +246,10 @@ class _BufferedWriter:
         self._later(event.get("log_level") in _URGENT)
 
     def access(self, when: float, event: str, fields: dict) -> None:
-        self.batch.append((when, event, fields))
+        batch = self.batch
+        batch.append((when, event, fields))
+        if len(batch) >= BATCH_LINES:
+            self._writeBatch()
         self._later(False)
 
     def _later(self, urgent: bool) -> None:
