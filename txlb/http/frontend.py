@@ -324,11 +324,15 @@ class HTTPFrontend(Protocol):
         self._deadline = deadline = clock.seconds() + seconds
         self._onTimeout = what
         if self._timer is None:
-            self._timer = clock.callLater(seconds, self._fire)
+            self._timer = self._newTimer(seconds)
             self._timerAt = deadline
         elif self._timerAt > deadline:
             self._timer.reset(seconds)
             self._timerAt = deadline
+
+    def _newTimer(self, seconds: float):
+        """The connection's one timer, set to call L{_fire} in C{seconds}."""
+        return self.service.clock.callLater(seconds, self._fire)
 
     def disarm(self, what=None) -> None:
         """Forget the armed timeout (only if it is C{what}, when given)."""

@@ -57,7 +57,7 @@ from txlb.http import h2wire
 from txlb.http.exchange import Exchange
 from txlb.http.frontend import HTTPFrontend, ReadGate
 from txlb.http.h2wire import BODY, GONE, REQUEST, RESET, TRAILERS, WINDOW, ServerConnection, StreamClosed
-from txlb.net.wire import backlogged, sendNow
+from txlb.net.wire import backlogged, noDelay, sendNow
 from txlb.observe.logs import emit
 
 _log = Logger(namespace="txlb.http2")
@@ -344,18 +344,6 @@ class StaticEncoder:
         return prefix + (bytes((size,)) if size < 127 else _hpackInteger(size, 7)) + v
 
 
-def _noDelay(transport) -> None:
-    """TCP_NODELAY on the socket under C{transport} (and TLS, if any)."""
-    for _ in range(4):
-        setNoDelay = getattr(transport, "setTcpNoDelay", None)
-        if setNoDelay is not None:
-            setNoDelay(True)
-            return
-        transport = getattr(transport, "transport", None)
-        if transport is None:
-            return
-
-
 @implementer(IPushProducer)
 class H2Connection:
     """
@@ -391,7 +379,7 @@ class H2Connection:
         self._resets = 0
         self._resetsSince = service.clock.seconds()
         self.transport.registerProducer(self, True)
-        _noDelay(self.transport)
+        noDelay(self.transport)
         self._write()
 
     # Bytes in.
@@ -1152,20 +1140,9 @@ class H2Stream(HTTPFrontend):
                 self._logRequest(exchange)
         self.connection.streamDone(self)
 
-    def arm(self, seconds: float, what) -> None:
-        # As HTTPFrontend's, with a timer the connection's streams pass on.
-        if not seconds:
-            self._onTimeout = None
-            return
-        clock = self.service.clock
-        self._deadline = deadline = clock.seconds() + seconds
-        self._onTimeout = what
-        if self._timer is None:
-            self._timer = self.connection.takeTimer(self, seconds)
-            self._timerAt = deadline
-        elif self._timerAt > deadline:
-            self._timer.reset(seconds)
-            self._timerAt = deadline
+    def _newTimer(self, seconds: float):
+        # A timer that the connection's streams pass on to each other.
+        return self.connection.takeTimer(self, seconds)
 
     def connectionMade(self) -> None:  # pragma: no cover - never on a socket
         raise NotImplementedError
