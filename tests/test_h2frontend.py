@@ -16,7 +16,8 @@ from hyperframe.frame import ContinuationFrame, DataFrame, GoAwayFrame, HeadersF
 
 from tests.h2support import H2Peer, h2Connection
 from tests.test_http_frontend import OK, Harness, head
-from txlb.http.h2frontend import PREFACE, H2Connection, Malformed, Refused, StaticEncoder, requestFields
+from txlb.http.h2fields import Malformed, Refused, StaticEncoder, requestFields
+from txlb.http.h2frontend import PREFACE, H2Connection
 
 
 class Client(H2Peer):

@@ -16,7 +16,7 @@ from hpack import Encoder
 from hypothesis import given, settings, strategies as st
 
 from txlb.http import h2wire
-from txlb.http.h2frontend import StaticEncoder
+from txlb.http.h2fields import StaticEncoder
 from txlb.http.h2wire import BODY, GONE, REQUEST, RESET, TRAILERS, WINDOW, ServerConnection, frame
 
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a")]

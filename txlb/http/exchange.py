@@ -5,7 +5,7 @@ by the client connection's parser, the response side by the backend
 connection the exchange is attached to.
 
 The seam: a frontend (L{txlb.http.frontend.HTTPFrontend}, or one HTTP/2
-stream, L{txlb.http.h2frontend.H2Stream}) owns the client's connection,
+stream, L{txlb.http.h2stream.H2Stream}) owns the client's connection,
 its timers and the order of answers; it makes an L{Exchange} per request
 head and, once the request is routed and admitted, calls
 L{Exchange.dispatch}.  From then on the exchange owns the request's life:

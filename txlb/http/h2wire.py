@@ -12,7 +12,7 @@ halves' state and the body's declared length, reports what happened as
 small tuples, and writes frames straight into one output list, for the
 frontend (L{txlb.http.h2frontend}) to send in one write.  Header blocks
 are HPACK's (the C{hpack} library) decoding, and
-L{txlb.http.h2frontend.StaticEncoder}'s encoding.
+L{txlb.http.h2fields.StaticEncoder}'s encoding.
 
 What a peer may not do ends the connection (L{ConnectionError}, with a
 GOAWAY queued) or one stream (RST_STREAM queued, and a C{RESET} event
