@@ -140,8 +140,10 @@ def _redisFactory(store: "RedisStore"):
 class RedisConnected(Service):
     """
     A service that keeps one connection to the Redis at C{self.address}
-    (reconnecting with back-off), told of it through C{_up}, C{_down} and
-    C{_failed} as L{RedisStore} is; C{self.clock} is the reactor.
+    (reconnecting with back-off); C{self.clock} is the reactor.  A subclass
+    probes each new connection in C{_up} (within C{self.probeTimeout}),
+    takes it with L{_accepted}, and hears of trouble in C{_failed}; a probe
+    not answered in time and a lost connection are handled here.
     """
 
     _factory = None
@@ -180,6 +182,22 @@ class RedisConnected(Service):
             _log.info(f"{what} {{address}} connected", event=f"{prefix}_connected", store="redis",
                       address=self.address)
         self.connected = True
+
+    def _probeTimedOut(self, conn) -> None:
+        """C{conn} did not answer its probe within C{self.probeTimeout}: drop it."""
+        if conn is self._candidate:
+            self._candidate = None
+            self._probeFailures += 1
+            self._failed(f"no answer to PING within {self.probeTimeout * 1000:g}ms")
+            if conn.transport is not None:
+                conn.transport.abortConnection()
+
+    def _down(self, conn) -> None:
+        if conn is self._candidate:
+            self._candidate = None
+        if conn is self._conn:
+            self._conn = None
+            self._failed("connection lost")
 
 
 class RedisStore(RedisConnected):
@@ -287,13 +305,18 @@ class RedisStore(RedisConnected):
 
     # Redis coming and going.
 
+    @property
+    def probeTimeout(self) -> float:
+        """How long a new connection has to answer C{PING}: four times a lookup's timeout."""
+        return self.timeout * 4
+
     def _up(self, conn) -> None:
         """
         A new connection: use it once it has answered a PING in time (a
         stopped Redis still accepts connections).
         """
         self._candidate = conn
-        timer = self.clock.callLater(self.timeout * 4, self._probeTimedOut, conn)
+        timer = self.clock.callLater(self.probeTimeout, self._probeTimedOut, conn)
 
         def ponged(value) -> None:
             if not timer.active():
@@ -304,20 +327,6 @@ class RedisStore(RedisConnected):
             self._accepted(conn)
 
         conn.execute_command("PING").addBoth(ponged)
-
-    def _probeTimedOut(self, conn) -> None:
-        if conn is self._candidate:
-            self._candidate = None
-            self._probeFailures += 1
-            self._failed(f"no answer to PING within {self.timeout * 4000:g}ms")
-            conn.transport.abortConnection()
-
-    def _down(self, conn) -> None:
-        if conn is self._candidate:
-            self._candidate = None
-        if conn is self._conn:
-            self._conn = None
-            self._failed("connection lost")
 
     def _failed(self, why: str) -> None:
         """

@@ -152,21 +152,6 @@ class RedisBuckets(RedisConnected):
 
         conn.execute_command("PING").addCallback(ponged).addBoth(loaded)
 
-    def _probeTimedOut(self, conn) -> None:
-        if conn is self._candidate:
-            self._candidate = None
-            self._probeFailures += 1
-            self._failed(f"no answer to PING within {self.probeTimeout * 1000:g}ms")
-            if conn.transport is not None:
-                conn.transport.abortConnection()
-
-    def _down(self, conn) -> None:
-        if conn is self._candidate:
-            self._candidate = None
-        if conn is self._conn:
-            self._conn = None
-            self._failed("connection lost")
-
     def _failed(self, why: str) -> None:
         """
         Redis did not answer: decide locally from now on, and drop the
