@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from tests.h2support import H2Peer, h2Connection
-from tests.test_http_frontend import Harness, Transport, head
+from tests.test_http_frontend import Harness, head
 from txlb.balance.pool import ServerState
 from txlb.health import GRPCCheck, grpcCheck, healthCheckFactories
 from txlb.health._grpc import checkRequest, servingStatus

@@ -116,13 +116,19 @@ class HangUp(Protocol):
         self.transport.loseConnection()
 
 
-def test_a_server_that_hangs_up_during_the_handshake(files, events):
-    h = tlsHarness(files)
-    frontend, client = h.accept()
+def handshaking(h):
+    """The backend connection asked for last, connected over TCP, its TLS handshake not begun."""
     host, factory = h.pending()
     backend = factory.buildProtocol(IPv4Address("TCP", host, 9000))
     transport = StringTransport()
     backend.makeConnection(transport)
+    return backend, transport
+
+
+def test_a_server_that_hangs_up_during_the_handshake(files, events):
+    h = tlsHarness(files)
+    frontend, client = h.accept()
+    backend, transport = handshaking(h)
     backend.connectionLost(None)
     assert failures(events) == ["s0 closed the connection during the TLS handshake"]
     assert h.servers[0].failures == 1
@@ -131,10 +137,7 @@ def test_a_server_that_hangs_up_during_the_handshake(files, events):
 def test_a_handshake_that_does_not_finish_times_out_as_a_connect(files, events):
     h = tlsHarness(files)
     frontend, client = h.accept()
-    host, factory = h.pending()
-    backend = factory.buildProtocol(IPv4Address("TCP", host, 9000))
-    transport = StringTransport()
-    backend.makeConnection(transport)
+    backend, transport = handshaking(h)
     h.reactor.advance(2.0)
     assert transport.disconnecting  # aborted: its connectionLost follows
     backend.connectionLost(None)
@@ -145,10 +148,7 @@ def test_a_handshake_that_does_not_finish_times_out_as_a_connect(files, events):
 def test_a_client_leaving_during_the_handshake_is_not_the_servers_fault(files, events):
     h = tlsHarness(files)
     frontend, client = h.accept()
-    host, factory = h.pending()
-    backend = factory.buildProtocol(IPv4Address("TCP", host, 9000))
-    transport = StringTransport()
-    backend.makeConnection(transport)
+    backend, transport = handshaking(h)
     frontend.connectionLost(None)
     backend.connectionLost(None)
     assert failures(events) == [] and h.servers[0].failures == 0 and h.servers[0].active == 0
