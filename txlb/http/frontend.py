@@ -18,7 +18,6 @@ pipelining) without the two fighting over C{resumeProducing}.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from typing import Mapping, Optional
 
@@ -36,12 +35,12 @@ from txlb.http.backend import BackendConnections
 from txlb.http.errors import errorResponse
 from txlb.http.exchange import Exchange, _headerValue, absoluteForm
 from txlb.http.grpc import grpcErrorResponse, isGrpc
+from txlb.http.requestlog import logRequest
 from txlb.http.routing import Router
 from txlb.net.drain import OpenConnections
 from txlb.net.readloop import adopt
 from txlb.net.tls import clientCertificateLines
 from txlb.net.wire import Cork, backlogged, sendNow
-from txlb.observe.logs import emit
 from txlb.policy.admission import Refusal
 
 _log = Logger(namespace="txlb.http")
@@ -720,31 +719,5 @@ class HTTPFrontend(Protocol):
         metrics = self.service.metrics
         if metrics is not None:
             metrics.httpRequest(self.service.name, exchange)
-        if not self.service.accessLog:
-            return
-        target = exchange.target
-        query = target.find(b"?")
-        fields = dict(
-            requestId=exchange.requestId,
-            service=self.service.name,
-            pool=exchange.pool.name if exchange.pool is not None else None,
-            selectedServer=exchange.server.name if exchange.server is not None else None,
-            method=exchange.method.decode("latin-1"),
-            path=(target if query < 0 else target[:query]).decode("latin-1"),
-            status=exchange.status,
-            responseTimeMs=round((time.monotonic() - exchange.started) * 1000, 3),
-            bytesSent=exchange.bytesSent,
-            client=self.client,
-            protocol=exchange.protocol or "HTTP/" + exchange.version,
-            cache=exchange.cacheResult,
-            reason=exchange.reason,
-        )
-        if exchange.error:
-            fields["error"] = exchange.error
-        if exchange.spliced:
-            fields["spliced"] = exchange.spliced  # body bytes the kernel moved (txlb.http.bodysplice)
-        if exchange.encoding is not None:
-            fields["encoding"] = exchange.encoding  # the body was compressed (txlb.http.compress)
-        if exchange.refused is not None:
-            fields["refused"] = exchange.refused  # turned away by txlb.policy.admission
-        emit(_log, "request", fields)
+        if self.service.accessLog:
+            logRequest(_log, exchange, self.service.name, self.client)

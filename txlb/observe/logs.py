@@ -38,6 +38,9 @@ _log = Logger(namespace="txlb")
 #: of txlb's own events (C{connect_failed}), which keep it.
 _SKIPPED = frozenset({"format", "message", "time", "system", "isError", "why", "failure"})
 _EVENT_SKIPPED = _SKIPPED - {"why"}
+#: C{THOUSANDTHS[n]}: C{n} (0-999) as three digits, for milliseconds.
+THOUSANDTHS = tuple(f"{n:03d}" for n in range(1000))
+
 _second = [-1, ""]
 
 
@@ -47,7 +50,7 @@ def _timestamp(when: float) -> str:
     if second != _second[0]:
         _second[0] = second
         _second[1] = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{_second[1]}.{int((when - second) * 1000):03d}+00:00"
+    return f"{_second[1]}.{THOUSANDTHS[int((when - second) * 1000)]}+00:00"
 
 
 def _fields(event: dict[str, Any]) -> dict[str, Any]:
@@ -98,6 +101,8 @@ def _makeEncoder() -> Callable[[Any], str]:
 
 
 _encode = _makeEncoder()
+#: C{encode(value)}: C{value} as compact JSON, as in txlb's lines.
+encode = _encode
 
 
 def jsonLine(event: dict[str, Any]) -> str:
@@ -109,8 +114,8 @@ def emit(logger: Logger, event: str, fields: dict[str, Any]) -> None:
     """
     Log the operator's event C{event} with C{fields} at level info, as
     C{logger.info(event, event=event, **fields)} would, for events logged
-    once per request or connection.  C{fields} becomes the event: the
-    caller gives it up.
+    once per connection or flow.  C{fields} becomes the event: the caller
+    gives it up.
 
     When txlb's own JSON observer is the process's log (L{accessTo}), the
     fields go straight to it, to be made into lines in a batch when it
@@ -124,8 +129,12 @@ def emit(logger: Logger, event: str, fields: dict[str, Any]) -> None:
     now = time.time()
     direct = _direct
     if direct is not None:
-        direct.access(now, event, fields)
+        direct.access(now, None, (event, fields))
         return
+    _publish(logger, now, event, fields)
+
+
+def _publish(logger: Logger, now: float, event: str, fields: dict[str, Any]) -> None:
     line = {"time": _timestamp(now), "level": "info", "event": event}
     line.update(fields)
     record = fields
@@ -138,6 +147,75 @@ def emit(logger: Logger, event: str, fields: dict[str, Any]) -> None:
     record["log_time"] = now
     record["log_line"] = line
     logger.observer(record)
+
+
+class FixedEvent:
+    """
+    An event logged for every request, whose fields always come in the
+    same order: as a tuple (a I{record}) rather than a dict, and written
+    with a template made once rather than by the JSON encoder, which would
+    encode every key and every value anew for every line.  The event's
+    maker knows which of its values are names (few, and repeated: encoded
+    once, L{names}) and which are text from clients (escaped each time,
+    L{text}).  A subclass says how a record becomes a line (L{line}) and,
+    for the publisher's road, its fields (L{fields}).
+    """
+
+    #: The C{event} field.
+    event = ""
+
+    def line(self, time: str, record: tuple, end: str) -> str:
+        """
+        The whole line, from C{{"time":"TIME","level":"info","event":} on,
+        ending with C{end}: the closing brace and the newline, after the
+        constant fields if there are any (L{accessTo}).
+        """
+        raise NotImplementedError()
+
+    def fields(self, record: tuple) -> dict[str, Any]:
+        """The fields as L{emit} takes them, in the line's order."""
+        raise NotImplementedError()
+
+
+def emitFixed(logger: Logger, kind: FixedEvent, record: tuple) -> None:
+    """
+    Log C{kind}'s event made of C{record}: straight to txlb's observer as
+    the record (see L{emit}), else as the ordinary event of its fields.
+    """
+    now = time.time()
+    direct = _direct
+    if direct is not None:
+        direct.access(now, kind, record)
+        return
+    _publish(logger, now, kind.event, kind.fields(record))
+
+
+#: C{names[value]}: C{value}'s JSON text, for values that repeat (service,
+#: pool and server names, methods, statuses, clients' addresses, L{None}),
+#: made at the first sight by L{learn}.  A plain dict, so that looking up
+#: is the interpreter's fastest subscript; a L{KeyError} says to L{learn}.
+names: dict[Any, str] = {None: "null"}
+#: How many values L{names} holds at most: values of many kinds (clients'
+#: addresses) cannot make it grow without bound.
+NAMES_LIMIT = 4096
+
+
+def learn(values: tuple) -> None:
+    """
+    Put C{values} in L{names}, bytes as their Latin-1 text; not booleans
+    or floats, which would meet the integers they equal.
+    """
+    if len(names) + len(values) > NAMES_LIMIT:
+        names.clear()
+        names[None] = "null"
+    for value in values:
+        if value not in names:
+            names[value] = _encode(value.decode("latin-1") if isinstance(value, bytes) else value)
+
+
+#: C{text(s)}: the string C{s} as JSON text (quoted, escaped, ASCII), for
+#: strings that do not repeat (paths, request IDs).
+text: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
 #: The observer L{emit} writes to directly, if any.
@@ -234,8 +312,9 @@ class _BufferedWriter:
         self.clock = clock
         self.delay = delay
         self._pending = None
-        #: Access events not written yet: C{(time, event, fields)}.
-        self.batch: list[tuple[float, str, dict]] = []
+        #: Access events not written yet: C{(time, kind, record)}, a
+        #: L{FixedEvent}'s record, or (kind L{None}) C{(event, fields)}.
+        self.batch: list[tuple[float, Optional[FixedEvent], tuple]] = []
         #: Fields that end every access line (L{accessTo}).
         self.constant: dict[str, Any] = {}
 
@@ -245,12 +324,13 @@ class _BufferedWriter:
         self.stream.write(self.formatter(event))
         self._later(event.get("log_level") in _URGENT)
 
-    def access(self, when: float, event: str, fields: dict) -> None:
+    def access(self, when: float, kind: Optional[FixedEvent], record: tuple) -> None:
         batch = self.batch
-        batch.append((when, event, fields))
+        batch.append((when, kind, record))
         if len(batch) >= BATCH_LINES:
             self._writeBatch()
-        self._later(False)
+        if self._pending is None:
+            self._later(False)
 
     def _later(self, urgent: bool) -> None:
         # A reactor that does not run (yet, or any more: twistd's last
@@ -267,7 +347,11 @@ class _BufferedWriter:
         encode, timestamp = _encode, _timestamp
         end = "}\n" if not self.constant else "," + _encode(self.constant)[1:] + "\n"
         lines = []
-        for when, event, fields in batch:
+        for when, kind, record in batch:
+            if kind is not None:
+                lines.append(kind.line(timestamp(when), record, end))
+                continue
+            event, fields = record
             body = encode(fields)
             lines.append(f'{{"time":"{timestamp(when)}","level":"info","event":{encode(event)}'
                          f'{"," if len(body) > 2 else ""}{body[1:-1]}{end}')
