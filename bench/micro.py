@@ -9,7 +9,9 @@ load generators: what each piece costs per request or per MiB.
               client (L{txlb.http.headers}; µs per request and response)
     event     one access event through Twisted's logger to the JSON-lines
               observer (L{txlb.observe.logs.emit}; µs per event), and straight to
-              the observer in batches, as under twistd (C{direct})
+              the observer in batches, as under twistd (C{direct}), and a
+              request's event as its fixed-order record (C{request_event_direct},
+              L{txlb.http.requestlog})
     splice    bytes moved between two loopback TCP connections by
               L{txlb.net.splice.SplicePair}, beside the same bytes copied
               through Python by a Twisted protocol pair (MiB/s, and CPU-µs
@@ -48,7 +50,8 @@ from twisted.logger import Logger, LogPublisher  # noqa: E402
 
 from txlb.config import LogConfig  # noqa: E402
 from txlb.http.headers import requestHead, responseHead  # noqa: E402
-from txlb.observe.logs import accessTo, emit, makeObserver  # noqa: E402
+from txlb.http.requestlog import REQUEST  # noqa: E402
+from txlb.observe.logs import accessTo, emit, emitFixed, makeObserver  # noqa: E402
 
 _REQUEST = (
     b"GET /catalog/items?page=2&sort=price HTTP/1.1\r\n"
@@ -148,13 +151,26 @@ def benchEvent(number: int) -> dict:
         out.seek(0)
         out.truncate()
 
+    record = ("5f2c-1a", "web", "shop", "shop-1", b"GET", b"/catalog/items?page=2", 200, 0.000412, 5321,
+              "127.0.0.1", "HTTP/1.1", None, "round robin", None)
+
+    def fixed() -> None:
+        # What an HTTP request logs under twistd: its record, a tuple of
+        # values in a fixed order (txlb.http.requestlog), made a line by a template.
+        for _ in range(100):
+            emitFixed(log, REQUEST, record)
+        observer.flush()
+        out.seek(0)
+        out.truncate()
+
     accessTo(observer)
     try:
         perDirect = _perCall(direct, max(1, number // 100)) / 100
+        perFixed = _perCall(fixed, max(1, number // 100)) / 100
     finally:
         accessTo(None)
     return {"us_per_event": _perCall(viaEmit, number), "us_per_event_direct": perDirect,
-            "us_per_event_logger_info": _perCall(viaInfo, number)}
+            "us_per_request_event_direct": perFixed, "us_per_event_logger_info": _perCall(viaInfo, number)}
 
 
 # The splice path: a feeder sends MiB into one connection, a sink drains the

@@ -44,7 +44,7 @@ class RequestEvent(FixedEvent):
 
     event = "request"
 
-    def line(self, time: str, record: tuple, end: str) -> str:
+    def line(self, stamp: str, record: tuple, end: str) -> str:
         (requestId, service, pool, server, method, target, status, seconds, sent, client, protocol, cache,
          reason, extra) = record
         path = text(_path(target))
@@ -55,7 +55,7 @@ class RequestEvent(FixedEvent):
             # The request ID goes as it is: txlb makes it, or keeps a
             # client's only when it is of characters JSON writes as they
             # are (headers.requestId).
-            return (f'{{"time":"{time}","level":"info","event":"request","requestId":"{requestId}",'
+            return (f'{{"time":"{stamp}","level":"info","event":"request","requestId":"{requestId}",'
                     f'"service":{names[service]},"pool":{names[pool]},"selectedServer":{names[server]},'
                     f'"method":{names[method]},"path":{path},"status":{names[status]},'
                     f'"responseTimeMs":{micro // 1000}.{THOUSANDTHS[micro % 1000]},"bytesSent":{sent},'
@@ -63,7 +63,7 @@ class RequestEvent(FixedEvent):
                     f'"reason":{names[reason]}{end}')
         except KeyError:
             learn((service, pool, server, method, status, client, protocol, cache, reason))
-            return self.line(time, record[:-1] + (None,), end)
+            return self.line(stamp, record[:-1] + (None,), end)
 
     def fields(self, record: tuple) -> dict[str, Any]:
         out = dict(zip(FIELDS, record))

@@ -164,9 +164,9 @@ class FixedEvent:
     #: The C{event} field.
     event = ""
 
-    def line(self, time: str, record: tuple, end: str) -> str:
+    def line(self, stamp: str, record: tuple, end: str) -> str:
         """
-        The whole line, from C{{"time":"TIME","level":"info","event":} on,
+        The whole line, from C{{"time":"STAMP","level":"info","event":} on,
         ending with C{end}: the closing brace and the newline, after the
         constant fields if there are any (L{accessTo}).
         """
@@ -214,7 +214,7 @@ def learn(values: tuple) -> None:
 
 
 #: C{text(s)}: the string C{s} as JSON text (quoted, escaped, ASCII), for
-#: strings that do not repeat (paths, request IDs).
+#: strings that do not repeat (paths).
 text: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
