@@ -27,10 +27,23 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: Ports L{freePort} handed out already in this test process.
+_handedOut: set[int] = set()
+
+
 def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """
+    A TCP port free on 127.0.0.1 now, and not one this process was given
+    before: the kernel may offer a port again as soon as it was closed, so
+    two ports asked for in a row (one config's services) could be the same.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handedOut:
+            _handedOut.add(port)
+            return port
 
 
 def waitFor(condition: Callable[[], object], timeout: float = 15.0, what: str = "condition"):
