@@ -11,13 +11,13 @@ import pytest
 from h2.errors import ErrorCodes
 from hpack import Decoder
 from hypothesis import given, settings, strategies as st
-from h2.frame_buffer import CONTINUATION_BACKLOG
 from hyperframe.frame import ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame
 
 from tests.h2support import H2Peer, h2Connection
 from tests.test_http_frontend import OK, Harness, head
 from txlb.http.h2fields import Malformed, Refused, StaticEncoder, requestFields
 from txlb.http.h2frontend import PREFACE, H2Connection
+from txlb.http.h2wire import CONTINUATION_LIMIT
 
 
 class Client(H2Peer):
@@ -399,7 +399,7 @@ def test_continuation_flood_ends_in_goaway_and_others_are_served():
     frame.data = block
     frame.flags.add("END_STREAM")
     c.frontend.dataReceived(frame.serialize())
-    for _ in range(CONTINUATION_BACKLOG + 10):
+    for _ in range(CONTINUATION_LIMIT + 10):
         cont = ContinuationFrame(1)
         cont.data = b"\x00" * 1000
         c.frontend.dataReceived(cont.serialize())
