@@ -12,7 +12,10 @@ Everything runs on 127.0.0.1 and is started and stopped here:
 - targets: C{txlb} (one HTTP service, HTTP/2 by prior knowledge, a
   C{round_robin} pool of the backends, no access log), C{haproxy}
   (C{bind ... proto h2}, the same backends, HTTP/1.1 to them with
-  connection reuse), C{direct} (the h2c nginx server).
+  connection reuse, one thread), C{direct} (the h2c nginx server); and,
+  not by default, each balancer on two cores as it would be deployed on a
+  two-core machine: C{txlb-w2} (C{[txlb] workers = 2}) and C{haproxy-t2}
+  (C{nbthread 2}).
 - load: C{h2load} for C{--duration} seconds per run, bounded by a timeout.
 
 Workloads:
@@ -101,23 +104,27 @@ def directServer(lab: Lab) -> int:
     return port
 
 
-def startTxlb(lab: Lab, backends: list[int]):
+def startTxlb(lab: Lab, backends: list[int], workers: int = 1):
     port = _lab.freePort()
-    config = lab.dir / "txlb.toml"
-    config.write_text(_http.txlbConfig(port, backends, False, str(lab.dir / "txlb.events")))
+    name = "txlb" if workers == 1 else f"txlb-w{workers}"
+    config = lab.dir / f"{name}.toml"
+    text = _http.txlbConfig(port, backends, False, str(lab.dir / f"{name}.events"))
+    if workers > 1:
+        text = f"[txlb]\nworkers = {workers}\n\n" + text
+    config.write_text(text)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return lab.start(_lab.twistd("txlb", "--config", str(config)), "txlb", port, env=env), port
+    return lab.start(_lab.twistd("txlb", "--config", str(config)), name, port, env=env), port
 
 
-def startHaproxy(lab: Lab, backends: list[int]):
+def startHaproxy(lab: Lab, backends: list[int], threads: int = 1):
     port = _lab.freePort()
     servers = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(backends))
-    conf = lab.dir / "haproxy.cfg"
+    conf = lab.dir / f"haproxy-{threads}.cfg"
     conf.write_text(textwrap.dedent("""
         global
             maxconn 4000
-            nbthread 1
+            nbthread {threads}
         defaults
             mode http
             timeout connect 5s
@@ -129,8 +136,9 @@ def startHaproxy(lab: Lab, backends: list[int]):
             default_backend b
         backend b
             balance roundrobin
-        """).format(port=port) + servers + "\n")
-    return lab.start(["haproxy", "-db", "-f", str(conf)], "haproxy", port), port
+        """).format(port=port, threads=threads) + servers + "\n")
+    name = "haproxy" if threads == 1 else f"haproxy-t{threads}"
+    return lab.start(["haproxy", "-db", "-f", str(conf)], name, port), port
 
 
 _FINISHED = re.compile(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s")
@@ -171,9 +179,10 @@ def report(results: dict) -> str:
         return _lab.median(results.get((target, workload), []), key)
 
     for workload in ("h2-1", "h2-100"):
-        txlb, haproxy = value("txlb", workload, "rps"), value("haproxy", workload, "rps")
-        if txlb and haproxy:
-            lines.append(f"{workload}: txlb / haproxy req/s = {txlb / haproxy:.2f} (target >= 0.3)")
+        for mine, theirs, cores in (("txlb", "haproxy", "one core each"), ("txlb-w2", "haproxy-t2", "two each")):
+            txlb, haproxy = value(mine, workload, "rps"), value(theirs, workload, "rps")
+            if txlb and haproxy:
+                lines.append(f"{workload}: {mine} / {theirs} req/s = {txlb / haproxy:.2f} ({cores}; target >= 0.3)")
         tcpu, hcpu = value("txlb", workload, "cpuUsPerRequest"), value("haproxy", workload, "cpuUsPerRequest")
         if tcpu and hcpu:
             lines.append(f"{workload}: txlb / haproxy CPU per request = {tcpu / hcpu:.1f}x")
@@ -198,9 +207,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     opts = ap.parse_args(argv)
     missing = [tool for tool in ("h2load", "nginx") if shutil.which(tool) is None]
     targets = opts.targets.split(",")
-    if "haproxy" in targets and shutil.which("haproxy") is None:
+    if shutil.which("haproxy") is None and any(t.startswith("haproxy") for t in targets):
         print("haproxy is not installed: leaving it out", file=sys.stderr)
-        targets.remove("haproxy")
+        targets = [t for t in targets if not t.startswith("haproxy")]
     if missing:
         print(f"needs {' and '.join(missing)}", file=sys.stderr)
         return 2
@@ -212,8 +221,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         started = {}
         if "txlb" in targets:
             started["txlb"] = startTxlb(lab, backends)
+        if "txlb-w2" in targets:
+            started["txlb-w2"] = startTxlb(lab, backends, workers=2)
         if "haproxy" in targets:
             started["haproxy"] = startHaproxy(lab, backends)
+        if "haproxy-t2" in targets:
+            started["haproxy-t2"] = startHaproxy(lab, backends, threads=2)
         if "direct" in targets:
             started["direct"] = (None, directServer(lab))
         for _ in range(max(1, opts.repeat)):
