@@ -1,6 +1,7 @@
 """
 L{txlb.net.readloop}: an adopted transport is read through txlb's epoll set,
-and pausing, resuming, half-close and closing behave as Twisted's.
+and pausing, resuming, half-close and closing behave as Twisted's; what
+L{txlb.net.wire.sendNow} is given during the loop's turn leaves at its end.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from zope.interface import implementer
 
 from txlb.net.readloop import adopt
 from txlb.net.splice import loopFor
+from txlb.net.wire import buffered, release, sendNow
 
 
 class Recorder(Protocol):
@@ -135,3 +137,88 @@ def test_half_close_reaches_a_half_closeable_protocol(reactor) -> None:
 
 def test_only_plain_tcp_on_a_known_reactor() -> None:
     assert not adopt(StringTransport())
+
+
+class Echo(Recorder):
+    """Answers each read with sendNow, and notes what its peer could see meanwhile."""
+
+    def __init__(self, then=None) -> None:
+        super().__init__()
+        self.then = then
+        self.seenDuringTurn = None
+        self.bufferedDuringTurn = None
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        sendNow(self.transport, b"<" + data)
+        sendNow(self.transport, b">")
+        self.bufferedDuringTurn = buffered(self.transport)
+        if self.then is not None:
+            self.then(self)
+        self.peer.setblocking(False)
+        try:
+            self.seenDuringTurn = self.peer.recv(100)
+        except BlockingIOError:
+            self.seenDuringTurn = b""
+        finally:
+            self.peer.setblocking(True)
+
+
+def _echo(reactor, then=None):
+    protocol = Echo(then)
+    protocol.peer = _connected(reactor, protocol)
+    assert protocol.adopted
+    return protocol
+
+
+def test_sends_in_a_turn_leave_together_at_its_end(reactor) -> None:
+    """Bytes sendNow is given while the loop handles its events wait for the turn's end, joined, in order."""
+    first, second = _echo(reactor), _echo(reactor)
+    first.peer.sendall(b"a")
+    second.peer.sendall(b"b")
+    _turn(reactor, lambda: first.data and second.data)
+    assert first.seenDuringTurn == second.seenDuringTurn == b""
+    assert first.bufferedDuringTurn and second.bufferedDuringTurn
+    assert first.peer.recv(100) == b"<a>"
+    assert second.peer.recv(100) == b"<b>"
+    assert first.transport.queued is None and not buffered(first.transport)
+
+
+def test_outside_a_turn_bytes_leave_at_once(reactor) -> None:
+    protocol = _echo(reactor)
+    sendNow(protocol.transport, b"now")
+    assert protocol.peer.recv(100) == b"now"
+
+
+def test_release_sends_what_the_turn_gathered(reactor) -> None:
+    """What moves bytes past the transport (a spliced body) releases them first."""
+    protocol = _echo(reactor, then=lambda p: release(p.transport))
+    protocol.peer.sendall(b"x")
+    _turn(reactor, lambda: protocol.data)
+    assert protocol.seenDuringTurn == b"<x>"
+
+
+def test_closing_in_the_turn_still_delivers_what_was_gathered(reactor) -> None:
+    protocol = _echo(reactor, then=lambda p: p.transport.loseConnection())
+    protocol.peer.sendall(b"last")
+    _turn(reactor, lambda: protocol.lost is not None)
+    got = b""
+    while True:
+        chunk = protocol.peer.recv(100)
+        if not chunk:
+            break
+        got += chunk
+    assert got == b"<last>"
+
+
+def test_a_failing_turn_end_call_leaves_the_others(reactor) -> None:
+    def boom(_) -> None:
+        raise RuntimeError("boom")
+
+    protocol = _echo(reactor, then=lambda p: loopFor(reactor).atTurnEnd(boom, None))
+    other = _echo(reactor)
+    protocol.peer.sendall(b"1")
+    other.peer.sendall(b"2")
+    _turn(reactor, lambda: protocol.data and other.data)
+    assert protocol.peer.recv(100) == b"<1>"
+    assert other.peer.recv(100) == b"<2>"

@@ -34,7 +34,7 @@ from txlb.http.bodysplice import SINK, SOURCE, BodySplice, spliceable
 from txlb.http.headers import requestHead, requestId, responseHead, responseLines
 from txlb.interfaces import PickContext
 from txlb.net.endpoints import connectFailure
-from txlb.net.wire import buffered, noDelay, sendNow
+from txlb.net.wire import buffered, noDelay, release, sendNow
 from txlb.policy.headers import variables
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -445,6 +445,10 @@ class Exchange:
         conn = self.conn
         client = frontend.transport
         backend = conn.transport
+        # What this turn gathered for either socket leaves first
+        # (txlb.net.wire.sendNow), so that the kernel moves nothing past it.
+        release(client)
+        release(backend)
         if (self.toClientChunked or self.cacheFill is not None or self.encoder is not None or not self.requestDone
                 or frontend.out.out is not None or not spliceable(client) or not spliceable(backend)
                 or client.disconnecting or backend.disconnecting or buffered(backend)):

@@ -15,7 +15,9 @@ Everything else stays Twisted's: the transport object, its write buffer
 (written through the reactor as before), producers, half-close and
 closing.  Only where the transport asks to start or stop reading changes,
 which is why the transport's class becomes a subclass that overrides
-those two methods.
+those two methods; and the subclass holds the bytes that
+L{txlb.net.wire.sendNow} gathers for it while the loop handles a turn's
+events.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class _LoopReading:
 
     #: What the loop's epoll set watches this socket for (0: nothing).
     mask = 0
+    #: Bytes L{txlb.net.wire.sendNow} gathered for this connection in the
+    #: loop's current turn, sent at its end; L{None}: none.
+    queued: "list[bytes] | None" = None
 
     def startReading(self) -> None:
         self._loop.watch(self, _IN)
@@ -85,8 +90,10 @@ class _LoopClient(_LoopReading, tcp.Client):
 
 
 _ADOPTED = {tcp.Server: _LoopServer, tcp.Client: _LoopClient}
+#: The classes of transports read through the loop.
+LOOPED = frozenset(_ADOPTED.values())
 #: The classes of transports whose socket is plain TCP, adopted or not.
-PLAIN = frozenset((*_ADOPTED, *_ADOPTED.values()))
+PLAIN = frozenset((*_ADOPTED, *LOOPED))
 
 
 def adopt(transport) -> bool:

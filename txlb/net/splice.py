@@ -190,13 +190,21 @@ class SpliceLoop:
     C{EPOLLRDHUP} flag tells a reader that the peer's EOF is already there,
     to be read in the same turn.  A socket leaves the set when it is closed
     (the kernel drops it), so closing costs no call either.
+
+    The events of one turn are handled one after the other, and what they
+    leave for the turn's end (L{atTurnEnd}: the writes L{txlb.net.wire.sendNow}
+    gathers) is done once they all are.
     """
+
+    #: The events of a turn are being handled (L{atTurnEnd} calls wait).
+    turning = False
 
     def __init__(self, reactor) -> None:
         self.epoll = select.epoll()
         #: What handles each watched file descriptor (a L{_Socket}, or a
         #: L{txlb.net.connect.PendingConnect}).
         self.sockets: dict[int, object] = {}
+        self._atTurnEnd: list[tuple[Callable[[object], None], object]] = []
         reactor.addReader(self)
 
     def fileno(self) -> int:
@@ -264,17 +272,35 @@ class SpliceLoop:
             if self.sockets.get(handler.fd) is handler:
                 del self.sockets[handler.fd]
 
+    def atTurnEnd(self, f: Callable[[object], None], arg: object) -> None:
+        """Call C{f(arg)} once this turn's events are handled (only while L{turning})."""
+        self._atTurnEnd.append((f, arg))
+
     def doRead(self) -> None:
         sockets = self.sockets
-        for fd, events in self.epoll.poll(0, _BATCH):
-            handler = sockets.get(fd)
-            if handler is None:
-                continue  # closed by an earlier event of this turn
+        self.turning = True
+        try:
+            for fd, events in self.epoll.poll(0, _BATCH):
+                handler = sockets.get(fd)
+                if handler is None:
+                    continue  # closed by an earlier event of this turn
+                try:
+                    handler.ready(events)
+                except Exception:
+                    _log.failure("splicing failed")
+                    handler.abandon()
+        finally:
+            self.turning = False
+            if self._atTurnEnd:
+                self._endTurn()
+
+    def _endTurn(self) -> None:
+        calls, self._atTurnEnd = self._atTurnEnd, []
+        for f, arg in calls:
             try:
-                handler.ready(events)
+                f(arg)
             except Exception:
-                _log.failure("splicing failed")
-                handler.abandon()
+                _log.failure("the end of a read loop's turn failed")
 
     def connectionLost(self, reason) -> None:
         """The reactor stops: close what is left."""

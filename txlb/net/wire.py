@@ -11,6 +11,19 @@ proxying itself.  L{sendNow} sends at once when nothing is queued ahead,
 and hands Twisted only what the socket would not take, so ordering,
 buffering and producer flow control stay Twisted's.
 
+Sending at once is not sending one at a time, though.  A read of 100
+HTTP/2 requests makes 100 request heads for 100 backend connections, and
+each C{send} to a peer that sleeps in C{epoll_wait} wakes it: a wake-up
+costs the sender more than the send (in a virtual machine, an
+inter-processor interrupt and an exit to the hypervisor), and with
+Python's work between two sends the peer is asleep again for the next.
+So while txlb's read loop handles the events of one turn
+(L{txlb.net.splice.SpliceLoop}), what L{sendNow} is given for a connection
+the loop reads waits, joined per connection, and leaves at the end of
+the turn, the sends back to back: the backend, and the client of many
+responses, wake once for the lot.  Nothing waits beyond the turn, and
+nothing but the loop's own events gathers.
+
 What a transport holds is not in Twisted's public API: L{txlb.net.fastpath}
 reads it, and when the fast path is off every write goes through
 C{transport.write} and a transport is taken to hold bytes (so that
@@ -20,11 +33,13 @@ nothing is spliced past them).
 from __future__ import annotations
 
 from txlb.net import fastpath
-from txlb.net.readloop import PLAIN as _PLAIN
+from txlb.net.readloop import LOOPED as _LOOPED, PLAIN as _PLAIN
 
 
 def buffered(transport) -> bool:
-    """Twisted may still hold bytes to write on this plain TCP C{transport}."""
+    """Twisted (or this turn's gathering) may still hold bytes to write on this plain TCP C{transport}."""
+    if type(transport) in _LOOPED and transport.queued is not None:
+        return True
     return fastpath.buffered(transport) if fastpath.enabled() else True
 
 
@@ -47,8 +62,35 @@ def backlogged(transport) -> bool:
 def sendNow(transport, data: bytes) -> None:
     """
     Write C{data} to C{transport}: straight to its socket when its buffer
-    is empty, the rest (if the socket is full) through C{transport.write}.
+    is empty, the rest (if the socket is full) through C{transport.write};
+    at the end of the read loop's turn when one is being handled.
     """
+    if type(transport) in _LOOPED:
+        queued = transport.queued
+        if queued is not None:
+            queued.append(data)
+            return
+        loop = transport._loop
+        if loop.turning:
+            transport.queued = [data]
+            loop.atTurnEnd(release, transport)
+            return
+    _send(transport, data)
+
+
+def release(transport) -> None:
+    """
+    Send now what L{sendNow} gathered for C{transport} in this turn: before
+    anything else moves bytes to its socket (the kernel splicing a body).
+    """
+    if type(transport) in _LOOPED:
+        queued = transport.queued
+        if queued is not None:
+            transport.queued = None
+            _send(transport, queued[0] if len(queued) == 1 else b"".join(queued))
+
+
+def _send(transport, data: bytes) -> None:
     # Plain TCP only: a TLS transport's bytes must go through OpenSSL; a
     # test's StringTransport has no socket.
     if (
