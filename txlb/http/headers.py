@@ -88,7 +88,7 @@ def _sift(headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]) -> tup
     C{Connection} names), and the dropped headers' values by lower-case
     name, for the few the caller still reads.
     """
-    kept: list[tuple[bytes, bytes]] = []
+    kept: list[bytes] = []
     dropped: dict[bytes, list[bytes]] = {}
     for n, v in headers:
         lower = n.lower()
@@ -99,12 +99,13 @@ def _sift(headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]) -> tup
             else:
                 values.append(v)
         else:
-            kept.append((lower, n + b": " + v))
+            kept.append(n + b": " + v)
     connection = dropped.get(b"connection")
     if connection is None:
-        return [line for _, line in kept], dropped
+        return kept, dropped
+    # Rare: the names Connection lists go too (a second pass).
     tokens = {t.strip().lower() for value in connection for t in value.split(b",")}
-    return [line for lower, line in kept if lower not in tokens], dropped
+    return [n + b": " + v for n, v in headers if n.lower() not in drop and n.lower() not in tokens], dropped
 
 
 def _formatForwardedFor(client: str) -> str:
