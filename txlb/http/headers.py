@@ -103,8 +103,10 @@ def _sift(headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]) -> tup
     connection = dropped.get(b"connection")
     if connection is None:
         return kept, dropped
-    # Rare: the names Connection lists go too (a second pass).
-    tokens = {t.strip().lower() for value in connection for t in value.split(b",")}
+    tokens = {t.strip().lower() for value in connection for t in value.split(b",")} - drop
+    if not tokens:
+        return kept, dropped  # keep-alive, close: nothing more to drop
+    # The fields Connection names go too (a second pass).
     return [n + b": " + v for n, v in headers if n.lower() not in drop and n.lower() not in tokens], dropped
 
 
