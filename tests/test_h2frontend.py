@@ -6,6 +6,9 @@ answered by hand on a memory reactor, time is a Clock.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import h2.events
 import pytest
 from h2.errors import ErrorCodes
@@ -790,3 +793,45 @@ def test_a_head_request_and_a_304_are_one_headers_frame():
         assert response.stream_ended is not None and not c.of(h2.events.DataReceived, sid)
         if method == b"HEAD":
             assert dict(response.headers)[b"content-length"] == b"99"
+
+
+def test_a_finished_stream_is_freed_by_reference_counting():
+    """A stream's objects refer to each other until it ends; then nothing keeps them for the cycle collector."""
+    h = Harness()
+    c = Client(h)
+    gc.disable()
+    try:
+        sid = c.request("/")
+        stream = weakref.ref(c.frontend.h2.streams[sid])
+        backend, _ = h.answer()
+        backend.dataReceived(OK)
+        c.read()
+        assert c.response(sid)[1:] == (b"hello", True)
+        assert stream() is None
+    finally:
+        gc.enable()
+
+
+def test_what_reaches_an_ended_stream_is_too_late_to_matter():
+    """A backend's last call on the transport of a stream that ended does nothing, and the connection goes on."""
+    h = Harness(servers=1)
+    c = Client(h)
+    sid = c.request("/")
+    transport = c.frontend.h2.streams[sid].transport
+    backend, _ = h.answer()
+    backend.dataReceived(OK)
+    c.read()
+    assert c.response(sid)[1:] == (b"hello", True)
+    transport.registerProducer(backend.transport, True)
+    transport.write(b"late")
+    transport.resumeProducing()
+    transport.unregisterProducer()
+    transport.stopProducing()
+    transport.loseConnection()
+    assert transport.getPeer() == c.frontend.transport.getPeer()
+    c.read()
+    assert not c.of(h2.events.StreamReset)
+    sid = c.request("/again")
+    backend.dataReceived(OK)
+    c.read()
+    assert c.response(sid)[1:] == (b"hello", True)

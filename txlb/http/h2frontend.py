@@ -297,6 +297,7 @@ class H2Connection:
         """A stream's response went out whole (or the stream was cut)."""
         if self.streams.get(stream.streamId) is stream:
             del self.streams[stream.streamId]
+        stream.release()
         self._idleCheck()
 
     def _idleCheck(self) -> None:

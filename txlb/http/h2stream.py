@@ -49,20 +49,26 @@ class _StreamTransport:
     TLS = False
 
     def __init__(self, stream: "H2Stream") -> None:
-        self.stream = stream
+        #: The stream; L{None} once it ended (L{H2Stream.release}): what is
+        #: asked of this transport after that is too late to matter.
+        self.stream: Optional[H2Stream] = stream
+        self.connection = stream.connection
         self.producer = None
         self.paused = False
 
     def registerProducer(self, producer, streaming: bool) -> None:
         self.producer = producer
-        self.stream.producerPaused = False
-        self.stream.checkProducer()
+        stream = self.stream
+        if stream is not None:
+            stream.producerPaused = False
+            stream.checkProducer()
 
     def unregisterProducer(self) -> None:
         # The backend connection may go back to the idle pool: not paused.
         producer, self.producer = self.producer, None
-        if self.stream.producerPaused and producer is not None:
-            self.stream.producerPaused = False
+        stream = self.stream
+        if stream is not None and stream.producerPaused and producer is not None:
+            stream.producerPaused = False
             producer.resumeProducing()
 
     def pauseProducing(self) -> None:
@@ -70,25 +76,29 @@ class _StreamTransport:
 
     def resumeProducing(self) -> None:
         self.paused = False
-        self.stream.ackHeld()
+        if self.stream is not None:
+            self.stream.ackHeld()
 
     def stopProducing(self) -> None:
         self.abortConnection()
 
     def write(self, data: bytes) -> None:
-        self.stream.out.write(data)
+        if self.stream is not None:
+            self.stream.out.write(data)
 
     def loseConnection(self) -> None:
-        self.stream.cut(h2wire.CANCEL)
+        if self.stream is not None:
+            self.stream.cut(h2wire.CANCEL)
 
     def abortConnection(self) -> None:
-        self.stream.cut(h2wire.INTERNAL_ERROR)
+        if self.stream is not None:
+            self.stream.cut(h2wire.INTERNAL_ERROR)
 
     def getPeer(self):
-        return self.stream.connection.transport.getPeer()
+        return self.connection.transport.getPeer()
 
     def getHost(self):
-        return self.stream.connection.transport.getHost()
+        return self.connection.transport.getHost()
 
 
 class _Response:
@@ -114,13 +124,15 @@ class _Response:
     parser = None
 
     def __init__(self, stream: "H2Stream", noBody: bool) -> None:
-        self.stream = stream
+        #: The stream; L{None} once it ended (L{H2Stream.release}).
+        self.stream: Optional[H2Stream] = stream
+        self.connection = stream.connection
         self.noBody = noBody
 
     def write(self, data: bytes) -> None:
-        if self.done:
-            return
         stream = self.stream
+        if self.done or stream is None:
+            return
         if self.direct:
             if data and not stream.finished:
                 stream.buffer.append(data)
@@ -145,19 +157,21 @@ class _Response:
 
     def hold(self) -> bool:
         self.holding = True
-        self._held = self.stream.connection.hold()
+        self._held = self.connection.hold()
         return True
 
     def flush(self) -> None:
         self.holding = False
         stream = self.stream
-        if self.direct and (stream.buffer or stream.ending):
+        if stream is not None and self.direct and (stream.buffer or stream.ending):
             stream.push()  # the read's body in as few frames as the window allows; END_STREAM on the last
+        # The stream may have ended within the read: the connection's
+        # gathering ends all the same.
         if self._held:
             self._held = False
-            stream.connection.flush()
+            self.connection.flush()
         else:
-            stream.connection.send()
+            self.connection.send()
 
     # httptools callbacks.
 
@@ -491,6 +505,18 @@ class H2Stream(HTTPFrontend):
                 exchange.error = exchange.error or why
                 self._logRequest(exchange)
         self.connection.streamDone(self)
+
+    def release(self) -> None:
+        """
+        The stream is over and its connection let go of it: its transport
+        and its response reader stop referring to it, so that reference
+        counting frees the stream's objects at once.  They refer to each
+        other; left to the cyclic garbage collector, which found them only
+        after they had outlived a collection or two, they cost about a
+        tenth of a request's CPU time at 100 streams per connection.
+        """
+        self.transport.stream = None
+        self.out.stream = None
 
     def _newTimer(self, seconds: float):
         # A timer that the connection's streams pass on to each other.
