@@ -15,10 +15,16 @@ calls is not (it is the same for both settings but for the log file's
 writes).  The backend is a small asyncio server in its own process, not
 counted.
 
+With C{--streams N} the requests are HTTP/2 instead (prior knowledge, sent
+by C{h2load} with N concurrent streams on each connection), for what an
+HTTP/2 request costs.
+
     python3 bench/instructions.py
     python3 bench/instructions.py --requests 3000 --settings off,on --json instructions.json
+    python3 bench/instructions.py --settings off --streams 100 --connections 2 --requests 4000
 
-Needs valgrind (Debian's package); everything listens on 127.0.0.1.
+Needs valgrind (Debian's package), and h2load (C{nghttp2-client}) for
+C{--streams}; everything listens on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -109,6 +115,16 @@ def requests(port: int, count: int, connections: int, deadline: float) -> int:
     return done
 
 
+def h2Requests(port: int, count: int, connections: int, streams: int, deadline: float) -> int:
+    """C{count} HTTP/2 GETs by h2load: C{streams} at a time on each of C{connections}; the ones that succeeded."""
+    argv = ["h2load", "-n", str(count), "-c", str(connections), "-m", str(streams), f"http://127.0.0.1:{port}/"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=max(1.0, deadline - time.monotonic())).stdout
+    match = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
+    if match is None:
+        raise RuntimeError("unreadable h2load output: " + out[-300:])
+    return int(match.group(1))
+
+
 def waitListening(port: int, process: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -144,9 +160,15 @@ def measure(directory: Path, backend: int, setting: str, opts) -> dict:
     try:
         waitListening(port, process, opts.timeout)
         deadline = time.monotonic() + opts.timeout
-        requests(port, opts.warmup, opts.connections, deadline)
+        if opts.streams:
+            def send(count: int) -> int:
+                return h2Requests(port, count, opts.connections, opts.streams, deadline)
+        else:
+            def send(count: int) -> int:
+                return requests(port, count, opts.connections, deadline)
+        send(opts.warmup)
         subprocess.run(["callgrind_control", "-i", "on", str(process.pid)], check=True, capture_output=True)
-        sent = requests(port, opts.requests, opts.connections, deadline)
+        sent = send(opts.requests)
         # The events of the last requests are written at the next batch
         # flush (50 ms, slower under callgrind): that work is theirs.
         time.sleep(0.5)
@@ -170,12 +192,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=200, help="requests before counting starts (default 200)")
     ap.add_argument("--connections", type=int, default=10, help="keep-alive connections (default 10)")
     ap.add_argument("--settings", default="off,on", help=f"comma-separated, of {', '.join(SETTINGS)}")
+    ap.add_argument("--streams", type=int, default=0,
+                    help="HTTP/2 by h2load, this many concurrent streams per connection (default 0: HTTP/1.1)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per setting (default 300)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--keep", help="keep the configs, event logs and callgrind dumps in this directory")
     opts = ap.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("bench/instructions.py needs valgrind (apt-get install valgrind)")
+    if opts.streams and shutil.which("h2load") is None:
+        sys.exit("bench/instructions.py --streams needs h2load (apt-get install nghttp2-client)")
     settings = opts.settings.split(",")
     with tempfile.TemporaryDirectory(prefix="txlb-instructions-") as tmp:
         directory = Path(opts.keep or tmp)
@@ -188,7 +214,8 @@ def main() -> None:
         finally:
             backend.terminate()
             backend.wait()
-    print(f"# instructions per keep-alive request through txlb under callgrind "
+    what = f"HTTP/2 request ({opts.streams} streams per connection)" if opts.streams else "keep-alive request"
+    print(f"# instructions per {what} through txlb under callgrind "
           f"({opts.requests} requests, {opts.connections} connections)")
     base = results[0]["per_request"]
     for r in results:
