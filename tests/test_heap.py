@@ -1,6 +1,6 @@
 """
 L{txlb.service.settleHeap}: the start-up heap is frozen once the reactor
-runs.
+runs, and the collector runs less often from then on.
 """
 
 from __future__ import annotations
@@ -27,5 +27,7 @@ def test_freezes_the_start_up_heap() -> None:
         "assert gc.get_freeze_count() == 0\n"
         "settleHeap()\n"
         "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
+        "from txlb.service.tree import GC_THRESHOLDS\n"
+        "assert gc.get_threshold() == GC_THRESHOLDS != (700, 10, 10), gc.get_threshold()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
