@@ -398,6 +398,10 @@ class TxlbService(MultiService):
         return self.reloads.apply(new)
 
 
+#: The cycle collector's thresholds once txlb runs (L{settleHeap}).
+GC_THRESHOLDS = (5000, 10, 100)
+
+
 def settleHeap() -> None:
     """
     Once running, take what start-up built (modules, config, pools: alive
@@ -421,9 +425,3 @@ def settleHeap() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-
-
-#: The collector's thresholds once txlb runs (L{settleHeap}).
-GC_THRESHOLDS = (5000, 10, 100)
-
-
